@@ -1,0 +1,1 @@
+"""The adapter store: validated catalog of adapters on S3 or a local directory."""

@@ -1,0 +1,1 @@
+"""Attribution: the per-token usage ledger, provenance and rewards."""

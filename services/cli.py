@@ -1,0 +1,104 @@
+"""The `openlora` command: one sub-command group per service, plus the demo.
+
+openlora gateway serve | worker serve | store serve | attribution serve
+openlora <service> config     # effective settings, with the env variable of each
+openlora demo                 # what the README's first command runs
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+from rich.console import Console
+from rich.table import Table
+
+from services.adapter_store.config import StoreSettings
+from services.attribution.config import AttributionSettings
+from services.common.config import ServiceSettings, describe
+from services.gateway.config import GatewaySettings
+from services.inference.config import WorkerSettings
+
+app = typer.Typer(
+    help="OpenLoRA: serve thousands of LoRA adapters from one base model.", no_args_is_help=True
+)
+console = Console(stderr=True)
+
+
+def load_settings(settings_class: type[ServiceSettings], **overrides: object) -> ServiceSettings:
+    """Settings from the environment plus CLI overrides; a readable error and exit 2 when invalid."""
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return settings_class(**given)
+    except ValidationError as exc:
+        prefix = settings_class.model_config.get("env_prefix", "")
+        console.print(f"[red]invalid configuration[/red] ({prefix}*):")
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            console.print(f"  {where}: {error['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _config_command(settings_class: type[BaseSettings]) -> Callable[[], None]:
+    def config() -> None:
+        """Print the effective settings and the environment variable of each."""
+        settings = load_settings(settings_class)  # type: ignore[arg-type]
+        table = Table(title=settings_class.__doc__)
+        for column in ("env", "value", "description"):
+            table.add_column(column, overflow="fold")
+        for row in describe(settings_class):
+            table.add_row(row["env"], repr(getattr(settings, row["field"])), row["description"])
+        Console().print(table)
+
+    return config
+
+
+def _not_built(service: str, issue: str) -> Callable[[], None]:
+    def serve() -> None:
+        """Run the service (not built yet)."""
+        console.print(f"openlora {service} serve: not built yet (tracked in the issue '{issue}').")
+        raise typer.Exit(1)
+
+    return serve
+
+
+_SERVICES: list[tuple[str, type[ServiceSettings], str, str]] = [
+    ("gateway", GatewaySettings, "Public front: auth, tenants, routing, retries.", "Gateway"),
+    ("worker", WorkerSettings, "Inference worker: engine, adapter cache, usage.", "Inference worker service"),
+    ("store", StoreSettings, "Adapter store: validated catalog on S3.", "Adapter store service"),
+    ("attribution", AttributionSettings, "Usage ledger, provenance, rewards.", "Attribution service"),
+]
+
+for _name, _settings_class, _help, _issue in _SERVICES:
+    _group = typer.Typer(help=_help, no_args_is_help=True)
+    _group.command("serve")(_not_built(_name, _issue))
+    _group.command("config")(_config_command(_settings_class))
+    app.add_typer(_group, name=_name)
+
+
+@app.command()
+def demo() -> None:
+    """Run the demo (until the cluster exists: a smoke run of the parts that do)."""
+    from services.demo import run_smoke
+
+    sys.exit(run_smoke())
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    from importlib.metadata import version as dist_version
+
+    print(dist_version("openlora"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

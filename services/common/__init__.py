@@ -1,0 +1,1 @@
+"""What every OpenLoRA service shares: settings, logging, telemetry, errors and the gRPC server kit."""

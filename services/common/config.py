@@ -1,0 +1,117 @@
+"""Settings shared by every service: where it listens and how its gRPC server behaves.
+
+Each service subclasses `ServiceSettings` with its own env prefix (`OPENLORA_GATEWAY_`, `OPENLORA_WORKER_`,
+...) and its own fields. Every field carries a docstring: it is the field's description, shown by
+`openlora <service> config` and used for the README's configuration reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+#: A TCP port; 0 asks the OS for a free one.
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of one service's gRPC server, logging and telemetry."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OPENLORA_", use_attribute_docstrings=True, extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address to listen on. Loopback by default; `0.0.0.0` or `[::]` to accept other hosts (Kubernetes)."""
+
+    port: Port = 50050
+    """TCP port to listen on; 0 picks a free port (printed at start-up)."""
+
+    grace_period_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight calls may run to completion before they are cancelled."""
+
+    shutdown_delay_s: float = Field(default=0.0, ge=0)
+    """On SIGTERM, how long to keep serving while health reports NOT_SERVING, so load balancers
+    (a Kubernetes Service, the gateway) stop routing here before new calls are refused."""
+
+    max_message_bytes: int = Field(default=64 * MiB, ge=4096)
+    """Largest gRPC message sent or received. Adapter transfers stream in chunks far below this."""
+
+    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    """Calls served at once; beyond this new calls get RESOURCE_EXHAUSTED. None means unbounded."""
+
+    keepalive_time_s: float = Field(default=30.0, gt=0)
+    """Interval of HTTP/2 keepalive pings, so dead peers and idle-killing proxies are noticed."""
+
+    keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a keepalive ping may go unanswered before the connection is closed."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of this server. With `tls_key_file`, the server speaks TLS only."""
+
+    tls_key_file: Path | None = None
+    """PEM private key matching `tls_cert_file`."""
+
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Lowest level of log records written."""
+
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """`json` writes one JSON object per line (for log collectors); `text` is for people; `auto`
+    picks text on a terminal and JSON otherwise."""
+
+    telemetry: Literal["auto", "otlp", "console", "off"] = "auto"
+    """Trace export. `auto` exports over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT (or
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set and is off otherwise; the standard OTEL_* variables
+    configure the exporter."""
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.keepalive_timeout_s >= self.keepalive_time_s:
+            raise ValueError("keepalive_timeout_s must be shorter than keepalive_time_s")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def describe(settings_class: type[BaseSettings]) -> list[dict[str, Any]]:
+    """One row per field: env variable, type, default and description (for docs and `config` commands)."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    rows = []
+    for name, field in settings_class.model_fields.items():
+        rows.append(
+            {
+                "field": name,
+                "env": f"{prefix}{name}".upper(),
+                "type": _type_name(field.annotation),
+                "default": field.default,
+                "description": " ".join((field.description or "").split()),
+            }
+        )
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return text.replace("typing.", "").replace("pathlib.", "")

@@ -1,0 +1,62 @@
+"""Client channels between services, with the same limits, keepalive, TLS and tracing as the servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.config import ServiceSettings
+from services.common.grpc_server import channel_options
+from services.common.telemetry import client_interceptors
+
+
+def channel_credentials(
+    ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials trusting `ca_file` (system roots when None), presenting a client cert for mTLS."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_file.read_bytes() if ca_file else None,
+        private_key=key_file.read_bytes() if key_file else None,
+        certificate_chain=cert_file.read_bytes() if cert_file else None,
+    )
+
+
+def open_channel(
+    target: str,
+    settings: ServiceSettings | None = None,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to `target` (`host:port` or `dns:///name:port`); TLS when credentials are given."""
+    # Defaults without reading the environment: a client is configured by the service that owns it.
+    options = channel_options(settings or ServiceSettings.model_construct())
+    interceptors = client_interceptors(tracer_provider)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "", timeout: float = 5.0) -> str:
+    """The health status name (`SERVING`, `NOT_SERVING`, ...) a server reports for `service`."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def reflected_services(channel: grpc.aio.Channel, timeout: float = 5.0) -> list[str]:
+    """Names of the services a server lists through server reflection."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(timeout=timeout)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    await call.done_writing()
+    names: list[str] = []
+    async for response in call:
+        names.extend(s.name for s in response.list_services_response.service)
+    return sorted(names)

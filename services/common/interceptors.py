@@ -1,0 +1,212 @@
+"""The server-side interceptor every service runs: request ids, error mapping, access log, draining.
+
+For each application call it
+- takes the caller's `x-request-id` metadata or assigns one, exposes it to logs, and returns it in the
+  trailing metadata;
+- turns a `ServiceError` into its status code (with google.rpc details), and any other exception
+  into `INTERNAL` naming the request id: tracebacks go to the log, never to the client;
+- writes one access-log record (method, code, duration, responses streamed);
+- refuses new calls with `UNAVAILABLE` once the server drains for shutdown, and counts calls in
+  flight so the drain can wait for them.
+Health and reflection calls are served but neither counted nor logged at INFO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, cast
+
+import grpc
+
+from services.common.errors import ServiceError, Unavailable
+from services.common.log import request_id_var
+
+log = logging.getLogger("openlora.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_INFRA_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InflightCalls:
+    """Counts application calls in flight and whether the server is draining."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True if every call finished within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _incoming_request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+class _Call:
+    """Bookkeeping of one intercepted call."""
+
+    def __init__(self, method: str, context: Context, inflight: InflightCalls) -> None:
+        self.method = method
+        self.context = context
+        self.inflight = inflight
+        self.infra = method.startswith(_INFRA_METHOD_PREFIXES)
+        self.request_id = _incoming_request_id(context)
+        self.code = grpc.StatusCode.OK
+        self.responses = 0
+        self.started = time.perf_counter()
+        self._token = request_id_var.set(self.request_id)
+        self._counted = False
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    def admit(self) -> None:
+        if self.infra:
+            return
+        if self.inflight.draining:
+            raise Unavailable("server is shutting down; retry on another instance")
+        self.inflight.enter()
+        self._counted = True
+
+    async def fail(self, exc: BaseException) -> NoReturn:
+        if isinstance(exc, ServiceError):
+            self.code = exc.code
+            status = exc.to_status()
+            await self.context.abort(
+                exc.code,
+                exc.message,
+                trailing_metadata=(
+                    (REQUEST_ID_KEY, self.request_id),
+                    (_STATUS_DETAILS_KEY, status.SerializeToString()),
+                ),
+            )
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError):
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            raise exc
+        self.code = grpc.StatusCode.INTERNAL
+        log.error("unhandled error in %s", self.method, exc_info=exc)
+        await self.context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (request id {self.request_id})",
+            trailing_metadata=((REQUEST_ID_KEY, self.request_id),),
+        )
+        raise AssertionError("abort returned")  # abort always raises
+
+    def end(self) -> None:
+        if self._counted:
+            self.inflight.exit()
+        elapsed_ms = (time.perf_counter() - self.started) * 1000
+        log.log(
+            logging.DEBUG if self.infra else logging.INFO,
+            "rpc %s %s",
+            self.method,
+            self.code.name,
+            extra={"code": self.code.name, "duration_ms": round(elapsed_ms, 2), "responses": self.responses},
+        )
+        # ValueError: finalised from another context (an abandoned stream); nothing to restore there.
+        with contextlib.suppress(ValueError):
+            request_id_var.reset(self._token)
+
+
+UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+StreamBehavior = Callable[[Any, Context], Any]
+
+
+class ServerCallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, inflight: InflightCalls) -> None:
+        self.inflight = inflight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: Any = await continuation(handler_call_details)  # typeshed types the sync behaviours only
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._unary(method, handler.stream_unary), **kwargs)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream), **kwargs
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(method, handler.stream_stream), **kwargs
+            )
+        return cast(grpc.RpcMethodHandler[Any, Any], handler)
+
+    def _unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def wrapped(request: Any, context: Context) -> Any:
+            call = _Call(method, context, self.inflight)
+            try:
+                call.admit()
+                response = await behavior(request, context)
+                call.responses = 1
+                return response
+            except BaseException as exc:
+                await call.fail(exc)
+            finally:
+                call.end()
+
+        return wrapped
+
+    def _streaming(
+        self, method: str, behavior: StreamBehavior
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = _Call(method, context, self.inflight)
+            result = None
+            try:
+                call.admit()
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        call.responses += 1
+                        yield response
+                else:  # a handler that writes with context.write() and returns None
+                    await result
+            except BaseException as exc:
+                await call.fail(exc)
+            finally:
+                if inspect.isasyncgen(result):
+                    await result.aclose()
+                call.end()
+
+        return wrapped

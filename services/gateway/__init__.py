@@ -1,0 +1,1 @@
+"""The public front: authentication, tenants, adapter-affinity routing and retries."""
