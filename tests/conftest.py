@@ -1,0 +1,76 @@
+"""Fixtures shared by the whole suite: the tiny model, a real S3 server, a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.tiny_models import FAMILIES, Family, build_tiny_model
+from tests.kit.postgres import create_database, drop_database
+from tests.kit.seaweedfs import S3Endpoint, SeaweedFS
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], Path]:
+    """Builds each tiny model family once per test run and returns its folder."""
+    built: dict[str, Path] = {}
+
+    def get(family: Family = "llama") -> Path:
+        if family not in FAMILIES:
+            raise ValueError(family)
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_factory: Callable[[Family], Path]) -> Path:
+    """Folder of the tiny random Llama and its byte-level BPE tokenizer."""
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Endpoint]:
+    """A real SeaweedFS S3 server on loopback, for the whole test run."""
+    with SeaweedFS() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Endpoint, request: pytest.FixtureRequest) -> Iterator[tuple[Any, str]]:
+    """An empty bucket of its own for one test, emptied and removed after it: (client, bucket name)."""
+    import uuid
+
+    client = s3_server.client()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield client, name
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=name):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=name, Key=obj["Key"])
+    client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """SQLAlchemy URL of a fresh PostgreSQL database for this test run; dropped afterwards."""
+    url = create_database()
+    yield url
+    drop_database(url)
