@@ -31,9 +31,11 @@ async def _server_smoke() -> None:
 def _model_smoke() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from services.common.tiny_models import build_tiny_model
 
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one-second steps; their bars only clutter the demo
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_model(Path(tmp) / "tiny-llama")
         model = AutoModelForCausalLM.from_pretrained(folder)

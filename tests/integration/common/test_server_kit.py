@@ -41,6 +41,16 @@ def generate(text: str, tokens: int = 3) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(text=text, sampling=common_pb2.SamplingParams(max_new_tokens=tokens))
 
 
+async def failed_generate(port: int | None, text: str) -> grpc.aio.AioRpcError:
+    """The error a Generate stream ends with (the test fails if it ends cleanly)."""
+    async with open_channel(f"127.0.0.1:{port}") as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).Generate(generate(text))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    return caught.value
+
+
 async def test_health_serving_and_reflection(server: tuple[GrpcServer, ScriptedInference]) -> None:
     srv, _ = server
     async with open_channel(f"127.0.0.1:{srv.port}") as channel:
@@ -78,12 +88,7 @@ async def test_unhandled_exception_is_internal_with_request_id_and_no_traceback(
     server: tuple[GrpcServer, ScriptedInference], caplog: pytest.LogCaptureFixture
 ) -> None:
     srv, _ = server
-    async with open_channel(f"127.0.0.1:{srv.port}") as channel:
-        call = inference_pb2_grpc.InferenceStub(channel).Generate(generate("boom"))
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in call:
-                pass
-    error = caught.value
+    error = await failed_generate(srv.port, "boom")
     assert error.code() == grpc.StatusCode.INTERNAL
     trailing = dict(error.trailing_metadata() or ())
     request_id = trailing["x-request-id"]
@@ -100,12 +105,7 @@ async def test_service_error_maps_to_status_naming_the_field(
     server: tuple[GrpcServer, ScriptedInference],
 ) -> None:
     srv, _ = server
-    async with open_channel(f"127.0.0.1:{srv.port}") as channel:
-        call = inference_pb2_grpc.InferenceStub(channel).Generate(generate(""))
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in call:
-                pass
-    error = caught.value
+    error = await failed_generate(srv.port, "")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "text: must not be empty"
     status = rpc_status.from_call(error)
@@ -148,12 +148,8 @@ async def test_client_cancel_reaches_the_handler() -> None:
 async def test_message_size_limit_is_enforced() -> None:
     srv = await started(ScriptedInference(), settings=settings(max_message_bytes=4096))
     try:
-        async with open_channel(f"127.0.0.1:{srv.port}") as channel:
-            call = inference_pb2_grpc.InferenceStub(channel).Generate(generate("x" * 10_000))
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async for _ in call:
-                    pass
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        error = await failed_generate(srv.port, "x" * 10_000)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         await srv.stop()
 
