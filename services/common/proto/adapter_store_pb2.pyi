@@ -582,3 +582,136 @@ class DownloadChunk(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___DownloadChunk: _TypeAlias = DownloadChunk  # noqa: Y015
+
+@_typing.final
+class RegisterBaseModelRequest(_message.Message):
+    """Registers a base model from its Hugging Face `config.json`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name adapters refer to in `base_model` (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`)."""
+    config_json: _builtins.str
+    """The model folder's `config.json`, verbatim."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        config_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_json", b"config_json", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterBaseModelRequest: _TypeAlias = RegisterBaseModelRequest  # noqa: Y015
+
+@_typing.final
+class ModuleShape(_message.Message):
+    """Input and output width of one adaptable linear module."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IN_FEATURES_FIELD_NUMBER: _builtins.int
+    OUT_FEATURES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Module name as it appears in adapter tensor names (e.g. `q_proj`)."""
+    in_features: _builtins.int
+    """Input features (columns of lora_A)."""
+    out_features: _builtins.int
+    """Output features (rows of lora_B)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        in_features: _builtins.int = ...,
+        out_features: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_features", b"in_features", "name", b"name", "out_features", b"out_features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModuleShape: _TypeAlias = ModuleShape  # noqa: Y015
+
+@_typing.final
+class BaseModel(_message.Message):
+    """A registered base model and the modules an adapter may target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    MODULES_FIELD_NUMBER: _builtins.int
+    MODEL_TYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name."""
+    num_layers: _builtins.int
+    """Number of decoder layers."""
+    model_type: _builtins.str
+    """`model_type` from its config (e.g. `llama`)."""
+    @_builtins.property
+    def modules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModuleShape]:
+        """The adaptable modules of every layer."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        num_layers: _builtins.int = ...,
+        modules: _abc.Iterable[Global___ModuleShape] | None = ...,
+        model_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_type", b"model_type", "modules", b"modules", "name", b"name", "num_layers", b"num_layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BaseModel: _TypeAlias = BaseModel  # noqa: Y015
+
+@_typing.final
+class ListBaseModelsRequest(_message.Message):
+    """Asks for the registered base models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBaseModelsRequest: _TypeAlias = ListBaseModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListBaseModelsResponse(_message.Message):
+    """The registered base models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def base_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseModel]:
+        """Sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        base_models: _abc.Iterable[Global___BaseModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_models", b"base_models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBaseModelsResponse: _TypeAlias = ListBaseModelsResponse  # noqa: Y015

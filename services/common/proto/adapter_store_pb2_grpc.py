@@ -66,6 +66,16 @@ class AdapterStoreStub:
                 request_serializer=openlora_dot_v1_dot_adapter__store__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_adapter__store__pb2.DownloadChunk.FromString,
                 _registered_method=True)
+        self.RegisterBaseModel = channel.unary_unary(
+                '/openlora.v1.AdapterStore/RegisterBaseModel',
+                request_serializer=openlora_dot_v1_dot_adapter__store__pb2.RegisterBaseModelRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_adapter__store__pb2.BaseModel.FromString,
+                _registered_method=True)
+        self.ListBaseModels = channel.unary_unary(
+                '/openlora.v1.AdapterStore/ListBaseModels',
+                request_serializer=openlora_dot_v1_dot_adapter__store__pb2.ListBaseModelsRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_adapter__store__pb2.ListBaseModelsResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterStoreServicer:
@@ -116,6 +126,20 @@ class AdapterStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterBaseModel(self, request, context):
+        """Registers (or replaces) a base model so adapters can be checked against its shapes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBaseModels(self, request, context):
+        """Lists the registered base models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +172,16 @@ def add_AdapterStoreServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=openlora_dot_v1_dot_adapter__store__pb2.DownloadRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_adapter__store__pb2.DownloadChunk.SerializeToString,
+            ),
+            'RegisterBaseModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterBaseModel,
+                    request_deserializer=openlora_dot_v1_dot_adapter__store__pb2.RegisterBaseModelRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_adapter__store__pb2.BaseModel.SerializeToString,
+            ),
+            'ListBaseModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBaseModels,
+                    request_deserializer=openlora_dot_v1_dot_adapter__store__pb2.ListBaseModelsRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_adapter__store__pb2.ListBaseModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +347,60 @@ class AdapterStore:
             '/openlora.v1.AdapterStore/Download',
             openlora_dot_v1_dot_adapter__store__pb2.DownloadRequest.SerializeToString,
             openlora_dot_v1_dot_adapter__store__pb2.DownloadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterBaseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.AdapterStore/RegisterBaseModel',
+            openlora_dot_v1_dot_adapter__store__pb2.RegisterBaseModelRequest.SerializeToString,
+            openlora_dot_v1_dot_adapter__store__pb2.BaseModel.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBaseModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.AdapterStore/ListBaseModels',
+            openlora_dot_v1_dot_adapter__store__pb2.ListBaseModelsRequest.SerializeToString,
+            openlora_dot_v1_dot_adapter__store__pb2.ListBaseModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class AdapterStoreStub:
     """Deletes one version, or every version when none is named."""
     Download: _grpc.UnaryStreamMultiCallable[_adapter_store_pb2.DownloadRequest, _adapter_store_pb2.DownloadChunk]
     """Streams an adapter's canonical files: a header chunk, then raw bytes."""
+    RegisterBaseModel: _grpc.UnaryUnaryMultiCallable[_adapter_store_pb2.RegisterBaseModelRequest, _adapter_store_pb2.BaseModel]
+    """Registers (or replaces) a base model so adapters can be checked against its shapes."""
+    ListBaseModels: _grpc.UnaryUnaryMultiCallable[_adapter_store_pb2.ListBaseModelsRequest, _adapter_store_pb2.ListBaseModelsResponse]
+    """Lists the registered base models."""
 
 @_typing.type_check_only
 class AdapterStoreAsyncStub(AdapterStoreStub):
@@ -73,6 +77,10 @@ class AdapterStoreAsyncStub(AdapterStoreStub):
     """Deletes one version, or every version when none is named."""
     Download: _aio.UnaryStreamMultiCallable[_adapter_store_pb2.DownloadRequest, _adapter_store_pb2.DownloadChunk]  # type: ignore[assignment]
     """Streams an adapter's canonical files: a header chunk, then raw bytes."""
+    RegisterBaseModel: _aio.UnaryUnaryMultiCallable[_adapter_store_pb2.RegisterBaseModelRequest, _adapter_store_pb2.BaseModel]  # type: ignore[assignment]
+    """Registers (or replaces) a base model so adapters can be checked against its shapes."""
+    ListBaseModels: _aio.UnaryUnaryMultiCallable[_adapter_store_pb2.ListBaseModelsRequest, _adapter_store_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
+    """Lists the registered base models."""
 
 class AdapterStoreServicer(metaclass=_abc_1.ABCMeta):
     """Catalog, validation and blob storage of adapters."""
@@ -127,5 +135,21 @@ class AdapterStoreServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_adapter_store_pb2.DownloadChunk], _abc.AsyncIterator[_adapter_store_pb2.DownloadChunk]]:
         """Streams an adapter's canonical files: a header chunk, then raw bytes."""
+
+    @_abc_1.abstractmethod
+    def RegisterBaseModel(
+        self,
+        request: _adapter_store_pb2.RegisterBaseModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_adapter_store_pb2.BaseModel, _abc.Awaitable[_adapter_store_pb2.BaseModel]]:
+        """Registers (or replaces) a base model so adapters can be checked against its shapes."""
+
+    @_abc_1.abstractmethod
+    def ListBaseModels(
+        self,
+        request: _adapter_store_pb2.ListBaseModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_adapter_store_pb2.ListBaseModelsResponse, _abc.Awaitable[_adapter_store_pb2.ListBaseModelsResponse]]:
+        """Lists the registered base models."""
 
 def add_AdapterStoreServicer_to_server(servicer: AdapterStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,55 @@
+"""`hf://org/repo[@revision]`: the two PEFT files of a Hugging Face Hub repository.
+
+huggingface_hub does the fetching, so HF_ENDPOINT (a mirror or an in-house hub), HF_TOKEN and the
+shared HF cache apply as everywhere else. Only the two files are fetched, never pickles.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from services.adapter_store.safetensors_file import FIELD as WEIGHTS
+from services.adapter_store.sources import FetchedAdapter, SourceContext, suggest_id
+from services.adapter_store.validation import CONFIG
+from services.common.errors import InvalidArgument, Unavailable
+
+_REPO = re.compile(
+    r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[A-Za-z0-9._/-]+))?/?$"
+)
+
+
+class HuggingFaceSource:
+    def fetch(self, uri: str, dest: Path, context: SourceContext) -> FetchedAdapter:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        match = _REPO.match(uri)
+        if match is None:
+            raise InvalidArgument("source_uri", "expected hf://org/repo or hf://org/repo@revision")
+        repo, revision = match["repo"], match["rev"]
+        files = {}
+        for name in (CONFIG, WEIGHTS):
+            try:
+                cached = Path(
+                    hf_hub_download(repo, name, revision=revision, etag_timeout=context.policy.timeout_s)
+                )
+            except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+                raise InvalidArgument(
+                    "source_uri", f"{repo}@{revision or 'main'}: {type(exc).__name__}"
+                ) from None
+            except (HfHubHTTPError, OSError) as exc:
+                raise Unavailable(f"fetching {repo} failed: {exc}", retry_after_s=5) from None
+            if cached.stat().st_size > context.policy.max_bytes:
+                raise InvalidArgument(
+                    "source_uri", f"{name} exceeds the {context.policy.max_bytes}-byte limit"
+                )
+            files[name] = dest / name
+            shutil.copyfile(cached, files[name])
+        return FetchedAdapter(files, suggest_id(repo), {"revision": revision or "main"})

@@ -1,0 +1,187 @@
+"""Ways an adapter upload can be wrong: each builds the files to send and names the refusal expected."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+Files = dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class BadCase:
+    files: Callable[[Path], Files]  # from the good adapter's folder
+    expect: str  # a fragment of the refusal message
+    header_id: str = "bad-adapter"
+    base_model: str | None = None
+
+
+def good(folder: Path) -> Files:
+    return {n: (folder / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return dict(load((folder / "adapter_model.safetensors").read_bytes()))
+
+
+def with_config(folder: Path, **changes: object) -> Files:
+    files = good(folder)
+    config = json.loads(files["adapter_config.json"])
+    config.update(changes)
+    for key, value in list(config.items()):
+        if value is None and key in changes:
+            del config[key]
+    files["adapter_config.json"] = json.dumps(config).encode()
+    return files
+
+
+def with_tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Files:
+    files = good(folder)
+    weights = tensors(folder)
+    edit(weights)
+    files["adapter_model.safetensors"] = bytes(save(weights))
+    return files
+
+
+def with_weights_bytes(folder: Path, edit: Callable[[bytes], bytes]) -> Files:
+    files = good(folder)
+    files["adapter_model.safetensors"] = edit(files["adapter_model.safetensors"])
+    return files
+
+
+def tar_of(members: list[tarfile.TarInfo], payloads: dict[str, bytes]) -> Files:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for info in members:
+            data = payloads.get(info.name)
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return {"adapter.tar": buffer.getvalue()}
+
+
+def traversal_tar(folder: Path) -> Files:
+    files = good(folder)
+    infos = []
+    for name, data in (
+        ("../adapter_config.json", files["adapter_config.json"]),
+        ("adapter_model.safetensors", files["adapter_model.safetensors"]),
+    ):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        infos.append(info)
+    return tar_of(
+        infos,
+        {
+            "../adapter_config.json": files["adapter_config.json"],
+            "adapter_model.safetensors": files["adapter_model.safetensors"],
+        },
+    )
+
+
+def symlink_tar(folder: Path) -> Files:
+    files = good(folder)
+    link = tarfile.TarInfo("adapter_config.json")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    weights = tarfile.TarInfo("adapter_model.safetensors")
+    weights.size = len(files["adapter_model.safetensors"])
+    return tar_of([link, weights], {"adapter_model.safetensors": files["adapter_model.safetensors"]})
+
+
+def rename(old: str, new: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    def edit(weights: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in weights if old in n]:
+            weights[name.replace(old, new)] = weights.pop(name)
+
+    return edit
+
+
+def first_a(weights: dict[str, torch.Tensor]) -> str:
+    return sorted(n for n in weights if "lora_A" in n)[0]
+
+
+def widen_first_a(weights: dict[str, torch.Tensor]) -> None:
+    name = first_a(weights)
+    weights[name] = torch.zeros(weights[name].shape[0], weights[name].shape[1] + 8)
+
+
+def nan_in_first_a(weights: dict[str, torch.Tensor]) -> None:
+    weights[first_a(weights)][0, 0] = float("nan")
+
+
+def drop_first_b(weights: dict[str, torch.Tensor]) -> None:
+    del weights[sorted(n for n in weights if "lora_B" in n)[0]]
+
+
+def to_float64(weights: dict[str, torch.Tensor]) -> None:
+    for name in weights:
+        weights[name] = weights[name].double()
+
+
+def bad_layer(weights: dict[str, torch.Tensor]) -> None:
+    rename("layers.1.", "layers.7.")(weights)
+
+
+def extra_tensor(weights: dict[str, torch.Tensor]) -> None:
+    weights["base_model.model.lm_head.weight"] = torch.zeros(4, 4)
+
+
+def huge_header_length(data: bytes) -> bytes:
+    return struct.pack("<Q", 1 << 40) + data[8:]
+
+
+def garbage_header(data: bytes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    return data[:8] + b"{" * n + data[8 + n :]
+
+
+def truncated(data: bytes) -> bytes:
+    return data[:-100]
+
+
+CASES: dict[str, BadCase] = {
+    "pickle weights": BadCase(
+        lambda f: {
+            "adapter_config.json": good(f)["adapter_config.json"],
+            "adapter_model.bin": b"\x80\x04pickle",
+        },
+        "pickle",
+    ),
+    "config not json": BadCase(lambda f: good(f) | {"adapter_config.json": b"{not json"}, "not valid JSON"),
+    "config without r": BadCase(lambda f: with_config(f, r=None), "adapter_config.json.r"),
+    "config without alpha": BadCase(lambda f: with_config(f, lora_alpha=None), "lora_alpha"),
+    "rank over the limit": BadCase(lambda f: with_config(f, r=512), "exceeds this store's limit"),
+    "dora": BadCase(lambda f: with_config(f, use_dora=True), "use_dora"),
+    "not lora": BadCase(lambda f: with_config(f, peft_type="PREFIX_TUNING"), "is not LORA"),
+    "header length past the file": BadCase(
+        lambda f: with_weights_bytes(f, huge_header_length), "header length"
+    ),
+    "header not json": BadCase(lambda f: with_weights_bytes(f, garbage_header), "header is not valid JSON"),
+    "truncated weights": BadCase(lambda f: with_weights_bytes(f, truncated), "adapter_model.safetensors"),
+    "tensor that is not lora": BadCase(
+        lambda f: with_tensors(f, extra_tensor), "is not a lora_A/lora_B weight"
+    ),
+    "unknown target module": BadCase(
+        lambda f: with_tensors(f, rename("q_proj", "qkv_proj")), "does not have"
+    ),
+    "layer past the model": BadCase(lambda f: with_tensors(f, bad_layer), "is for layer 7"),
+    "shape off the base model": BadCase(lambda f: with_tensors(f, widen_first_a), "needs"),
+    "dtype not allowed": BadCase(lambda f: with_tensors(f, to_float64), "dtype F64"),
+    "nan weights": BadCase(lambda f: with_tensors(f, nan_in_first_a), "NaN or Inf"),
+    "unpaired lora_A": BadCase(lambda f: with_tensors(f, drop_first_b), "no lora_B"),
+    "tar path traversal": BadCase(traversal_tar, "outside the archive"),
+    "tar symlink": BadCase(symlink_tar, "link or special file"),
+    "unknown base model": BadCase(good, "not registered", base_model="some/other-model"),
+    "id with path tricks": BadCase(good, "not a valid adapter id", header_id="../../etc/passwd"),
+    "id with nul": BadCase(good, "not a valid adapter id", header_id="ok\x00id"),
+    "id with spaces": BadCase(good, "not a valid adapter id", header_id="my adapter"),
+    "id too deep": BadCase(good, "not a valid adapter id", header_id="a/b/c"),
+}
