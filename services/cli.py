@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings
 from rich.console import Console
 from rich.table import Table
 
+from services.adapter_store.cli import adapters_app
 from services.adapter_store.config import StoreSettings
 from services.attribution.config import AttributionSettings
 from services.common.config import ServiceSettings, describe
@@ -73,11 +75,28 @@ _SERVICES: list[tuple[str, type[ServiceSettings], str, str]] = [
     ("attribution", AttributionSettings, "Usage ledger, provenance, rewards.", "Attribution service"),
 ]
 
+
+def _store_serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (OPENLORA_STORE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (OPENLORA_STORE_PORT).")] = None,
+    backend: Annotated[str | None, typer.Option(help="local or s3 (OPENLORA_STORE_BACKEND).")] = None,
+    local_dir: Annotated[Path | None, typer.Option(help="Directory of the local backend.")] = None,
+) -> None:
+    """Run the adapter store."""
+    from services.adapter_store.cli import serve_store
+
+    serve_store(host=host, port=port, backend=backend, local_dir=local_dir)
+
+
+_SERVE: dict[str, Callable[..., None]] = {"store": _store_serve}
+
 for _name, _settings_class, _help, _issue in _SERVICES:
     _group = typer.Typer(help=_help, no_args_is_help=True)
-    _group.command("serve")(_not_built(_name, _issue))
+    _group.command("serve")(_SERVE.get(_name) or _not_built(_name, _issue))
     _group.command("config")(_config_command(_settings_class))
     app.add_typer(_group, name=_name)
+
+app.add_typer(adapters_app, name="adapters")
 
 
 @app.command()
