@@ -6,6 +6,7 @@ shared HF cache apply as everywhere else. Only the two files are fetched, never 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ class HuggingFaceSource:
         from huggingface_hub.errors import (
             EntryNotFoundError,
             HfHubHTTPError,
+            LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
@@ -38,8 +40,20 @@ class HuggingFaceSource:
         for name in (CONFIG, WEIGHTS):
             try:
                 cached = Path(
-                    hf_hub_download(repo, name, revision=revision, etag_timeout=context.policy.timeout_s)
+                    hf_hub_download(
+                        repo,
+                        name,
+                        revision=revision,
+                        etag_timeout=context.policy.timeout_s,
+                        # Read at call time: huggingface_hub snapshots these when it is first imported.
+                        endpoint=os.environ.get("HF_ENDPOINT"),
+                        cache_dir=os.environ.get("HF_HUB_CACHE"),
+                    )
                 )
+            except LocalEntryNotFoundError as exc:  # the hub could not be reached and nothing is cached
+                raise Unavailable(
+                    f"fetching {repo} failed: {exc.__cause__ or exc}", retry_after_s=5
+                ) from None
             except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
                 raise InvalidArgument(
                     "source_uri", f"{repo}@{revision or 'main'}: {type(exc).__name__}"

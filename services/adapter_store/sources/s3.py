@@ -32,13 +32,13 @@ class S3Source:
         if name.lower().endswith(ARCHIVE_SUFFIXES):
             target = dest / name
             self._get(client, bucket, key, target, context)
-            return FetchedAdapter({name: target}, suggest_id(name.split(".")[0]))
+            return FetchedAdapter({name: target}, suggest_id(key.split(".")[0]))
         files = {}
         for file_name in (CONFIG, WEIGHTS):
             target = dest / file_name
             self._get(client, bucket, f"{key}/{file_name}" if key else file_name, target, context)
             files[file_name] = target
-        return FetchedAdapter(files, suggest_id(name or bucket))
+        return FetchedAdapter(files, suggest_id(key or bucket))
 
     @staticmethod
     def _get(client: Any, bucket: str, key: str, target: Path, context: SourceContext) -> None:
