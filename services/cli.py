@@ -50,8 +50,9 @@ def _config_command(settings_class: type[BaseSettings]) -> Callable[[], None]:
         """Print the effective settings and the environment variable of each."""
         settings = load_settings(settings_class)  # type: ignore[arg-type]
         table = Table(title=settings_class.__doc__)
-        for column in ("env", "value", "description"):
-            table.add_column(column, overflow="fold")
+        table.add_column("env", no_wrap=True)  # an env name must stay copyable in one piece
+        table.add_column("value", overflow="fold")
+        table.add_column("description", overflow="fold")
         for row in describe(settings_class):
             table.add_row(row["env"], repr(getattr(settings, row["field"])), row["description"])
         Console().print(table)
