@@ -5,8 +5,10 @@ Layout (every object written atomically):
     adapters/<id>/<version>.json           immutable manifest of one version ('/' in ids stored as '~')
     refs/<digest>/<id>@<version>           marks a blob as used, so delete knows when to drop it
     base_models/<name>.json                shapes of a registered base model
-A version's ref marker is written before its manifest and removed after it, so a blob is never
-deleted while a manifest points at it. Manifests are immutable, so they are cached once read.
+A version's ref marker is written before its weights and manifest and removed after the manifest, and
+both happen under a per-digest lock, so this process never deletes a blob a manifest points at. Several
+store replicas on one bucket would need the same guarantee from the bucket (conditional writes); run one.
+Manifests are immutable, so they are cached once read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from services.adapter_store.base_models import BaseModelSpec
@@ -34,6 +37,7 @@ class Catalog:
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._bases: dict[str, BaseModelSpec] = {}
         self._lock = threading.Lock()
+        self._digest_locks: dict[str, threading.Lock] = {}
 
     # base models
 
@@ -86,12 +90,24 @@ class Catalog:
             self._manifests[key] = manifest
         return manifest
 
-    def put_version(self, manifest: Manifest) -> None:
+    def _digest_lock(self, digest: str) -> threading.Lock:
+        with self._lock:
+            return self._digest_locks.setdefault(digest, threading.Lock())
+
+    def put_version(self, manifest: Manifest, weights: Path) -> None:
+        """Store a new version: its ref marker, its weights (unless already stored), then its manifest.
+
+        Under the digest's lock, so a concurrent delete of another version with the same weights cannot
+        drop the blob between our existence check and our manifest write.
+        """
         adapter_id, version, digest = manifest["id"], manifest["version"], manifest["digest"]
-        self.blobs.put_bytes(f"refs/{digest}/{id_key(adapter_id)}@{version}", b"")
-        self.blobs.put_bytes(
-            f"adapters/{id_key(adapter_id)}/{version}.json", json.dumps(manifest, sort_keys=True).encode()
-        )
+        with self._digest_lock(digest):
+            self.blobs.put_bytes(f"refs/{digest}/{id_key(adapter_id)}@{version}", b"")
+            if not self.blobs.exists(blob_key(digest)):
+                self.blobs.put_file(blob_key(digest), weights)
+            self.blobs.put_bytes(
+                f"adapters/{id_key(adapter_id)}/{version}.json", json.dumps(manifest, sort_keys=True).encode()
+            )
 
     def ids(self, start_after: str = "") -> Iterator[str]:
         """Adapter ids in sorted order (of their storage keys), after start_after."""
@@ -106,12 +122,14 @@ class Catalog:
         deleted = []
         for v in targets:
             manifest = self.get(adapter_id, v)
-            self.blobs.delete(f"adapters/{id_key(adapter_id)}/{v}.json")
-            self.blobs.delete(f"refs/{manifest['digest']}/{id_key(adapter_id)}@{v}")
-            with self._lock:
-                self._manifests.pop((adapter_id, v), None)
-            if not any(True for _ in self.blobs.list_keys(f"refs/{manifest['digest']}/")):
-                self.blobs.delete(blob_key(manifest["digest"]))
+            digest = manifest["digest"]
+            with self._digest_lock(digest):
+                self.blobs.delete(f"adapters/{id_key(adapter_id)}/{v}.json")
+                self.blobs.delete(f"refs/{digest}/{id_key(adapter_id)}@{v}")
+                with self._lock:
+                    self._manifests.pop((adapter_id, v), None)
+                if not any(True for _ in self.blobs.list_keys(f"refs/{digest}/")):
+                    self.blobs.delete(blob_key(digest))
             deleted.append(v)
         return deleted
 

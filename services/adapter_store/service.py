@@ -111,8 +111,6 @@ class AdapterStoreService:
         )
         canonical = workdir / "canonical.safetensors"
         digest = write_canonical(files.weights, adapter.header, adapter.renames, canonical)
-        if not self.blobs.exists(blob_key(digest)):
-            self.blobs.put_file(blob_key(digest), canonical)
         manifest: Manifest = {
             "id": meta.id,
             "version": new_version(),
@@ -129,7 +127,7 @@ class AdapterStoreService:
             "source_uri": meta.source_uri,
             "config": adapter.config,
         }
-        self.catalog.put_version(manifest)
+        self.catalog.put_version(manifest, canonical)
         log.info(
             "stored adapter %s@%s",
             meta.id,

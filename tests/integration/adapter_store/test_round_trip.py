@@ -151,3 +151,16 @@ async def test_concurrent_uploads_and_downloads(
         )
     )
     assert all(r.digest == infos[0].digest for r in results)
+
+
+async def test_deleting_while_uploading_the_same_weights_never_loses_the_blob(
+    store: StoreUnderTest, peft_adapter: Path, tmp_path: Path
+) -> None:
+    await upload(store.stub, header("churn/a0"), adapter_files(peft_adapter))
+    for i in range(1, 12):
+        await asyncio.gather(
+            store.stub.Delete(pb.DeleteAdapterRequest(adapter=common_pb2.AdapterRef(id=f"churn/a{i - 1}"))),
+            upload(store.stub, header(f"churn/a{i}"), adapter_files(peft_adapter)),
+        )
+        await download(store.stub, ref(f"churn/a{i}"), tmp_path / f"dl{i}")  # the weights are still there
+    assert len(store.stored_keys("blobs/")) == 1
