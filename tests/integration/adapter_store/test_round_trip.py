@@ -153,6 +153,7 @@ async def test_concurrent_uploads_and_downloads(
     assert all(r.digest == infos[0].digest for r in results)
 
 
+@pytest.mark.slow
 async def test_deleting_while_uploading_the_same_weights_never_loses_the_blob(
     store: StoreUnderTest, peft_adapter: Path, tmp_path: Path
 ) -> None:
