@@ -16,7 +16,7 @@ from tests.kit.adapters import sha256_file
 from tests.kit.seaweedfs import S3Endpoint
 from tests.kit.synthetic_adapters import write_adapter
 
-BIG_MODEL = {
+BIG_MODEL: dict[str, int | str] = {
     "model_type": "llama",
     "hidden_size": 4096,
     "intermediate_size": 11008,
