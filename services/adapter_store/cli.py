@@ -16,6 +16,7 @@ from rich.table import Table
 
 from services.adapter_store.client import adapter_files, download, upload
 from services.adapter_store.config import StoreSettings
+from services.common.errors import ServiceError
 from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2
@@ -40,7 +41,11 @@ def serve_store(**overrides: Any) -> None:
     settings = load_settings(StoreSettings, **overrides)
     assert isinstance(settings, StoreSettings)
     configure_logging("store", settings.log_level, settings.log_format)
-    server = build_server(settings)
+    try:
+        server = build_server(settings)
+    except (ServiceError, OSError, ValueError) as exc:  # e.g. S3 unreachable, bucket not creatable
+        console.print(f"[red]cannot start the adapter store[/red]: {escape(str(exc))}")
+        raise typer.Exit(1) from None
 
     def started(port: int) -> None:
         where = (
