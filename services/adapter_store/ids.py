@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
 
 from services.common.errors import InvalidArgument
@@ -33,10 +34,21 @@ def check_version(version: str, field: str = "version") -> str:
     return version
 
 
+_last_ms = 0
+_version_lock = threading.Lock()
+
+
 def new_version() -> str:
-    """Time-ordered and unique: sorting versions as strings sorts them by creation."""
-    now = time.time()
-    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
+    """Time-ordered and unique: sorting versions as strings sorts them by creation.
+
+    The millisecond stamp is strictly increasing within this process (two uploads in one millisecond
+    get consecutive stamps), and the random suffix keeps versions unique across processes.
+    """
+    global _last_ms
+    with _version_lock:
+        _last_ms = max(int(time.time() * 1000), _last_ms + 1)
+        now_ms = _last_ms
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now_ms // 1000)) + f"{now_ms % 1000:03d}"
     return f"v{stamp}-{secrets.token_hex(3)}"
 
 
