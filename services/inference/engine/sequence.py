@@ -1,0 +1,125 @@
+"""One request's life in the engine: its tokens, how many of them sit in the KV cache, its blocks."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    # Waiting for its adapter to become resident; the scheduler skips it without stalling others.
+    LOADING = "loading"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen and when generation ends (mirrors `openlora.v1.SamplingParams`)."""
+
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    seed: int | None = None
+    """Same seed, same prompt → same output, whatever else shares the batch."""
+    max_new_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    """Stop strings: the text ends right before the first one found (needs the engine's tokenizer)."""
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+_next_seq_id = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt plus generated tokens; `num_computed_tokens` of them have their K/V in `block_table`.
+
+    A preempted sequence drops its blocks and resets `num_computed_tokens` to 0; its output tokens are
+    kept and re-prefilled with the prompt when it is admitted again (recompute, not swap).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter_key: str | None = None
+    """Identity of the weights that produce this sequence's K/V (None = base model). It salts the
+    prefix-cache hash chain: the same prompt under two adapters has different K/V."""
+    seq_id: int = field(default_factory=lambda: next(_next_seq_id))
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Tokens of the last admission served from the prefix cache (for metrics and tests)."""
+    block_table: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        # Kept alongside the two parts so every step reads it without concatenating.
+        self._token_ids = [*self.prompt_token_ids, *self.output_token_ids]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt then output tokens; read-only by convention (shared, not copied)."""
+        return self._token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most tokens this sequence can ever hold: the KV it may need at its longest."""
+        return self.num_prompt_tokens + self.sampling.max_new_tokens
+
+    def append_token(self, token_id: int, logprob: float | None = None) -> None:
+        self.output_token_ids.append(token_id)
+        self._token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
