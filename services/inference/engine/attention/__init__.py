@@ -1,0 +1,27 @@
+"""Paged attention backends, each registered with transformers' `AttentionInterface` under a name.
+
+A model runs with our attention once `model.set_attn_implementation(backend_name)` is called; every
+backend reads the step's `AttentionMetadata` from the `openlora_step` forward keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import AttentionInterface
+
+from services.inference.engine.attention import torch_sdpa
+
+BACKENDS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "torch": (torch_sdpa.NAME, torch_sdpa.paged_attention),
+}
+
+
+def register(backend: str) -> str:
+    """Register the backend's attention function with transformers; return its implementation name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    name, fn = BACKENDS[backend]
+    AttentionInterface.register(name, fn)
+    return name

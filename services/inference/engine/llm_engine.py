@@ -1,0 +1,287 @@
+"""The engine: requests in, tokens out, one step at a time (schedule → run → postprocess)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from services.common.errors import InvalidArgument
+from services.inference.engine import attention
+from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.detokenizer import IncrementalDetokenizer
+from services.inference.engine.kv_cache import KVCacheSpec, PagedKVCache, free_device_memory
+from services.inference.engine.model_runner import ModelRunner
+from services.inference.engine.sampler import sample
+from services.inference.engine.scheduler import AdapterReady, Scheduler, SchedulerConfig
+from services.inference.engine.sequence import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# RoPE variants whose frequencies depend on the longest position in the batch: in one ragged row,
+# every sequence would be rotated as if it were the longest one.
+_BATCH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (decodes + prefill chunks)."""
+    max_prefill_chunk: int | None = None
+    """Most prompt tokens one request prefills per step; None means the whole step budget."""
+    kv_cache_bytes: int | None = None
+    """KV cache size; None takes `kv_cache_memory_fraction` of the device's free memory."""
+    kv_cache_memory_fraction: float = 0.2
+    enable_prefix_caching: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    attention_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError("kv_cache_bytes must be >= 1")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one request got from one step: new tokens and, on its last step, why it ended."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason | None = None
+    text: str = ""
+    """Newly final text (only when the engine has a tokenizer); held back while it may still turn
+    into a stop string, and cut right before one."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    """Free blocks, cached prefix blocks included (they are reused when needed)."""
+    num_cached_kv_blocks: int
+    prefix_cache_hit_blocks: int
+    num_preemptions: int
+    kv_cache_bytes: int
+    attention_backend: str
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: Any,
+        config: EngineConfig,
+        *,
+        tokenizer: Any = None,
+        adapter_ready: AdapterReady | None = None,
+    ) -> None:
+        rope = getattr(model.config, "rope_parameters", None) or {}
+        if rope.get("rope_type") in _BATCH_DEPENDENT_ROPE:
+            raise ValueError(f"rope_type {rope['rope_type']!r} is not supported by the ragged batch")
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = model.to(device=self.device, dtype=DTYPES[config.dtype]).eval()
+        attn_name = attention.register(config.attention_backend)
+        self.model.set_attn_implementation(attn_name)
+        # transformers only warns for models whose attention is not dispatched through
+        # AttentionInterface; running them with use_cache=False would silently attend to one chunk.
+        if self.model.config._attn_implementation != attn_name:
+            raise ValueError(f"{type(model).__name__} does not route attention through AttentionInterface")
+        model_config = self.model.config
+        self.vocab_size = int(model_config.vocab_size)
+        self.max_model_len = int(getattr(model_config, "max_position_embeddings", 1 << 31))
+        spec = KVCacheSpec.from_model_config(model_config, config.block_size, DTYPES[config.dtype])
+        budget = config.kv_cache_bytes
+        if budget is None:
+            budget = int(free_device_memory(self.device) * config.kv_cache_memory_fraction)
+        # More blocks than every sequence at full length can use would only be idle memory.
+        useful = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        num_blocks = min(spec.num_blocks_for(budget), useful)
+        self.kv_cache = PagedKVCache(spec, num_blocks, self.device)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_prefill_chunk=config.max_prefill_chunk,
+                eos_token_ids=_eos_token_ids(self.model),
+            ),
+            self.block_manager,
+            adapter_ready=adapter_ready,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.tokenizer = tokenizer
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Sequence] = {}
+        self._batch_ids = itertools.count()
+        self.last_step_tokens = 0
+        self._generators: dict[int, torch.Generator] = {}
+        self._unseeded = torch.Generator(device=self.device)
+        self._unseeded.seed()
+        log.info(
+            "engine ready: attention=%s dtype=%s kv_blocks=%d x %d tokens (%.1f MiB)",
+            config.attention_backend,
+            config.dtype,
+            num_blocks,
+            config.block_size,
+            self.kv_cache.num_bytes / 2**20,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig, **kwargs: Any) -> LLMEngine:
+        """Load the model and, when the folder has one, its tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.dtype])
+        if "tokenizer" not in kwargs and any(Path(path).glob("tokenizer*")):
+            kwargs["tokenizer"] = AutoTokenizer.from_pretrained(path)
+        return cls(model, config, **kwargs)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams | None = None,
+        *,
+        adapter_key: str | None = None,
+    ) -> Sequence:
+        sampling = sampling or SamplingParams()
+        if request_id in self._requests:
+            raise InvalidArgument("request_id", f"{request_id!r} is already running")
+        if not prompt_token_ids:
+            raise InvalidArgument("token_ids", "the prompt is empty")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise InvalidArgument("token_ids", f"token ids must be in [0, {self.vocab_size})")
+        total = len(prompt_token_ids) + sampling.max_new_tokens
+        limit = min(self.max_model_len, self.scheduler.capacity_tokens)
+        if total > limit:
+            raise InvalidArgument(
+                "sampling.max_new_tokens",
+                f"prompt ({len(prompt_token_ids)}) + max_new_tokens ({sampling.max_new_tokens}) "
+                f"exceeds the {limit} tokens this worker can hold for one request",
+            )
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidArgument("sampling.stop", "stop strings need a worker started with a tokenizer")
+        seq = Sequence(request_id, list(prompt_token_ids), sampling, adapter_key=adapter_key)
+        self.scheduler.add(seq)
+        self._requests[request_id] = seq
+        if self.tokenizer is not None:
+            self._detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, seq.prompt_token_ids, sampling.stop
+            )
+        return seq
+
+    def abort(self, request_id: str) -> StepOutput | None:
+        """Cancel a request; its KV blocks are free on return. None if it is unknown or done."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        self._forget(seq)
+        return StepOutput(request_id, [], [], FinishReason.CANCELLED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and `ListModels` (read it on the step thread, or accept a torn read)."""
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks,
+            num_cached_kv_blocks=bm.num_cached_blocks,
+            prefix_cache_hit_blocks=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_cache_bytes=self.kv_cache.num_bytes,
+            attention_backend=self.config.attention_backend,
+        )
+
+    def step(self) -> list[StepOutput]:
+        """One iteration: schedule → run → postprocess. Sets `last_step_tokens` (0: nothing ran)."""
+        scheduled = self.scheduler.schedule()
+        self.last_step_tokens = scheduled.num_batched_tokens
+        if scheduled.is_empty:
+            return []
+        batch = self.runner.prepare(scheduled)
+        logits = self.runner.execute(batch)
+        seqs = batch.sampling_seqs
+        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs])
+        updated = self.scheduler.postprocess(scheduled, sampled.token_ids, sampled.logprobs)
+        outputs = []
+        for seq in updated:
+            text = self._detokenize(seq)
+            logprobs = seq.output_logprobs[-1:] if seq.sampling.logprobs else []
+            outputs.append(
+                StepOutput(seq.request_id, seq.output_token_ids[-1:], logprobs, seq.finish_reason, text)
+            )
+            if seq.is_finished:
+                self._forget(seq)
+        return outputs
+
+    def _detokenize(self, seq: Sequence) -> str:
+        detokenizer = self._detokenizers.get(seq.seq_id)
+        if detokenizer is None:
+            return ""
+        text = detokenizer.add(seq.output_token_ids[-1])
+        if detokenizer.stopped:
+            self.scheduler.finish(seq, FinishReason.STOP)
+        elif seq.is_finished:
+            text += detokenizer.flush()
+        return text
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> list[list[int]]:
+        """Run prompts to completion together (for tests and offline use); output ids per prompt."""
+        batch = next(self._batch_ids)
+        seqs = [self.add_request(f"generate-{batch}-{i}", p, sampling) for i, p in enumerate(prompts)]
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return [list(s.output_token_ids) for s in seqs]
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.sampling.greedy:
+            return None
+        if seq.sampling.seed is None:
+            return self._unseeded
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seq.sampling.seed)
+            self._generators[seq.seq_id] = gen
+        return gen
+
+    def _forget(self, seq: Sequence) -> None:
+        self._requests.pop(seq.request_id, None)
+        self._generators.pop(seq.seq_id, None)
+        self._detokenizers.pop(seq.seq_id, None)
+
+
+def _eos_token_ids(model: Any) -> tuple[int, ...]:
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)

@@ -1,0 +1,125 @@
+"""The vectorised sampler: greedy rows, seeded reproducibility, top-k/top-p cuts, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.inference.engine.sampler import _filter_top_k_top_p, sample
+from services.inference.engine.sequence import SamplingParams
+
+
+def seeded(seed: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def test_greedy_and_top_k_one_take_the_argmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(), SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=0.0)]
+    out = sample(logits, params, [None, seeded(1), None])
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.logprobs is None
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30)
+    params = [SamplingParams(temperature=1.0, top_p=1e-6)] * 4
+    out = sample(logits, params, [seeded(i) for i in range(4)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
+    torch.manual_seed(2)
+    row = torch.randn(1, 100)
+    params = SamplingParams(temperature=1.0, seed=7)
+    gen_alone = seeded(7)
+    tokens_alone = [sample(row, [params], [gen_alone]).token_ids[0] for _ in range(20)]
+    assert len(set(tokens_alone)) > 1, "temperature 1 on random logits does sample"
+
+    gen_batched = seeded(7)
+    others = torch.randn(3, 100)
+    noisy = SamplingParams(temperature=2.0)
+    tokens_batched = []
+    for step in range(20):
+        at = step % 4  # our row moves around a batch of other sampling rows
+        batch = torch.cat([others[:at], row, others[at:]])
+        gens: list[torch.Generator | None] = [seeded(100 + step + i) for i in range(3)]
+        gens.insert(at, gen_batched)
+        out = sample(batch, [noisy] * at + [params] + [noisy] * (3 - at), gens)
+        tokens_batched.append(out.token_ids[at])
+    assert tokens_batched == tokens_alone
+
+
+def test_seeded_rows_reproduce_exactly() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(2, 64)
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=11)] * 2
+
+    def run() -> list[list[int]]:
+        gens: list[torch.Generator | None] = [seeded(11), seeded(12)]
+        return [sample(logits, params, gens).token_ids for _ in range(10)]
+
+    first = run()
+    assert first == run()
+    same_logits = torch.cat([logits[:1], logits[:1]])
+    gens: list[torch.Generator | None] = [seeded(11), seeded(12)]
+    pairs = [sample(same_logits, params, gens).token_ids for _ in range(10)]
+    assert any(a != b for a, b in pairs), "different seeds give different draws"
+
+
+def test_sampling_follows_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    gen = seeded(5)
+    params = [SamplingParams(temperature=1.0)]
+    counts = torch.zeros(4)
+    n = 4000
+    for _ in range(n):
+        counts[sample(logits, params, [gen]).token_ids[0]] += 1
+    torch.testing.assert_close(counts / n, logits.softmax(-1)[0], atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (3, 1.0), (0, 0.7), (5, 0.5), (1, 0.9)])
+def test_filter_matches_a_plain_reference(top_k: int, top_p: float) -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(3, 12)
+    got = _filter_top_k_top_p(logits, torch.tensor([top_k] * 3), torch.tensor([top_p] * 3))
+    for row in range(3):
+        order = logits[row].argsort(descending=True).tolist()
+        keep = order[:top_k] if top_k else order
+        probs = logits[row, keep].softmax(0).tolist()
+        kept: list[int] = []
+        mass = 0.0
+        for token, p in zip(keep, probs, strict=True):
+            if kept and mass >= top_p:
+                break
+            kept.append(token)
+            mass += p
+        expected = torch.full_like(logits[row], float("-inf"))
+        expected[kept] = logits[row, kept]
+        assert torch.equal(got[row], expected)
+
+
+def test_logprobs_are_the_model_log_softmax_of_the_chosen_tokens() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(2, 40)
+    params = [SamplingParams(logprobs=True), SamplingParams(temperature=0.7, seed=1, logprobs=True)]
+    out = sample(logits, params, [None, seeded(1)])
+    assert out.logprobs is not None
+    expected = logits.log_softmax(-1)[torch.arange(2), torch.tensor(out.token_ids)]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected)
+
+
+def test_an_empty_step_samples_nothing() -> None:
+    assert sample(torch.empty(0, 10), [], []).token_ids == []
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0)]
+)
+def test_invalid_sampling_params_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
