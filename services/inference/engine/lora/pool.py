@@ -1,0 +1,148 @@
+"""The adapter slot pool: per target module, stacked device buffers written in place.
+
+For every wrapped linear module, `A[n_slots, r_max, d_in]` and `B[n_slots, d_out, r_max]` are
+allocated once at start-up. Loading an adapter copies its matrices into one slot, zero-padded to
+`r_max`; a slot is zeroed wherever the new adapter has no weights, so nothing of the previous occupant
+survives. Per-slot rank and scaling (alpha / r) travel as host lists, read by the segment op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from services.inference.engine.lora.ops import lora_segment
+from services.inference.engine.lora.slots import EMPTY, SlotTable
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AdapterWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, d_in], B [d_out, r])
+
+
+@dataclass
+class LoRAStep:
+    """Per-step segments over the T tokens of the flattened batch."""
+
+    seg_indptr: list[int]  # num_segments + 1: segment s covers tokens [seg_indptr[s], seg_indptr[s + 1])
+    seg_slots: list[int]  # num_segments: slot of each segment, EMPTY for the base model
+
+    @property
+    def uses_adapters(self) -> bool:
+        return any(k != EMPTY for k in self.seg_slots)
+
+
+class MultiLoRALinear(nn.Module):
+    """A base `nn.Linear` plus, per token, the delta of that token's adapter slot."""
+
+    def __init__(self, base: nn.Linear, pool: LoRAPool, r_max: int, n_slots: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base = base
+        self.pool = pool
+        device = base.weight.device
+        self.lora_a = nn.Buffer(torch.zeros(n_slots, r_max, base.in_features, dtype=dtype, device=device))
+        self.lora_b = nn.Buffer(torch.zeros(n_slots, base.out_features, r_max, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        step = self.pool.current
+        if step is None or not step.uses_adapters:
+            return y
+        flat_y = y.view(-1, y.shape[-1])
+        lora_segment(
+            flat_y,
+            x.reshape(-1, x.shape[-1]),
+            self.lora_a,
+            self.lora_b,
+            self.pool.scaling,
+            self.pool.ranks,
+            step.seg_indptr,
+            step.seg_slots,
+        )
+        return y
+
+
+class LoRAPool:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_slots: int,
+        r_max: int,
+        target_modules: tuple[str, ...] = DEFAULT_TARGETS,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if r_max < 1:
+            raise ValueError("r_max must be >= 1")
+        self.num_slots = num_slots
+        self.r_max = r_max
+        self.table = SlotTable(num_slots)
+        self.ranks = [0] * num_slots
+        self.scaling = [0.0] * num_slots
+        self.current: LoRAStep | None = None
+        self.layers: dict[str, MultiLoRALinear] = {}
+        targets = set(target_modules)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                parent_name, _, child = name.rpartition(".")
+                wrapped = MultiLoRALinear(module, self, r_max, num_slots, dtype)
+                setattr(model.get_submodule(parent_name), child, wrapped)
+                self.layers[name] = wrapped
+        if not self.layers:
+            raise ValueError(f"the model has no linear module named any of {sorted(targets)}")
+
+    @property
+    def target_modules(self) -> set[str]:
+        return {name.rsplit(".", 1)[-1] for name in self.layers}
+
+    @contextmanager
+    def step(self, step: LoRAStep) -> Iterator[None]:
+        """Make `step` the segments every wrapped layer reads during one forward pass."""
+        self.current = step
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def check(self, weights: AdapterWeights, rank: int) -> None:
+        """Raise ValueError if the adapter cannot be served by this pool."""
+        if rank > self.r_max:
+            raise ValueError(f"rank {rank} exceeds this worker's maximum LoRA rank {self.r_max}")
+        unknown = sorted(set(weights) - set(self.layers))
+        if unknown:
+            raise ValueError(f"adapter targets modules this worker does not serve: {', '.join(unknown[:4])}")
+
+    @torch.no_grad()
+    def load(self, key: Hashable, weights: AdapterWeights, rank: int, scaling: float) -> int:
+        """Put the adapter in a slot (reusing its slot if resident); return the slot."""
+        self.check(weights, rank)
+        acquired = self.table.acquire(key)
+        slot = acquired.slot
+        if not acquired.needs_load:
+            return slot
+        for name, layer in self.layers.items():
+            pair = weights.get(name)
+            if pair is None:
+                layer.lora_a[slot].zero_()
+                layer.lora_b[slot].zero_()
+                continue
+            a, b = pair
+            r = a.shape[0]
+            layer.lora_a[slot, :r].copy_(a)
+            layer.lora_a[slot, r:].zero_()
+            layer.lora_b[slot, :, :r].copy_(b)
+            layer.lora_b[slot, :, r:].zero_()
+        self.ranks[slot] = rank
+        self.scaling[slot] = scaling
+        return slot
+
+    @torch.no_grad()
+    def unload(self, key: Hashable) -> None:
+        slot = self.table.release(key)
+        for layer in self.layers.values():
+            layer.lora_a[slot].zero_()
+            layer.lora_b[slot].zero_()
+        self.ranks[slot] = 0
+        self.scaling[slot] = 0.0

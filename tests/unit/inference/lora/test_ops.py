@@ -1,0 +1,51 @@
+"""The segment op against a plain per-token loop, with mixed ranks, base-model segments and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.inference.engine.lora.ops import lora_segment
+from services.inference.engine.lora.slots import EMPTY
+
+
+def reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: list[float],
+    ranks: list[int],
+    token_slots: list[int],
+) -> torch.Tensor:
+    out = y.clone().float()
+    for t, k in enumerate(token_slots):
+        if k == EMPTY:
+            continue
+        r = ranks[k]
+        out[t] += scaling[k] * (b[k, :, :r] @ (a[k, :r] @ x[t].float()))
+    return out.to(y.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_match_a_per_token_loop(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    n_slots, r_max, d_in, d_out = 4, 16, 24, 40
+    a = torch.randn(n_slots, r_max, d_in, generator=g)
+    b = torch.randn(n_slots, d_out, r_max, generator=g)
+    ranks = [8, 16, 4, 0]
+    for k, r in enumerate(ranks):  # a slot's rows past its rank are zero, as the pool writes them
+        a[k, r:] = 0
+        b[k, :, r:] = 0
+    scaling = [2.0, 0.5, 1.0, 0.0]
+    seg_indptr = [0, 3, 3, 10, 11, 17, 20]
+    seg_slots = [1, 0, EMPTY, 2, 0, 1]
+    token_slots = [k for s, k in enumerate(seg_slots) for _ in range(seg_indptr[s + 1] - seg_indptr[s])]
+    x = torch.randn(20, d_in, generator=g).to(dtype)
+    y = torch.randn(20, d_out, generator=g).to(dtype)
+    expected = reference(y, x, a, b, scaling, ranks, token_slots)
+    lora_segment(y, x, a, b, scaling, ranks, seg_indptr, seg_slots)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    base_rows = slice(seg_indptr[2], seg_indptr[3])  # EMPTY segment: untouched base output
+    assert torch.equal(y[base_rows], expected[base_rows])
