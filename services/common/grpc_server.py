@@ -95,6 +95,12 @@ class GrpcServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._drain_callbacks: list[Callable[[], None]] = []
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the drain starts, e.g. to end streams that never end by themselves
+        (subscriptions) so the drain need not wait out its grace period for them."""
+        self._drain_callbacks.append(callback)
 
     async def start(self) -> int:
         """Bind, start serving, and return the bound port."""
@@ -160,6 +166,8 @@ class GrpcServer:
         # Our interceptor refuses new calls from here on; grpc's own stop(grace) would also wait for
         # health Watch streams, which never end by themselves, so drain only application calls.
         self.inflight.draining = True
+        for callback in self._drain_callbacks:
+            callback()
         if self.inflight.count:
             log.info("draining %d call(s), up to %.1fs", self.inflight.count, self.settings.grace_period_s)
         finished = await self.inflight.wait_idle(self.settings.grace_period_s)
