@@ -2,6 +2,8 @@
 
 openlora gateway serve | worker serve | store serve | attribution serve
 openlora <service> config     # effective settings, with the env variable of each
+openlora adapters upload | import | list | show | download | delete | register-base
+openlora attribution migrate, openlora rewards show, openlora usage show
 openlora demo                 # what the README's first command runs
 """
 
@@ -20,6 +22,8 @@ from rich.table import Table
 
 from services.adapter_store.cli import adapters_app
 from services.adapter_store.config import StoreSettings
+from services.attribution.cli import app as attribution_app
+from services.attribution.cli import rewards_app, usage_app
 from services.attribution.config import AttributionSettings
 from services.common.config import ServiceSettings, describe
 from services.gateway.config import GatewaySettings
@@ -75,6 +79,8 @@ _SERVICES: list[tuple[str, type[ServiceSettings], str, str]] = [
     ("store", StoreSettings, "Adapter store: validated catalog on S3.", "Adapter store service"),
     ("attribution", AttributionSettings, "Usage ledger, provenance, rewards.", "Attribution service"),
 ]
+# Services whose package brings its own command group (serve, migrate, ...); `config` is added here.
+_OWN_GROUPS: dict[str, typer.Typer] = {"attribution": attribution_app}
 
 
 def _store_serve(
@@ -92,12 +98,16 @@ def _store_serve(
 _SERVE: dict[str, Callable[..., None]] = {"store": _store_serve}
 
 for _name, _settings_class, _help, _issue in _SERVICES:
-    _group = typer.Typer(help=_help, no_args_is_help=True)
-    _group.command("serve")(_SERVE.get(_name) or _not_built(_name, _issue))
+    _group = _OWN_GROUPS.get(_name)
+    if _group is None:
+        _group = typer.Typer(help=_help, no_args_is_help=True)
+        _group.command("serve")(_SERVE.get(_name) or _not_built(_name, _issue))
     _group.command("config")(_config_command(_settings_class))
     app.add_typer(_group, name=_name)
 
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(rewards_app, name="rewards")  # openlora rewards show --contributor ...
+app.add_typer(usage_app, name="usage")  # openlora usage show --adapter ...
 
 
 @app.command()

@@ -13,6 +13,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from services.common.proto import adapter_store_pb2 as _adapter_store_pb2
 from services.common.proto import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -168,16 +169,26 @@ class RecordAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACKED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    INSERTED_RECORDS_FIELD_NUMBER: _builtins.int
+    DUPLICATE_RECORDS_FIELD_NUMBER: _builtins.int
     acked_sequence: _builtins.int
     """Highest sequence such that it and every lower sequence are persisted."""
+    inserted_records: _builtins.int
+    """Records newly written by the batches this ack covers (per batch on
+    StreamUsage, per stream on RecordUsage).
+    """
+    duplicate_records: _builtins.int
+    """Records already in the ledger (resent after a lost ack), ignored."""
     def __init__(
         self,
         *,
         acked_sequence: _builtins.int = ...,
+        inserted_records: _builtins.int = ...,
+        duplicate_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_records", b"duplicate_records", "inserted_records", b"inserted_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,7 +206,9 @@ class UsageQuery(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
-    """Only this adapter, when set."""
+    """Only this adapter, when set; a mixed token counts whole for each of its
+    adapters. Unset counts every token once.
+    """
     tenant: _builtins.str
     """Only this tenant, when set."""
     @_builtins.property
@@ -208,7 +221,9 @@ class UsageQuery(_message.Message):
 
     @_builtins.property
     def bucket(self) -> _duration_pb2.Duration:
-        """Bucket width for `buckets`; unset means totals only."""
+        """Bucket width for `buckets`, a whole number of minutes; unset means totals
+        only. Buckets are aligned on `start` (on the epoch without one).
+        """
 
     def __init__(
         self,
@@ -273,7 +288,7 @@ class UsageReport(_message.Message):
 
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageBucket]:
-        """Per bucket, oldest first, when a bucket width was given."""
+        """Per bucket holding usage, oldest first, when a bucket width was given."""
 
     def __init__(
         self,
@@ -317,7 +332,9 @@ class RewardsQuery(_message.Message):
 
     @_builtins.property
     def bucket(self) -> _duration_pb2.Duration:
-        """Bucket width for `buckets`; unset means totals only."""
+        """Bucket width for `buckets`, a whole number of minutes; unset means totals
+        only. Buckets are aligned on `start` (on the epoch without one).
+        """
 
     def __init__(
         self,
@@ -348,7 +365,9 @@ class RewardLine(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     contributor_id: _builtins.str
-    """The contributor."""
+    """The contributor; empty for money of an adapter whose provenance names
+    nobody (unknown to the adapter store and never registered).
+    """
     adapter_id: _builtins.str
     """The adapter that earned it."""
     tokens: _builtins.float
@@ -419,7 +438,7 @@ class RewardsReport(_message.Message):
 
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardBucket]:
-        """Per bucket, oldest first, when a bucket width was given."""
+        """Per bucket holding rewards, oldest first, when a bucket width was given."""
 
     def __init__(
         self,
@@ -508,3 +527,107 @@ class RewardEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardEvent: _TypeAlias = RewardEvent  # noqa: Y015
+
+@_typing.final
+class RegisterProvenanceRequest(_message.Message):
+    """Pushes the provenance of one adapter version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> _common_pb2.AdapterRef:
+        """The adapter version; the version must be set."""
+
+    @_builtins.property
+    def provenance(self) -> _adapter_store_pb2.Provenance:
+        """Who is credited for it; contributor shares sum to 1."""
+
+    def __init__(
+        self,
+        *,
+        adapter: _common_pb2.AdapterRef | None = ...,
+        provenance: _adapter_store_pb2.Provenance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "provenance", b"provenance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "provenance", b"provenance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterProvenanceRequest: _TypeAlias = RegisterProvenanceRequest  # noqa: Y015
+
+@_typing.final
+class RegisterProvenanceResponse(_message.Message):
+    """Result of a registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the same provenance was already registered (idempotent)."""
+    def __init__(
+        self,
+        *,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterProvenanceResponse: _TypeAlias = RegisterProvenanceResponse  # noqa: Y015
+
+@_typing.final
+class SetPriceRequest(_message.Message):
+    """Sets a price per token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_PRICE_FIELD_NUMBER: _builtins.int
+    COMPLETION_PRICE_FIELD_NUMBER: _builtins.int
+    adapter_id: _builtins.str
+    """The adapter priced; empty sets the default for adapters without a price."""
+    prompt_price: _builtins.str
+    """Price of one prompt token, as an exact decimal string (e.g. "0.0000005")."""
+    completion_price: _builtins.str
+    """Price of one completion token, as an exact decimal string."""
+    def __init__(
+        self,
+        *,
+        adapter_id: _builtins.str = ...,
+        prompt_price: _builtins.str = ...,
+        completion_price: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "completion_price", b"completion_price", "prompt_price", b"prompt_price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriceRequest: _TypeAlias = SetPriceRequest  # noqa: Y015
+
+@_typing.final
+class SetPriceResponse(_message.Message):
+    """Result of setting a price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """Currency of the prices (the service's configured currency)."""
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriceResponse: _TypeAlias = SetPriceResponse  # noqa: Y015

@@ -56,6 +56,21 @@ class AttributionStub:
                 request_serializer=openlora_dot_v1_dot_attribution__pb2.WatchRewardsRequest.SerializeToString,
                 response_deserializer=openlora_dot_v1_dot_attribution__pb2.RewardEvent.FromString,
                 _registered_method=True)
+        self.StreamUsage = channel.stream_stream(
+                '/openlora.v1.Attribution/StreamUsage',
+                request_serializer=openlora_dot_v1_dot_attribution__pb2.UsageBatch.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_attribution__pb2.RecordAck.FromString,
+                _registered_method=True)
+        self.RegisterProvenance = channel.unary_unary(
+                '/openlora.v1.Attribution/RegisterProvenance',
+                request_serializer=openlora_dot_v1_dot_attribution__pb2.RegisterProvenanceRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_attribution__pb2.RegisterProvenanceResponse.FromString,
+                _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/openlora.v1.Attribution/SetPrice',
+                request_serializer=openlora_dot_v1_dot_attribution__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=openlora_dot_v1_dot_attribution__pb2.SetPriceResponse.FromString,
+                _registered_method=True)
 
 
 class AttributionServicer:
@@ -73,14 +88,16 @@ class AttributionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Token counts by adapter, tenant and time range.
+        """Token counts by adapter, tenant and time range, resolved to the minute:
+        a minute counts when its start lies in [start, end).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRewards(self, request, context):
-        """Rewards by contributor or adapter.
+        """Rewards by contributor, adapter or tenant, resolved to the minute like
+        GetUsage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,6 +105,31 @@ class AttributionServicer:
 
     def WatchRewards(self, request, context):
         """Pushes reward events as they are committed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamUsage(self, request_iterator, context):
+        """Like RecordUsage, but acknowledges every batch as soon as it is committed,
+        so a long-lived sender can drop its spool as it goes. Same idempotency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterProvenance(self, request, context):
+        """Registers who is credited for one adapter version (pushed provenance);
+        used instead of asking the adapter store. A version's provenance is
+        immutable: registering a different one for it is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPrice(self, request, context):
+        """Sets the price per token of one adapter, or the default price. Applies to
+        usage recorded after it; earned rewards never change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +157,21 @@ def add_AttributionServicer_to_server(servicer, server):
                     servicer.WatchRewards,
                     request_deserializer=openlora_dot_v1_dot_attribution__pb2.WatchRewardsRequest.FromString,
                     response_serializer=openlora_dot_v1_dot_attribution__pb2.RewardEvent.SerializeToString,
+            ),
+            'StreamUsage': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamUsage,
+                    request_deserializer=openlora_dot_v1_dot_attribution__pb2.UsageBatch.FromString,
+                    response_serializer=openlora_dot_v1_dot_attribution__pb2.RecordAck.SerializeToString,
+            ),
+            'RegisterProvenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterProvenance,
+                    request_deserializer=openlora_dot_v1_dot_attribution__pb2.RegisterProvenanceRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_attribution__pb2.RegisterProvenanceResponse.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=openlora_dot_v1_dot_attribution__pb2.SetPriceRequest.FromString,
+                    response_serializer=openlora_dot_v1_dot_attribution__pb2.SetPriceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +283,87 @@ class Attribution:
             '/openlora.v1.Attribution/WatchRewards',
             openlora_dot_v1_dot_attribution__pb2.WatchRewardsRequest.SerializeToString,
             openlora_dot_v1_dot_attribution__pb2.RewardEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamUsage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/openlora.v1.Attribution/StreamUsage',
+            openlora_dot_v1_dot_attribution__pb2.UsageBatch.SerializeToString,
+            openlora_dot_v1_dot_attribution__pb2.RecordAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterProvenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.Attribution/RegisterProvenance',
+            openlora_dot_v1_dot_attribution__pb2.RegisterProvenanceRequest.SerializeToString,
+            openlora_dot_v1_dot_attribution__pb2.RegisterProvenanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openlora.v1.Attribution/SetPrice',
+            openlora_dot_v1_dot_attribution__pb2.SetPriceRequest.SerializeToString,
+            openlora_dot_v1_dot_attribution__pb2.SetPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,

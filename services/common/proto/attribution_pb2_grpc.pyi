@@ -43,11 +43,28 @@ class AttributionStub:
     (request_id, token_index, kind): resending after a lost ack never counts twice.
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_attribution_pb2.UsageQuery, _attribution_pb2.UsageReport]
-    """Token counts by adapter, tenant and time range."""
+    """Token counts by adapter, tenant and time range, resolved to the minute:
+    a minute counts when its start lies in [start, end).
+    """
     GetRewards: _grpc.UnaryUnaryMultiCallable[_attribution_pb2.RewardsQuery, _attribution_pb2.RewardsReport]
-    """Rewards by contributor or adapter."""
+    """Rewards by contributor, adapter or tenant, resolved to the minute like
+    GetUsage.
+    """
     WatchRewards: _grpc.UnaryStreamMultiCallable[_attribution_pb2.WatchRewardsRequest, _attribution_pb2.RewardEvent]
     """Pushes reward events as they are committed."""
+    StreamUsage: _grpc.StreamStreamMultiCallable[_attribution_pb2.UsageBatch, _attribution_pb2.RecordAck]
+    """Like RecordUsage, but acknowledges every batch as soon as it is committed,
+    so a long-lived sender can drop its spool as it goes. Same idempotency.
+    """
+    RegisterProvenance: _grpc.UnaryUnaryMultiCallable[_attribution_pb2.RegisterProvenanceRequest, _attribution_pb2.RegisterProvenanceResponse]
+    """Registers who is credited for one adapter version (pushed provenance);
+    used instead of asking the adapter store. A version's provenance is
+    immutable: registering a different one for it is refused.
+    """
+    SetPrice: _grpc.UnaryUnaryMultiCallable[_attribution_pb2.SetPriceRequest, _attribution_pb2.SetPriceResponse]
+    """Sets the price per token of one adapter, or the default price. Applies to
+    usage recorded after it; earned rewards never change.
+    """
 
 @_typing.type_check_only
 class AttributionAsyncStub(AttributionStub):
@@ -61,11 +78,28 @@ class AttributionAsyncStub(AttributionStub):
     (request_id, token_index, kind): resending after a lost ack never counts twice.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_attribution_pb2.UsageQuery, _attribution_pb2.UsageReport]  # type: ignore[assignment]
-    """Token counts by adapter, tenant and time range."""
+    """Token counts by adapter, tenant and time range, resolved to the minute:
+    a minute counts when its start lies in [start, end).
+    """
     GetRewards: _aio.UnaryUnaryMultiCallable[_attribution_pb2.RewardsQuery, _attribution_pb2.RewardsReport]  # type: ignore[assignment]
-    """Rewards by contributor or adapter."""
+    """Rewards by contributor, adapter or tenant, resolved to the minute like
+    GetUsage.
+    """
     WatchRewards: _aio.UnaryStreamMultiCallable[_attribution_pb2.WatchRewardsRequest, _attribution_pb2.RewardEvent]  # type: ignore[assignment]
     """Pushes reward events as they are committed."""
+    StreamUsage: _aio.StreamStreamMultiCallable[_attribution_pb2.UsageBatch, _attribution_pb2.RecordAck]  # type: ignore[assignment]
+    """Like RecordUsage, but acknowledges every batch as soon as it is committed,
+    so a long-lived sender can drop its spool as it goes. Same idempotency.
+    """
+    RegisterProvenance: _aio.UnaryUnaryMultiCallable[_attribution_pb2.RegisterProvenanceRequest, _attribution_pb2.RegisterProvenanceResponse]  # type: ignore[assignment]
+    """Registers who is credited for one adapter version (pushed provenance);
+    used instead of asking the adapter store. A version's provenance is
+    immutable: registering a different one for it is refused.
+    """
+    SetPrice: _aio.UnaryUnaryMultiCallable[_attribution_pb2.SetPriceRequest, _attribution_pb2.SetPriceResponse]  # type: ignore[assignment]
+    """Sets the price per token of one adapter, or the default price. Applies to
+    usage recorded after it; earned rewards never change.
+    """
 
 class AttributionServicer(metaclass=_abc_1.ABCMeta):
     """Usage ledger, provenance-based rewards, and a live rewards feed."""
@@ -88,7 +122,9 @@ class AttributionServicer(metaclass=_abc_1.ABCMeta):
         request: _attribution_pb2.UsageQuery,
         context: _ServicerContext,
     ) -> _typing.Union[_attribution_pb2.UsageReport, _abc.Awaitable[_attribution_pb2.UsageReport]]:
-        """Token counts by adapter, tenant and time range."""
+        """Token counts by adapter, tenant and time range, resolved to the minute:
+        a minute counts when its start lies in [start, end).
+        """
 
     @_abc_1.abstractmethod
     def GetRewards(
@@ -96,7 +132,9 @@ class AttributionServicer(metaclass=_abc_1.ABCMeta):
         request: _attribution_pb2.RewardsQuery,
         context: _ServicerContext,
     ) -> _typing.Union[_attribution_pb2.RewardsReport, _abc.Awaitable[_attribution_pb2.RewardsReport]]:
-        """Rewards by contributor or adapter."""
+        """Rewards by contributor, adapter or tenant, resolved to the minute like
+        GetUsage.
+        """
 
     @_abc_1.abstractmethod
     def WatchRewards(
@@ -105,5 +143,36 @@ class AttributionServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_attribution_pb2.RewardEvent], _abc.AsyncIterator[_attribution_pb2.RewardEvent]]:
         """Pushes reward events as they are committed."""
+
+    @_abc_1.abstractmethod
+    def StreamUsage(
+        self,
+        request_iterator: _MaybeAsyncIterator[_attribution_pb2.UsageBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_attribution_pb2.RecordAck], _abc.AsyncIterator[_attribution_pb2.RecordAck]]:
+        """Like RecordUsage, but acknowledges every batch as soon as it is committed,
+        so a long-lived sender can drop its spool as it goes. Same idempotency.
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterProvenance(
+        self,
+        request: _attribution_pb2.RegisterProvenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_attribution_pb2.RegisterProvenanceResponse, _abc.Awaitable[_attribution_pb2.RegisterProvenanceResponse]]:
+        """Registers who is credited for one adapter version (pushed provenance);
+        used instead of asking the adapter store. A version's provenance is
+        immutable: registering a different one for it is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def SetPrice(
+        self,
+        request: _attribution_pb2.SetPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_attribution_pb2.SetPriceResponse, _abc.Awaitable[_attribution_pb2.SetPriceResponse]]:
+        """Sets the price per token of one adapter, or the default price. Applies to
+        usage recorded after it; earned rewards never change.
+        """
 
 def add_AttributionServicer_to_server(servicer: AttributionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,277 @@
+"""The write path: one transaction per usage batch.
+
+In that transaction the batch's records are inserted idempotently (a record whose key is already in
+the ledger is skipped), the sender's contiguous sequence is advanced, the per-minute rollups are
+bumped and the rewards of the newly inserted records are written. Either all of it commits or none.
+
+Calls here are blocking; the servicer runs them on worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
+
+from services.attribution.domain import (
+    AdapterShare,
+    IngestResult,
+    Provenance,
+    RewardEntry,
+    TokenKind,
+    TokenRecord,
+    UsageBatch,
+)
+from services.attribution.events_pg import insert_events_pg
+from services.attribution.models import (
+    PriceRow,
+    RewardLedgerEntry,
+    UsageEvent,
+    UsagePendingBatch,
+    UsageRollup,
+    UsageSender,
+)
+from services.attribution.rewards import PricePicos, Tally, compute_rewards, tally
+
+# SQLSTATEs worth retrying the whole batch for: deadlock, serialization failure.
+_RETRYABLE_PG_STATES = {"40P01", "40001"}
+_MAX_ATTEMPTS = 5
+
+ALL_ADAPTERS = ""  # rollup row counting every token once
+
+
+class AdaptersText:
+    """The `usage_events.adapters` text of a mix, made once per distinct mix of a batch."""
+
+    def __init__(self) -> None:
+        self._texts: dict[tuple[AdapterShare, ...], str] = {}
+
+    def __call__(self, record: TokenRecord) -> str:
+        text = self._texts.get(record.adapters)
+        if text is None:
+            text = ";".join(f"{a.adapter_id} {a.version} {a.weight_micros}" for a in record.adapters)
+            self._texts[record.adapters] = text
+        return text
+
+
+class Ledger:
+    """Writes usage batches, with their rewards, in single transactions."""
+
+    def __init__(self, engine: Engine, default_price: PricePicos) -> None:
+        self.engine = engine
+        self.default_price = default_price
+        self.is_postgres = engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time anyway; queueing here beats polling on busy_timeout.
+        self._sqlite_writer = threading.Lock()
+
+    def record(self, batch: UsageBatch, provenance: Mapping[tuple[str, str], Provenance]) -> IngestResult:
+        """Commit `batch`; `provenance` must cover every (adapter_id, version) the batch names."""
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                if self.is_postgres:
+                    return self._record_once(batch, provenance)
+                with self._sqlite_writer:
+                    return self._record_once(batch, provenance)
+            except OperationalError as exc:
+                state = getattr(exc.orig, "sqlstate", None)
+                if state not in _RETRYABLE_PG_STATES or attempt == _MAX_ATTEMPTS:
+                    raise
+                time.sleep(0.005 * attempt)  # the other transaction usually commits within ms
+        raise AssertionError("unreachable")
+
+    def _record_once(
+        self, batch: UsageBatch, provenance: Mapping[tuple[str, str], Provenance]
+    ) -> IngestResult:
+        with self.engine.begin() as conn:
+            # The sender's row is locked first, so batches of one sender serialise here rather than
+            # interleaving their event inserts (and so cannot deadlock on each other).
+            acked = self._advance_sequence(conn, batch.worker_id, batch.sequence)
+            inserted = self._insert_events(conn, batch.records)
+            counts = tally(inserted)
+            self._bump_rollups(conn, counts)
+            prices = self._prices(conn, {a.adapter_id for key in counts for a in key[4]})
+            committed_us = time.time_ns() // 1000
+            rewards = compute_rewards(
+                counts, provenance, lambda adapter_id: prices.get(adapter_id, prices[""]), committed_us
+            )
+            self._write_rewards(conn, rewards)
+        return IngestResult(
+            acked_sequence=acked,
+            inserted=len(inserted),
+            duplicates=len(batch.records) - len(inserted),
+            rewards=rewards,
+        )
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self.is_postgres else sqlite.insert)(table)
+
+    def _advance_sequence(self, conn: Connection, worker_id: str, sequence: int) -> int:
+        """Mark `sequence` committed for `worker_id`; return the highest contiguous one."""
+        conn.execute(
+            self._insert(UsageSender).values(worker_id=worker_id, acked_sequence=0).on_conflict_do_nothing()
+        )
+        query = select(UsageSender.acked_sequence).where(UsageSender.worker_id == worker_id)
+        if self.is_postgres:
+            query = query.with_for_update()
+        acked = conn.execute(query).scalar_one()
+        if sequence <= acked:
+            # Already covered. The records were still inserted idempotently by the caller: a sender that
+            # lost its spool and restarted its numbering must not have new records taken for old ones.
+            return int(acked)
+        if sequence > acked + 1:
+            conn.execute(
+                self._insert(UsagePendingBatch)
+                .values(worker_id=worker_id, sequence=sequence)
+                .on_conflict_do_nothing()
+            )
+            return int(acked)
+        acked = sequence
+        pending = conn.execute(
+            select(UsagePendingBatch.sequence)
+            .where(UsagePendingBatch.worker_id == worker_id, UsagePendingBatch.sequence > acked)
+            .order_by(UsagePendingBatch.sequence)
+        ).scalars()
+        for later in pending:
+            if later != acked + 1:
+                break
+            acked = later
+        conn.execute(
+            delete(UsagePendingBatch).where(
+                UsagePendingBatch.worker_id == worker_id, UsagePendingBatch.sequence <= acked
+            )
+        )
+        conn.execute(
+            update(UsageSender).where(UsageSender.worker_id == worker_id).values(acked_sequence=acked)
+        )
+        return acked
+
+    def _insert_events(self, conn: Connection, records: list[TokenRecord]) -> list[TokenRecord]:
+        """Insert the records not yet in the ledger; return those, in batch order."""
+        if not records:
+            return []
+        # A key repeated inside one batch (a confused sender) is written once, from its first record,
+        # so the rewards are computed from exactly the row that was stored.
+        first_of: dict[tuple[str, int, int], TokenRecord] = {}
+        for record in records:
+            first_of.setdefault(record.key, record)
+        if len(first_of) != len(records):
+            records = list(first_of.values())
+        if self.is_postgres:
+            new_keys = insert_events_pg(conn, records, AdaptersText())
+        else:
+            adapters_text = AdaptersText()
+            rows = [
+                {
+                    "request_id": r.request_id,
+                    "token_index": r.token_index,
+                    "kind": int(r.kind),
+                    "tenant": r.tenant,
+                    "worker_id": r.worker_id,
+                    "ts_us": r.ts_us,
+                    "adapters": adapters_text(r),
+                }
+                for r in records
+            ]
+            statement = (
+                sqlite.insert(UsageEvent)
+                .on_conflict_do_nothing()
+                .returning(UsageEvent.request_id, UsageEvent.token_index, UsageEvent.kind)
+            )
+            new_keys = {(row[0], row[1], row[2]) for row in conn.execute(statement, rows)}
+        if new_keys is None or len(new_keys) == len(records):
+            return records
+        return [record for record in records if record.key in new_keys]
+
+    def _bump_rollups(self, conn: Connection, tallied: Tally) -> None:
+        counts: dict[tuple[str, str, int], list[int]] = {}
+        for (_request, tenant, kind, minute, mix), tokens in tallied.items():
+            column = 0 if kind is TokenKind.PROMPT else 1
+            for adapter_id in (ALL_ADAPTERS, *(a.adapter_id for a in mix)):
+                key = (adapter_id, tenant, minute)
+                row = counts.get(key)
+                if row is None:
+                    row = counts[key] = [0, 0]
+                row[column] += tokens
+        if not counts:
+            return
+        # Sorted, so concurrent transactions lock rollup rows in one order and cannot deadlock.
+        rows = [
+            {"adapter_id": a, "tenant": t, "minute_us": m, "prompt_tokens": p, "completion_tokens": c}
+            for (a, t, m), (p, c) in sorted(counts.items())
+        ]
+        statement = self._insert(UsageRollup)
+        statement = statement.on_conflict_do_update(
+            index_elements=["adapter_id", "tenant", "minute_us"],
+            set_={
+                "prompt_tokens": UsageRollup.prompt_tokens + statement.excluded.prompt_tokens,
+                "completion_tokens": UsageRollup.completion_tokens + statement.excluded.completion_tokens,
+            },
+        )
+        conn.execute(statement, rows)
+
+    def _prices(self, conn: Connection, adapter_ids: set[str]) -> dict[str, PricePicos]:
+        """Prices of `adapter_ids`, plus the default under ''."""
+        prices: dict[str, PricePicos] = {"": self.default_price}
+        if not adapter_ids:
+            return prices
+        rows = conn.execute(
+            select(PriceRow.adapter_id, PriceRow.prompt_picos, PriceRow.completion_picos).where(
+                PriceRow.adapter_id.in_([*adapter_ids, ""])
+            )
+        )
+        for adapter_id, prompt, completion in rows:
+            prices[adapter_id] = (int(prompt), int(completion))
+        return prices
+
+    def _write_rewards(self, conn: Connection, rewards: list[RewardEntry]) -> None:
+        if not rewards:
+            return
+        conn.execute(
+            insert(RewardLedgerEntry),
+            [
+                {
+                    "contributor_id": e.contributor_id,
+                    "role": int(e.role),
+                    "adapter_id": e.adapter_id,
+                    "adapter_version": e.adapter_version,
+                    "tenant": e.tenant,
+                    "request_id": e.request_id,
+                    "minute_us": e.minute_us,
+                    "tokens_micros": e.tokens_micros,
+                    "amount_picos": e.amount_picos,
+                    "committed_us": e.committed_us,
+                }
+                for e in rewards
+            ],
+        )
+
+
+def set_price(engine: Engine, adapter_id: str, prompt_picos: int, completion_picos: int) -> None:
+    """Set the price of `adapter_id` ('' = the default for adapters without one)."""
+    is_postgres = engine.dialect.name == "postgresql"
+    statement = (postgresql.insert if is_postgres else sqlite.insert)(PriceRow).values(
+        adapter_id=adapter_id,
+        prompt_picos=prompt_picos,
+        completion_picos=completion_picos,
+        updated_us=time.time_ns() // 1000,
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["adapter_id"],
+        set_={
+            "prompt_picos": statement.excluded.prompt_picos,
+            "completion_picos": statement.excluded.completion_picos,
+            "updated_us": statement.excluded.updated_us,
+        },
+    )
+    with engine.begin() as conn:
+        conn.execute(statement)
+
+
+def count_events(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM usage_events")).scalar_one())

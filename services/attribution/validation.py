@@ -1,0 +1,194 @@
+"""Protobuf → domain, refusing bad input with INVALID_ARGUMENT that names the field.
+
+A batch is checked whole before anything is written, so a refused batch leaves no trace.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+
+from services.attribution.domain import (
+    MICROS_PER_UNIT,
+    AdapterShare,
+    Contributor,
+    Provenance,
+    Role,
+    TokenKind,
+    TokenRecord,
+    UsageBatch,
+)
+from services.common.errors import InvalidArgument
+from services.common.proto import adapter_store_pb2, attribution_pb2
+
+MAX_ID_CHARS = 128
+MAX_ADAPTER_ID_CHARS = 256
+# Weights and shares are floats on the wire; a sum this close to 1 is a rounding artefact (float32
+# mix weights normalised on the worker) and is corrected exactly, anything further is a bug.
+SUM_TOLERANCE_MICROS = 10
+
+_KINDS = {attribution_pb2.PROMPT: TokenKind.PROMPT, attribution_pb2.COMPLETION: TokenKind.COMPLETION}
+_ROLES = {adapter_store_pb2.TRAINER: Role.TRAINER, adapter_store_pb2.DATA: Role.DATA}
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def check_id(field: str, value: str, *, max_chars: int = MAX_ID_CHARS, required: bool = True) -> str:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "must not be empty")
+        return value
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"longer than {max_chars} characters")
+    if not value.isprintable() or _WHITESPACE.search(value):
+        raise InvalidArgument(field, "must not contain whitespace or control characters")
+    return value
+
+
+def to_micros_summing_to_one(field: str, name: str, values: Sequence[float]) -> list[int]:
+    """Fractions `{field}[i].{name}` (each in (0, 1]) as micros summing to exactly 1e6; the largest
+    absorbs the rounding."""
+    micros = []
+    for i, value in enumerate(values):
+        if not math.isfinite(value) or value <= 0 or value > 1:
+            raise InvalidArgument(f"{field}[{i}].{name}", f"must be in (0, 1], got {value!r}")
+        micros.append(round(value * MICROS_PER_UNIT))
+        if micros[-1] == 0:
+            raise InvalidArgument(f"{field}[{i}].{name}", f"below the resolution of 1e-6, got {value!r}")
+    error = MICROS_PER_UNIT - sum(micros)
+    if abs(error) > SUM_TOLERANCE_MICROS:
+        raise InvalidArgument(f"{field}.{name}", f"must sum to 1, got {sum(values)!r}")
+    micros[max(range(len(micros)), key=micros.__getitem__)] += error
+    return micros
+
+
+def usage_batch(
+    message: attribution_pb2.UsageBatch,
+    *,
+    max_records: int,
+    max_token_index: int,
+    max_future_us: int,
+    now_us: int | None = None,
+) -> UsageBatch:
+    if message.sequence < 1:
+        raise InvalidArgument("sequence", "must be at least 1")
+    worker_id = check_id("worker_id", message.worker_id)
+    if len(message.records) > max_records:
+        raise InvalidArgument("records", f"{len(message.records)} records; at most {max_records} per batch")
+    now_us = now_us if now_us is not None else time.time_ns() // 1000
+    checker = _BatchChecker(worker_id, max_token_index, now_us, now_us + max_future_us)
+    records = [checker.record(i, r) for i, r in enumerate(message.records)]
+    return UsageBatch(sequence=message.sequence, worker_id=worker_id, records=records)
+
+
+# (id, version, weight) of each adapter of a token, as sent.
+_MixKey = tuple[tuple[str, str, float], ...]
+
+
+class _BatchChecker:
+    """Checks the records of one batch. Tokens of one request repeat its ids and mix, so each
+    distinct id and mix is checked once per batch (this is the ingest hot path)."""
+
+    def __init__(self, worker_id: str, max_token_index: int, now_us: int, latest_us: int) -> None:
+        self.worker_id = worker_id
+        self.max_token_index = max_token_index
+        self.now_us = now_us
+        self.latest_us = latest_us
+        self.good_ids: set[str] = {worker_id}
+        self.mixes: dict[_MixKey, tuple[AdapterShare, ...]] = {(): ()}
+        self.previous: attribution_pb2.TokenUsage | None = None  # last record whose mix was checked
+        self.previous_mix: tuple[AdapterShare, ...] = ()
+
+    def _id(self, field: str, value: str) -> str:
+        if value not in self.good_ids:
+            self.good_ids.add(check_id(field, value))
+        return value
+
+    def record(self, i: int, r: attribution_pb2.TokenUsage) -> TokenRecord:
+        field = f"records[{i}]"
+        kind = _KINDS.get(r.kind)
+        if kind is None:
+            raise InvalidArgument(f"{field}.kind", f"must be PROMPT or COMPLETION, got {r.kind}")
+        if r.token_index > self.max_token_index:
+            raise InvalidArgument(f"{field}.token_index", f"{r.token_index} exceeds {self.max_token_index}")
+        if r.HasField("ts"):
+            seconds, nanos = r.ts.seconds, r.ts.nanos
+            if seconds < 0 or not 0 <= nanos < 1_000_000_000:
+                raise InvalidArgument(f"{field}.ts", "must be a valid time after 1970")
+            ts_us = seconds * 1_000_000 + nanos // 1000
+            if ts_us > self.latest_us:
+                raise InvalidArgument(f"{field}.ts", "is too far in the future (check the worker's clock)")
+        else:
+            ts_us = self.now_us  # a sender without a clock: the ledger stamps arrival
+        if self.previous is not None and r.adapters == self.previous.adapters:
+            adapters = self.previous_mix  # the next token of the same request, most often
+        else:
+            mix_key = tuple((a.adapter.id, a.adapter.version, a.weight) for a in r.adapters)
+            known = self.mixes.get(mix_key)
+            if known is None:
+                known = self.mixes[mix_key] = _mix(f"{field}.adapters", mix_key)
+            adapters = known
+            self.previous, self.previous_mix = r, adapters
+        return TokenRecord(
+            request_id=self._id(f"{field}.request_id", r.request_id),
+            token_index=r.token_index,
+            kind=kind,
+            adapters=adapters,
+            tenant=self._id(f"{field}.tenant", r.tenant),
+            worker_id=self._id(f"{field}.worker_id", r.worker_id) if r.worker_id else self.worker_id,
+            ts_us=ts_us,
+        )
+
+
+def _mix(field: str, mix: _MixKey) -> tuple[AdapterShare, ...]:
+    seen: set[tuple[str, str]] = set()
+    for j, (adapter_id, version, _weight) in enumerate(mix):
+        check_id(f"{field}[{j}].adapter.id", adapter_id, max_chars=MAX_ADAPTER_ID_CHARS)
+        check_id(f"{field}[{j}].adapter.version", version, required=False)
+        if (adapter_id, version) in seen:
+            raise InvalidArgument(f"{field}[{j}].adapter", "listed twice for one token")
+        seen.add((adapter_id, version))
+    weights = to_micros_summing_to_one(field, "weight", [weight for _, _, weight in mix])
+    return tuple(
+        AdapterShare(adapter_id, version, w) for (adapter_id, version, _), w in zip(mix, weights, strict=True)
+    )
+
+
+def provenance(
+    field: str, adapter_id: str, version: str, message: adapter_store_pb2.Provenance
+) -> Provenance:
+    """A provenance from the wire; contributors are required and their shares must sum to 1."""
+    if not message.contributors:
+        raise InvalidArgument(f"{field}.contributors", "must name at least one contributor")
+    seen: set[str] = set()
+    roles = []
+    for i, c in enumerate(message.contributors):
+        contributor_id = check_id(f"{field}.contributors[{i}].id", c.id, max_chars=MAX_ADAPTER_ID_CHARS)
+        if contributor_id in seen:
+            raise InvalidArgument(f"{field}.contributors[{i}].id", "listed twice")
+        seen.add(contributor_id)
+        role = _ROLES.get(c.role)
+        if role is None:
+            raise InvalidArgument(f"{field}.contributors[{i}].role", f"must be TRAINER or DATA, got {c.role}")
+        roles.append(role)
+    shares = to_micros_summing_to_one(
+        f"{field}.contributors", "share", [c.share for c in message.contributors]
+    )
+    for i, dataset in enumerate(message.datasets):
+        if not dataset or len(dataset) > 1024:
+            raise InvalidArgument(f"{field}.datasets[{i}]", "must be 1 to 1024 characters")
+    if len(message.trainer) > 1024:
+        raise InvalidArgument(f"{field}.trainer", "longer than 1024 characters")
+    return Provenance(
+        adapter_id=adapter_id,
+        version=version,
+        trainer=message.trainer,
+        datasets=tuple(message.datasets),
+        contributors=tuple(
+            Contributor(c.id, role, share)
+            for c, role, share in zip(message.contributors, roles, shares, strict=True)
+        ),
+    )
