@@ -1,0 +1,280 @@
+"""`AdapterCache`: host RAM ← local disk ← adapter store, with deduplicated background loads.
+
+The engine's view: `resident(ref)` (non-blocking, for the scheduler's adapter_ready hook), `pin`/`unpin`
+around the running batch, `prefetch(ref)` when a request is enqueued (callable from any thread), and
+`on_resident` to wake the step loop when a load lands. Request handlers `await get(ref)`.
+
+State other than the host tier lives on the event loop that called `start()`; file work runs in
+worker threads. N concurrent misses of one adapter share one load task (so one download), and each
+waiter awaits it shielded, so a caller that gives up does not cancel the load for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from services.common.proto import adapter_store_pb2_grpc
+from services.inference.adapter_cache.config import CacheConfig
+from services.inference.adapter_cache.disk_tier import DiskTier
+from services.inference.adapter_cache.errors import AdapterCorrupt
+from services.inference.adapter_cache.host_tier import HostTier
+from services.inference.adapter_cache.latest import LatestVersions
+from services.inference.adapter_cache.loaded import LoadedAdapter, adapter_key, parse_adapter
+from services.inference.adapter_cache.stats import CacheStats, Counters
+from services.inference.adapter_cache.store import StoreFetcher
+
+log = logging.getLogger("openlora.worker.adapter_cache")
+
+
+class RefLike(Protocol):
+    """An `AdapterRef` or anything with its two fields; an empty version means the latest."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        store: adapter_store_pb2_grpc.AdapterStoreAsyncStub,
+        config: CacheConfig,
+        *,
+        on_resident: Callable[[LoadedAdapter], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.host = HostTier(config.host_bytes)
+        self.disk = DiskTier(config.disk_dir, config.disk_bytes)
+        self.fetcher = StoreFetcher(store, config.download_timeout_s)
+        self.on_resident = on_resident
+        self._counters = Counters(config.load_samples)
+        self.latest = LatestVersions(self.fetcher, config.latest_ttl_s)
+        self._loading: dict[str, asyncio.Task[LoadedAdapter]] = {}
+        self._prefetches: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Index the disk tier left by earlier runs; bind the cache to the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.config.disk_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.disk.scan)
+
+    async def close(self) -> None:
+        """Cancel loads in flight (their waiters get CancelledError) and prefetches."""
+        tasks = [*self._loading.values(), *self.latest.in_flight(), *self._prefetches]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # the engine's side (any thread)
+
+    def resident(self, ref: RefLike | str) -> LoadedAdapter | None:
+        """The adapter if it is in host RAM now; never blocks, never calls the store.
+
+        A latest-version ref is resident only while its resolution is fresh (see latest_ttl_s).
+        Accepts a ref or a key `id@version` / `id`."""
+        adapter_id, version = _split(ref)
+        if not version:
+            latest = self.latest.fresh(adapter_id)
+            if latest is None:
+                return None
+            version = latest.version
+        return self.host.lookup(adapter_key(adapter_id, version))
+
+    def pin(self, key: str) -> LoadedAdapter | None:
+        """Keep a resident adapter (key `id@version`) in host RAM until unpinned; None if not resident."""
+        return self.host.pin(key)
+
+    def unpin(self, key: str) -> None:
+        self.host.unpin(key)
+
+    def prefetch(self, ref: RefLike | str) -> None:
+        """Start loading in the background (fire and forget; failures are logged and counted)."""
+        if self._loop is None:
+            raise RuntimeError("AdapterCache.start() has not run")
+        adapter_id, version = _split(ref)  # copied now: the caller may reuse its message
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._spawn_prefetch(adapter_id, version)
+        else:
+            self._loop.call_soon_threadsafe(self._spawn_prefetch, adapter_id, version)
+
+    def stats(self) -> CacheStats:
+        c = self._counters
+        return CacheStats(
+            host_hits=c.host_hits,
+            host_misses=c.host_misses,
+            disk_hits=c.disk_hits,
+            disk_misses=c.disk_misses,
+            store_gets=self.fetcher.gets,
+            store_downloads=self.fetcher.downloads,
+            joined_loads=c.joined_loads,
+            corrupt_downloads=c.corrupt_downloads,
+            corrupt_disk_entries=c.corrupt_disk_entries,
+            failed_loads=c.failed_loads,
+            stale_latest=self.latest.stale_answers,
+            host_evictions=self.host.evictions,
+            disk_evictions=self.disk.evictions,
+            host_bytes=self.host.bytes,
+            disk_bytes=self.disk.bytes,
+            host_entries=len(self.host),
+            disk_entries=len(self.disk),
+            pinned=self.host.pinned(),
+            loading=len(self._loading),
+            load_seconds={tier: tuple(s) for tier, s in c.load_seconds.items()},
+        )
+
+    # the request side (the cache's event loop)
+
+    async def get(self, ref: RefLike | str) -> LoadedAdapter:
+        """The adapter, from host RAM, else local disk, else the store; raises a ServiceError."""
+        adapter_id, version = _split(ref)
+        if not adapter_id:
+            raise InvalidArgument("adapter.id", "must not be empty")
+        digest = ""
+        if not version:
+            latest = await self.latest.resolve(adapter_id)
+            version, digest = latest.version, latest.digest
+        adapter = self.host.lookup(adapter_key(adapter_id, version))
+        if adapter is not None:
+            self._counters.host_hits += 1
+            return adapter
+        return await asyncio.shield(self._start_load(adapter_id, version, digest))
+
+    def _start_load(self, adapter_id: str, version: str, digest: str) -> asyncio.Task[LoadedAdapter]:
+        """The load task of a host miss: a new one, or the one already in flight for this version."""
+        self._counters.host_misses += 1
+        key = adapter_key(adapter_id, version)
+        task = self._loading.get(key)
+        if task is not None:
+            self._counters.joined_loads += 1
+            return task
+        task = asyncio.get_running_loop().create_task(self._load(adapter_id, version, digest))
+        self._loading[key] = task
+
+        def finished(done: asyncio.Task[LoadedAdapter]) -> None:
+            self._loading.pop(key, None)
+            if not done.cancelled():
+                done.exception()  # retrieved here: _load logged it, and a prefetch may have no waiter
+
+        task.add_done_callback(finished)
+        return task
+
+    def _spawn_prefetch(self, adapter_id: str, version: str, digest: str = "") -> None:
+        if not version:  # resolving needs the store: do it in the background too
+            task = asyncio.get_running_loop().create_task(self._prefetch_latest(adapter_id))
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
+            return
+        key = adapter_key(adapter_id, version)
+        if key not in self.host and key not in self._loading:
+            self._start_load(adapter_id, version, digest)
+
+    async def _prefetch_latest(self, adapter_id: str) -> None:
+        try:
+            latest = await self.latest.resolve(adapter_id)
+        except ServiceError as exc:  # the request that needs it will get the same error from get()
+            log.warning("prefetch of adapter %s failed: %s", adapter_id, exc.message)
+            return
+        self._spawn_prefetch(adapter_id, latest.version, latest.digest)
+
+    async def _load(self, adapter_id: str, version: str, digest: str) -> LoadedAdapter:
+        started = time.perf_counter()
+        try:
+            adapter = await self._from_disk(adapter_id, version, digest)
+            tier = "disk"
+            if adapter is None:
+                adapter, tier = await self._from_store(adapter_id, version, digest), "store"
+            if adapter.size_bytes > self.config.host_bytes:
+                raise ResourceExhausted(
+                    f"adapter {adapter.key} needs {adapter.size_bytes} bytes of host RAM; "
+                    f"the adapter cache has {self.config.host_bytes}"
+                )
+        except ServiceError as exc:
+            log.warning("loading adapter %s failed: %s", adapter_key(adapter_id, version), exc.message)
+            self._counters.failed_loads += 1
+            raise
+        self.host.insert(adapter)
+        self._counters.load_seconds[tier].append(time.perf_counter() - started)
+        if self.on_resident is not None:
+            self.on_resident(adapter)
+        return adapter
+
+    async def _from_disk(self, adapter_id: str, version: str, digest: str) -> LoadedAdapter | None:
+        key = adapter_key(adapter_id, version)
+        digest = digest or self.disk.digest_of(key) or ""
+        folder = self.disk.open_entry(digest) if digest else None
+        if folder is None:
+            self._counters.disk_misses += 1
+            return None
+        try:
+            adapter = await asyncio.to_thread(parse_adapter, adapter_id, version, digest, folder)
+        except AdapterCorrupt as exc:
+            log.warning("dropping a corrupt adapter cache entry: %s", exc.message)
+            self._counters.corrupt_disk_entries += 1
+            self._counters.disk_misses += 1
+            adapter = None
+        finally:
+            await asyncio.to_thread(self.disk.close_entry, digest)
+        if adapter is None:
+            await asyncio.to_thread(self.disk.remove, digest)
+            return None
+        self._counters.disk_hits += 1
+        await asyncio.to_thread(self.disk.add_ref, digest, key)
+        return adapter
+
+    async def _from_store(self, adapter_id: str, version: str, digest: str) -> LoadedAdapter:
+        failure: AdapterCorrupt | None = None
+        for _ in range(self.config.download_attempts):
+            try:
+                staged = await asyncio.to_thread(self.disk.staging_dir)
+            except OSError as exc:
+                raise _disk_failed(adapter_id, version, exc) from None
+            try:
+                info = await self.fetcher.download(adapter_id, version, staged)
+                expected = digest or info.digest  # Get's answer when we have one: both must agree
+                adapter = await asyncio.to_thread(parse_adapter, adapter_id, version, expected, staged)
+            except AdapterCorrupt as exc:
+                log.warning("refused a download: %s", exc.message)
+                self._counters.corrupt_downloads += 1
+                failure = exc
+                shutil.rmtree(staged, ignore_errors=True)  # a few files: not worth a thread hop
+                continue
+            except OSError as exc:  # writing the download failed (disk full?)
+                shutil.rmtree(staged, ignore_errors=True)
+                raise _disk_failed(adapter_id, version, exc) from None
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            try:
+                await asyncio.to_thread(self.disk.commit, staged, expected, adapter.key)
+            except OSError as exc:  # the disk tier is only a cache: serve from RAM regardless
+                log.warning("cannot keep adapter %s on disk: %s", adapter.key, exc)
+                await asyncio.to_thread(shutil.rmtree, staged, True)
+            return adapter
+        assert failure is not None
+        raise failure
+
+
+def _disk_failed(adapter_id: str, version: str, exc: OSError) -> Unavailable:
+    # A fault of this worker, not of the request: UNAVAILABLE lets the gateway retry elsewhere.
+    what = adapter_key(adapter_id, version)
+    return Unavailable(f"adapter {what}: this worker's adapter cache disk failed: {exc}")
+
+
+def _split(ref: RefLike | str) -> tuple[str, str]:
+    if isinstance(ref, str):
+        adapter_id, _, version = ref.partition("@")
+        return adapter_id, version
+    return ref.id, ref.version
