@@ -89,4 +89,4 @@ async def read_ack(call: Any) -> attribution_pb2.RecordAck:
 
 def attribution_settings(ledger_url: str, **overrides: object) -> AttributionSettings:
     """Settings of a test server on a free port over `ledger_url` (environment variables still apply)."""
-    return AttributionSettings(port=0, database_url=ledger_url, **overrides)  # type: ignore[arg-type]
+    return AttributionSettings(**{"port": 0, "database_url": ledger_url, **overrides})  # type: ignore[arg-type]

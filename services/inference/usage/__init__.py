@@ -1,0 +1,1 @@
+"""Usage reporting: every prompt and generated token, spooled durably and streamed to attribution."""

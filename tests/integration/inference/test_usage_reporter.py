@@ -1,0 +1,126 @@
+"""Usage reporting against a real attribution server: exactly once across outages and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from services.attribution.server import AttributionServer, build
+from services.inference.usage.reporter import UsageReporter
+from services.inference.usage.spool import UsageSpool
+from tests.integration.attribution.wire import attribution_settings, request_tokens
+from tests.kit.ports import free_port
+
+
+async def start_attribution(url: str, port: int) -> AttributionServer:
+    server = build(attribution_settings(url, port=port))
+    await server.server.start()
+    return server
+
+
+def ledger_count(url: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM usage_events")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+async def wait_for(predicate: object, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def tear_last_write(spool_dir: Path) -> None:
+    """Append half a record, as a crash in the middle of a write would leave it."""
+    with open(next(spool_dir.glob("seg-*.log")), "ab") as torn:
+        torn.write(b"\x10\x00\x00\x00garbage")
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+
+
+@pytest.fixture
+async def running_attribution(ledger_url: str) -> AsyncIterator[tuple[AttributionServer, int]]:
+    port = free_port()
+    server = await start_attribution(ledger_url, port)
+    yield server, port
+    await server.close()
+
+
+async def test_records_reach_the_ledger_once_and_leave_the_spool(
+    running_attribution: tuple[AttributionServer, int], ledger_url: str, tmp_path: Path
+) -> None:
+    _, port = running_attribution
+    spool = UsageSpool(tmp_path / "spool", segment_batches=4)
+    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-a", max_batch_records=50)
+    await reporter.start()
+    for i in range(20):
+        reporter.record(request_tokens(f"req-{i}", prompt=30, completion=20))
+    await wait_for(lambda: ledger_count(ledger_url) == 1000 and spool.backlog_batches == 0)
+    await reporter.close()
+    assert ledger_count(ledger_url) == 1000
+    assert not list((tmp_path / "spool").glob("seg-*.log"))  # every segment acked and deleted
+
+
+@pytest.mark.slow
+async def test_attribution_down_then_back_loses_and_doubles_nothing(ledger_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    spool = UsageSpool(tmp_path / "spool")
+    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-b", backoff_s=(0.05, 0.5))
+    await reporter.start()
+    for i in range(10):  # attribution is not running: everything goes to the spool
+        reporter.record(request_tokens(f"down-{i}", prompt=10, completion=10))
+    await wait_for(lambda: spool.backlog_batches > 0)
+    server = await start_attribution(ledger_url, port)
+    try:
+        for i in range(10):
+            reporter.record(request_tokens(f"up-{i}", prompt=5, completion=5))
+        await wait_for(lambda: ledger_count(ledger_url) == 300 and spool.backlog_batches == 0)
+        await reporter.close()
+    finally:
+        await server.close()
+    assert ledger_count(ledger_url) == 300
+
+
+async def test_a_restarted_worker_replays_its_spool(ledger_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    first = UsageReporter(UsageSpool(tmp_path / "spool"), f"127.0.0.1:{port}", "worker-c")
+    await first.start()
+    first.record(request_tokens("before-crash", prompt=40, completion=60))
+    await first.close(drain_timeout_s=0.2)  # attribution is down: the batch stays spooled
+    await asyncio.to_thread(tear_last_write, tmp_path / "spool")
+    server = await start_attribution(ledger_url, port)
+    try:
+        spool = UsageSpool(tmp_path / "spool")
+        assert spool.backlog_batches == 1
+        second = UsageReporter(spool, f"127.0.0.1:{port}", "worker-c")
+        await second.start()
+        second.record(request_tokens("after-restart", prompt=1, completion=1))
+        await wait_for(lambda: ledger_count(ledger_url) == 102 and spool.backlog_batches == 0)
+        await second.close()
+    finally:
+        await server.close()
+    assert UsageSpool(tmp_path / "spool").backlog_batches == 0
+
+
+async def test_a_full_spool_is_an_alarm_not_a_crash(tmp_path: Path) -> None:
+    spool = UsageSpool(tmp_path / "spool", max_bytes=2000)
+    reporter = UsageReporter(spool, "127.0.0.1:9", "worker-d", max_batch_records=20, flush_interval_s=0.01)
+    await reporter.start()
+    for i in range(10):
+        reporter.record(request_tokens(f"r{i}", prompt=10, completion=10))
+    await wait_for(lambda: reporter.stats.spool_full_alarms > 0)
+    assert reporter.stats.records_buffered > 0  # kept in memory, waiting for room
+    assert spool.backlog_bytes <= 2000
+    await reporter.close(drain_timeout_s=0.1)
