@@ -24,7 +24,7 @@ from services.inference.adapter_cache.config import CacheConfig
 from services.inference.adapter_cache.disk_tier import DiskTier
 from services.inference.adapter_cache.errors import AdapterCorrupt
 from services.inference.adapter_cache.host_tier import HostTier
-from services.inference.adapter_cache.latest import LatestVersions
+from services.inference.adapter_cache.latest import LatestVersions, is_source_uri
 from services.inference.adapter_cache.loaded import LoadedAdapter, adapter_key, parse_adapter
 from services.inference.adapter_cache.stats import CacheStats, Counters
 from services.inference.adapter_cache.store import StoreFetcher
@@ -56,7 +56,7 @@ class AdapterCache:
         self.fetcher = StoreFetcher(store, config.download_timeout_s)
         self.on_resident = on_resident
         self._counters = Counters(config.load_samples)
-        self.latest = LatestVersions(self.fetcher, config.latest_ttl_s)
+        self.latest = LatestVersions(self.fetcher, config.latest_ttl_s, config.import_schemes)
         self._loading: dict[str, asyncio.Task[LoadedAdapter]] = {}
         self._prefetches: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +86,7 @@ class AdapterCache:
             latest = self.latest.fresh(adapter_id)
             if latest is None:
                 return None
-            version = latest.version
+            adapter_id, version = latest.adapter_id, latest.version
         return self.host.lookup(adapter_key(adapter_id, version))
 
     def pin(self, key: str) -> LoadedAdapter | None:
@@ -119,6 +119,7 @@ class AdapterCache:
             disk_misses=c.disk_misses,
             store_gets=self.fetcher.gets,
             store_downloads=self.fetcher.downloads,
+            store_imports=self.fetcher.imports,
             joined_loads=c.joined_loads,
             corrupt_downloads=c.corrupt_downloads,
             corrupt_disk_entries=c.corrupt_disk_entries,
@@ -142,10 +143,12 @@ class AdapterCache:
         adapter_id, version = _split(ref)
         if not adapter_id:
             raise InvalidArgument("adapter.id", "must not be empty")
+        if version and is_source_uri(adapter_id):
+            raise InvalidArgument("adapter.version", "must be empty when adapter.id is a source URI")
         digest = ""
         if not version:
             latest = await self.latest.resolve(adapter_id)
-            version, digest = latest.version, latest.digest
+            adapter_id, version, digest = latest.adapter_id, latest.version, latest.digest
         adapter = self.host.lookup(adapter_key(adapter_id, version))
         if adapter is not None:
             self._counters.host_hits += 1
@@ -187,7 +190,7 @@ class AdapterCache:
         except ServiceError as exc:  # the request that needs it will get the same error from get()
             log.warning("prefetch of adapter %s failed: %s", adapter_id, exc.message)
             return
-        self._spawn_prefetch(adapter_id, latest.version, latest.digest)
+        self._spawn_prefetch(latest.adapter_id, latest.version, latest.digest)
 
     async def _load(self, adapter_id: str, version: str, digest: str) -> LoadedAdapter:
         started = time.perf_counter()
@@ -275,6 +278,8 @@ def _disk_failed(adapter_id: str, version: str, exc: OSError) -> Unavailable:
 
 def _split(ref: RefLike | str) -> tuple[str, str]:
     if isinstance(ref, str):
+        if is_source_uri(ref):  # `hf://org/repo@rev`: the `@` belongs to the URI
+            return ref, ""
         adapter_id, _, version = ref.partition("@")
         return adapter_id, version
     return ref.id, ref.version

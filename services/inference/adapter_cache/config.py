@@ -40,6 +40,11 @@ class CacheConfig:
     download_attempts: int = 2
     """Downloads tried per load when the bytes fail their digest check (a corrupt transfer)."""
 
+    import_schemes: tuple[str, ...] = ()
+    """Source URI schemes (`hf`, `s3`, `https`, ...) a request may name as its adapter id: the adapter
+    is imported through the store's `Import` on first use (the store's own allow-list applies too),
+    then cached and served like any stored adapter. Empty: only adapters already in the store."""
+
     load_samples: int = 1024
     """Load-time samples kept per source tier for `stats()` (a ring buffer, so memory stays flat)."""
 

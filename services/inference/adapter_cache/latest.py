@@ -1,5 +1,8 @@
 """Resolving "latest" (an empty AdapterRef.version) through the store's `Get`, remembered for a TTL.
 
+A source URI in place of an id (`hf://org/repo@rev`) resolves through the store's `Import` instead, once:
+the import made an immutable version, which later requests reuse without asking again.
+
 Hot requests for the latest version must not each cost a store round trip; concurrent resolutions
 of one id share one `Get`; and while the store is down an expired answer is still served, since
 versions are immutable: it names a real adapter, just maybe not the newest one.
@@ -12,23 +15,29 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from services.common.errors import Unavailable
+from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapter_cache.store import StoreFetcher
 
 MAX_REMEMBERED = 65536  # beyond, the least recently resolved ids are forgotten
 
 
+def is_source_uri(adapter_id: str) -> bool:
+    return "://" in adapter_id
+
+
 @dataclass(frozen=True)
 class Latest:
+    adapter_id: str  # the store id the version belongs to (for a source URI, the id it was imported as)
     version: str
     digest: str
     resolved_at: float  # time.monotonic()
 
 
 class LatestVersions:
-    def __init__(self, fetcher: StoreFetcher, ttl_s: float) -> None:
+    def __init__(self, fetcher: StoreFetcher, ttl_s: float, import_schemes: tuple[str, ...] = ()) -> None:
         self.fetcher = fetcher
         self.ttl_s = ttl_s
+        self.import_schemes = import_schemes
         self.stale_answers = 0  # answered from an expired resolution while the store was down
         self._known: OrderedDict[str, Latest] = OrderedDict()
         self._resolving: dict[str, asyncio.Task[Latest]] = {}
@@ -36,13 +45,16 @@ class LatestVersions:
     def fresh(self, adapter_id: str) -> Latest | None:
         """The resolution if still within its TTL; no store call (safe from any thread)."""
         known = self._known.get(adapter_id)
-        if known is None or time.monotonic() - known.resolved_at >= self.ttl_s:
+        if known is None or not self._is_fresh(adapter_id, known):
             return None
         return known
 
+    def _is_fresh(self, adapter_id: str, known: Latest) -> bool:
+        return is_source_uri(adapter_id) or time.monotonic() - known.resolved_at < self.ttl_s
+
     async def resolve(self, adapter_id: str) -> Latest:
         known = self._known.get(adapter_id)
-        if known is not None and time.monotonic() - known.resolved_at < self.ttl_s:
+        if known is not None and self._is_fresh(adapter_id, known):
             return known
         task = self._resolving.get(adapter_id)
         if task is None:
@@ -66,8 +78,18 @@ class LatestVersions:
             done.exception()  # retrieved here: every waiter may have given up already
 
     async def _ask(self, adapter_id: str) -> Latest:
-        info = await self.fetcher.info(adapter_id)
-        latest = Latest(info.version, info.digest, time.monotonic())
+        if is_source_uri(adapter_id):
+            scheme = adapter_id.split("://", 1)[0]
+            if scheme not in self.import_schemes:
+                raise InvalidArgument(
+                    "adapter.id",
+                    f"source URIs with scheme {scheme!r} are not enabled on this worker "
+                    f"(enabled: {', '.join(self.import_schemes) or 'none'})",
+                )
+            info = await self.fetcher.import_uri(adapter_id)
+        else:
+            info = await self.fetcher.info(adapter_id)
+        latest = Latest(info.id, info.version, info.digest, time.monotonic())
         self._known[adapter_id] = latest
         self._known.move_to_end(adapter_id)
         while len(self._known) > MAX_REMEMBERED:

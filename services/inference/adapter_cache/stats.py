@@ -36,6 +36,7 @@ class CacheStats:
     disk_misses: int
     store_gets: int  # Get calls (version resolution)
     store_downloads: int  # Download calls, retries included
+    store_imports: int  # Import calls (source URIs named as adapter ids, first use)
     joined_loads: int
     corrupt_downloads: int
     corrupt_disk_entries: int

@@ -19,6 +19,7 @@ class StoreFetcher:
         self.timeout_s = timeout_s
         self.gets = 0
         self.downloads = 0
+        self.imports = 0
 
     async def info(self, adapter_id: str, version: str = "") -> pb.AdapterInfo:
         """The store's description of a version (the latest when version is empty)."""
@@ -28,6 +29,17 @@ class StoreFetcher:
             reply: pb.AdapterInfo = await self.stub.Get(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise store_error(exc, adapter_key(adapter_id, version or "latest"), self.timeout_s) from None
+        return reply
+
+    async def import_uri(self, source_uri: str) -> pb.AdapterInfo:
+        """Have the store fetch, validate and store the adapter at `source_uri`; its new version."""
+        self.imports += 1
+        try:
+            reply: pb.AdapterInfo = await self.stub.Import(
+                pb.ImportRequest(source_uri=source_uri), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise store_error(exc, source_uri, self.timeout_s) from None
         return reply
 
     async def download(self, adapter_id: str, version: str, dest: Path) -> pb.AdapterInfo:

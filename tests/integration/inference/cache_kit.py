@@ -44,6 +44,10 @@ class CountingServicer(AdapterStoreServicer):
         self.calls["Get"] += 1
         return await super().Get(request, context)
 
+    async def Import(self, request: pb.ImportRequest, context: Any) -> pb.AdapterInfo:
+        self.calls["Import"] += 1
+        return await super().Import(request, context)
+
     async def Download(self, request: pb.DownloadRequest, context: Any) -> AsyncIterator[pb.DownloadChunk]:
         self.calls["Download"] += 1
         chunks = [chunk async for chunk in super().Download(request, context)]
@@ -88,8 +92,10 @@ class Store:
         path.write_bytes(bytes(data))
 
 
-async def start_store(root: Path, base_dir: Path) -> Store:
-    settings = StoreSettings(port=0, backend="local", local_dir=root, max_rank=64)
+async def start_store(root: Path, base_dir: Path, **settings_overrides: Any) -> Store:
+    settings = StoreSettings(
+        **{"port": 0, "backend": "local", "local_dir": root, "max_rank": 64, **settings_overrides}
+    )
     service = AdapterStoreService(settings)
     servicer = CountingServicer(service)
     binding = ServiceBinding(
