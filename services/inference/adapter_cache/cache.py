@@ -49,12 +49,14 @@ class AdapterCache:
         config: CacheConfig,
         *,
         on_resident: Callable[[LoadedAdapter], None] | None = None,
+        on_load_time: Callable[[str, float], None] | None = None,
     ) -> None:
         self.config = config
         self.host = HostTier(config.host_bytes)
         self.disk = DiskTier(config.disk_dir, config.disk_bytes)
         self.fetcher = StoreFetcher(store, config.download_timeout_s)
         self.on_resident = on_resident
+        self.on_load_time = on_load_time  # (source tier, seconds), e.g. into a Prometheus histogram
         self._counters = Counters(config.load_samples)
         self.latest = LatestVersions(self.fetcher, config.latest_ttl_s, config.import_schemes)
         self._loading: dict[str, asyncio.Task[LoadedAdapter]] = {}
@@ -209,7 +211,10 @@ class AdapterCache:
             self._counters.failed_loads += 1
             raise
         self.host.insert(adapter)
-        self._counters.load_seconds[tier].append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._counters.load_seconds[tier].append(elapsed)
+        if self.on_load_time is not None:
+            self.on_load_time(tier, elapsed)
         if self.on_resident is not None:
             self.on_resident(adapter)
         return adapter

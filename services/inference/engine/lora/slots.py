@@ -33,6 +33,7 @@ class SlotTable:
         self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # least recently used first
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._pins: dict[Hashable, int] = {}
+        self.evictions = 0  # adapters pushed out of their slot to make room for another
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._slot_of.get(key)
@@ -59,6 +60,7 @@ class SlotTable:
                 raise NoFreeSlot(f"all {self.num_slots} adapter slots are used by the running batch")
             slot = self._slot_of.pop(victim)
             evicted = victim
+            self.evictions += 1
         self._slot_of[key] = slot
         return Acquired(slot, needs_load=True, evicted=evicted)
 
