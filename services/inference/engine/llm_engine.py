@@ -16,6 +16,7 @@ from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.kv_cache import KVCacheSpec, PagedKVCache, free_device_memory
 from services.inference.engine.model_runner import ModelRunner
+from services.inference.engine.quantization import QUANTIZATIONS, Quantization, quantize_base_weights
 from services.inference.engine.sampler import sample
 from services.inference.engine.scheduler import AdapterReady, Scheduler, SchedulerConfig
 from services.inference.engine.sequence import FinishReason, SamplingParams, Sequence
@@ -44,6 +45,9 @@ class EngineConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     attention_backend: str = "torch"
+    quantization: Quantization = "none"
+    """Base-weight quantisation: `int8` stores the decoder's linear weights as int8 (weight-only,
+    torchao); activations, KV cache and adapters keep `dtype`."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -52,6 +56,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError("kv_cache_bytes must be >= 1")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.model = model.to(device=self.device, dtype=DTYPES[config.dtype]).eval()
+        quantize_base_weights(self.model, config.quantization)
         attn_name = attention.register(config.attention_backend)
         self.model.set_attn_implementation(attn_name)
         # transformers only warns for models whose attention is not dispatched through
@@ -140,9 +147,10 @@ class LLMEngine:
         self._unseeded = torch.Generator(device=self.device)
         self._unseeded.seed()
         log.info(
-            "engine ready: attention=%s dtype=%s kv_blocks=%d x %d tokens (%.1f MiB)",
+            "engine ready: attention=%s dtype=%s quantization=%s kv_blocks=%d x %d tokens (%.1f MiB)",
             config.attention_backend,
             config.dtype,
+            config.quantization,
             num_blocks,
             config.block_size,
             self.kv_cache.num_bytes / 2**20,
