@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SMOLLM2_135M_CONFIG = {
+SMOLLM2_135M_CONFIG: dict[str, int | str] = {
     "model_type": "llama",
     "hidden_size": 576,
     "intermediate_size": 1536,

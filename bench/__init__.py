@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: each script prints one JSON line per run; figures go to RESULTS.md."""
