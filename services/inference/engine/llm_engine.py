@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ from services.inference.engine import attention
 from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.kv_cache import KVCacheSpec, PagedKVCache, free_device_memory
+from services.inference.engine.lora.pool import DEFAULT_TARGETS, LoRAPool
+from services.inference.engine.lora.residency import AdapterResidency, HostAdapter
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.quantization import QUANTIZATIONS, Quantization, quantize_base_weights
 from services.inference.engine.sampler import sample
@@ -45,6 +48,13 @@ class EngineConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     attention_backend: str = "torch"
+    lora_slots: int = 0
+    """Device slots for LoRA adapters (0: no multi-LoRA). Requests whose adapters exceed the slots wait
+    in LOADING until a slot frees up; slots in use by the running batch are never evicted."""
+    lora_max_rank: int = 64
+    """Largest adapter rank a slot holds (buffers are allocated at this rank, zero-padded)."""
+    lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    """Linear modules wrapped for adapters; an adapter touching others is refused."""
     quantization: Quantization = "none"
     """Base-weight quantisation: `int8` stores the decoder's linear weights as int8 (weight-only,
     torchao); activations, KV cache and adapters keep `dtype`."""
@@ -56,6 +66,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError("kv_cache_bytes must be >= 1")
+        if self.lora_slots < 0 or self.lora_max_rank < 1:
+            raise ValueError("lora_slots must be >= 0 and lora_max_rank >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
 
@@ -99,7 +111,12 @@ class LLMEngine:
         *,
         tokenizer: Any = None,
         adapter_ready: AdapterReady | None = None,
+        adapter_lookup: Callable[[str], HostAdapter | None] | None = None,
+        request_adapter: Callable[[str], None] | None = None,
     ) -> None:
+        """`adapter_lookup(key)` returns an adapter already in host RAM (the worker's adapter cache) and
+        `request_adapter(key)` starts loading one in the background; without them, adapters are
+        registered up front with `add_adapter` (offline use, tests)."""
         rope = getattr(model.config, "rope_parameters", None) or {}
         if rope.get("rope_type") in _BATCH_DEPENDENT_ROPE:
             raise ValueError(f"rope_type {rope['rope_type']!r} is not supported by the ragged batch")
@@ -107,6 +124,26 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.model = model.to(device=self.device, dtype=DTYPES[config.dtype]).eval()
         quantize_base_weights(self.model, config.quantization)
+        self.residency: AdapterResidency | None = None
+        self._registered_adapters: dict[str, HostAdapter] = {}
+        self._external_adapters = adapter_lookup is not None
+        if config.lora_slots:
+            if adapter_ready is not None:
+                raise ValueError(
+                    "adapter_ready comes from the engine's own adapter residency when lora_slots > 0"
+                )
+            # Float32 slots whatever the model dtype: the delta is computed in fp32, as PEFT does.
+            pool = LoRAPool(
+                self.model,
+                num_slots=config.lora_slots,
+                r_max=config.lora_max_rank,
+                target_modules=config.lora_target_modules,
+                dtype=torch.float32,
+            )
+            self.residency = AdapterResidency(
+                pool, adapter_lookup or self._registered_adapters.get, request_adapter or (lambda key: None)
+            )
+            adapter_ready = self.residency.adapter_ready
         attn_name = attention.register(config.attention_backend)
         self.model.set_attn_implementation(attn_name)
         # transformers only warns for models whose attention is not dispatched through
@@ -156,6 +193,13 @@ class LLMEngine:
             self.kv_cache.num_bytes / 2**20,
         )
 
+    def add_adapter(self, key: str, adapter: HostAdapter) -> None:
+        """Register an adapter held in host RAM under `key` (offline use; the worker uses its cache)."""
+        if self.residency is None:
+            raise ValueError("this engine has no LoRA slots (EngineConfig.lora_slots = 0)")
+        self.residency.pool.check(adapter.weights, adapter.rank)
+        self._registered_adapters[key] = adapter
+
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig, **kwargs: Any) -> LLMEngine:
         """Load the model and, when the folder has one, its tokenizer."""
@@ -191,6 +235,17 @@ class LLMEngine:
             )
         if sampling.stop and self.tokenizer is None:
             raise InvalidArgument("sampling.stop", "stop strings need a worker started with a tokenizer")
+        if adapter_key is not None:
+            if self.residency is None and self.scheduler.adapter_ready is None:
+                raise InvalidArgument("adapter", "this worker serves the base model only (no LoRA slots)")
+            if (
+                self.residency
+                and not self._external_adapters
+                and adapter_key not in self._registered_adapters
+            ):
+                raise InvalidArgument(
+                    "adapter", f"adapter {adapter_key!r} is not registered with this engine"
+                )
         seq = Sequence(request_id, list(prompt_token_ids), sampling, adapter_key=adapter_key)
         self.scheduler.add(seq)
         self._requests[request_id] = seq
@@ -232,8 +287,16 @@ class LLMEngine:
         self.last_step_tokens = scheduled.num_batched_tokens
         if scheduled.is_empty:
             return []
-        batch = self.runner.prepare(scheduled)
-        logits = self.runner.execute(batch)
+        if self.residency is None:
+            batch = self.runner.prepare(scheduled)
+            logits = self.runner.execute(batch)
+        else:
+            self.residency.sync(self.scheduler.running)
+            # Each adapter's tokens must be contiguous: reorder the step (postprocess follows this order).
+            scheduled.chunks, lora_step = self.residency.step_for(scheduled.chunks)
+            batch = self.runner.prepare(scheduled)
+            with self.residency.pool.step(lora_step):
+                logits = self.runner.execute(batch)
         seqs = batch.sampling_seqs
         sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs])
         updated = self.scheduler.postprocess(scheduled, sampled.token_ids, sampled.logprobs)

@@ -117,12 +117,31 @@ async def test_stopping_the_engine_cancels_open_streams(tiny_llama_dir: Path) ->
         await collect(front, "late", [1], 1)
 
 
+class _RandomAdapter:
+    """A rank-4 adapter on q_proj and v_proj of every layer, as the adapter cache would hand it over."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        assert engine.residency is not None
+        g = torch.Generator().manual_seed(3)
+        self.rank, self.scaling = 4, 2.0
+        self.weights = {
+            name: (
+                torch.randn(4, layer.base.in_features, generator=g) * 0.3,
+                torch.randn(layer.base.out_features, 4, generator=g) * 0.3,
+            )
+            for name, layer in engine.residency.pool.layers.items()
+            if name.endswith(("q_proj", "v_proj"))
+        }
+
+
 async def test_request_waiting_for_its_adapter_does_not_stall_others(tiny_llama_dir: Path) -> None:
-    resident: set[str] = set()
+    host: dict[str, _RandomAdapter] = {}
+    requested: list[str] = []
     engine = LLMEngine.from_pretrained(
         tiny_llama_dir,
-        EngineConfig(block_size=4, kv_cache_bytes=1 << 21),
-        adapter_ready=lambda seq: seq.adapter_key is None or seq.adapter_key in resident,
+        EngineConfig(block_size=4, kv_cache_bytes=1 << 21, lora_slots=1, lora_max_rank=8),
+        adapter_lookup=host.get,
+        request_adapter=requested.append,
     )
     prompt = [12, 34, 56, 78]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -136,11 +155,12 @@ async def test_request_waiting_for_its_adapter_does_not_stall_others(tiny_llama_
         base = [o async for o in front.generate("base", prompt, params)]
         assert base[-1].finish_reason is FinishReason.LENGTH
         assert not cold_task.done(), "the cold request waits for its adapter"
-        resident.add("cold-adapter")
+        assert "cold-adapter" in requested  # its load was asked for while the base request ran
+        host["cold-adapter"] = _RandomAdapter(engine)  # the load lands (the cache's on_resident)
         front.wake()
         cold_outs = await asyncio.wait_for(cold_task, timeout=5.0)
-    # No real adapter weights yet (the multi-LoRA issue adds them): same tokens as the base model.
-    assert [t for o in cold_outs for t in o.token_ids] == [t for o in base for t in o.token_ids]
+    assert len([t for o in cold_outs for t in o.token_ids]) == 6
+    assert [t for o in cold_outs for t in o.token_ids] != [t for o in base for t in o.token_ids]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
