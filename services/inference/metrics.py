@@ -6,7 +6,7 @@ the hot paths keep plain integer counters; load times go into a real histogram a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -34,63 +34,83 @@ class AdapterMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.cache.stats()
-        hits = CounterMetricFamily(
-            "openlora_adapter_cache_hits", "Adapter lookups served by a tier.", labels=["tier"]
+        yield _family(
+            CounterMetricFamily,
+            "openlora_adapter_cache_hits",
+            "Adapter lookups served by a tier.",
+            "tier",
+            {"host": s.host_hits, "disk": s.disk_hits},
         )
-        hits.add_metric(["host"], s.host_hits)
-        hits.add_metric(["disk"], s.disk_hits)
-        yield hits
-        misses = CounterMetricFamily(
-            "openlora_adapter_cache_misses", "Adapter lookups a tier could not serve.", labels=["tier"]
+        yield _family(
+            CounterMetricFamily,
+            "openlora_adapter_cache_misses",
+            "Adapter lookups a tier could not serve.",
+            "tier",
+            {"host": s.host_misses, "disk": s.disk_misses},
         )
-        misses.add_metric(["host"], s.host_misses)
-        misses.add_metric(["disk"], s.disk_misses)
-        yield misses
-        store = CounterMetricFamily(
-            "openlora_adapter_store_calls", "Calls to the adapter store.", labels=["rpc"]
+        yield _family(
+            CounterMetricFamily,
+            "openlora_adapter_store_calls",
+            "Calls to the adapter store.",
+            "rpc",
+            {"Get": s.store_gets, "Download": s.store_downloads, "Import": s.store_imports},
         )
-        for rpc, count in (
-            ("Get", s.store_gets),
-            ("Download", s.store_downloads),
-            ("Import", s.store_imports),
-        ):
-            store.add_metric([rpc], count)
-        yield store
-        evictions = CounterMetricFamily(
-            "openlora_adapter_evictions", "Adapters evicted, by tier.", labels=["tier"]
-        )
-        evictions.add_metric(["host"], s.host_evictions)
-        evictions.add_metric(["disk"], s.disk_evictions)
+        evictions = {"host": s.host_evictions, "disk": s.disk_evictions}
         if self.pool is not None:
-            evictions.add_metric(["device"], self.pool.table.evictions)
-        yield evictions
-        failures = CounterMetricFamily(
-            "openlora_adapter_load_failures", "Adapter loads that failed.", labels=["reason"]
+            evictions["device"] = self.pool.table.evictions
+        yield _family(
+            CounterMetricFamily, "openlora_adapter_evictions", "Adapters evicted, by tier.", "tier", evictions
         )
-        failures.add_metric(["corrupt_download"], s.corrupt_downloads)
-        failures.add_metric(["corrupt_disk_entry"], s.corrupt_disk_entries)
-        failures.add_metric(["failed"], s.failed_loads)
-        yield failures
-        size = GaugeMetricFamily(
-            "openlora_adapter_cache_bytes", "Bytes held by a cache tier.", labels=["tier"]
+        yield _family(
+            CounterMetricFamily,
+            "openlora_adapter_load_failures",
+            "Adapter loads that failed.",
+            "reason",
+            {
+                "corrupt_download": s.corrupt_downloads,
+                "corrupt_disk_entry": s.corrupt_disk_entries,
+                "failed": s.failed_loads,
+            },
         )
-        size.add_metric(["host"], s.host_bytes)
-        size.add_metric(["disk"], s.disk_bytes)
-        yield size
-        entries = GaugeMetricFamily(
-            "openlora_adapter_cache_entries", "Adapters held by a tier.", labels=["tier"]
+        yield _family(
+            GaugeMetricFamily,
+            "openlora_adapter_cache_bytes",
+            "Bytes held by a cache tier.",
+            "tier",
+            {"host": s.host_bytes, "disk": s.disk_bytes},
         )
-        entries.add_metric(["host"], s.host_entries)
-        entries.add_metric(["disk"], s.disk_entries)
-        yield entries
+        yield _family(
+            GaugeMetricFamily,
+            "openlora_adapter_cache_entries",
+            "Adapters held by a tier.",
+            "tier",
+            {"host": s.host_entries, "disk": s.disk_entries},
+        )
         yield GaugeMetricFamily(
             "openlora_adapter_loads_in_flight", "Adapter loads in progress.", value=s.loading
         )
         if self.pool is not None:
-            slots = GaugeMetricFamily("openlora_lora_slots", "Device LoRA slots by state.", labels=["state"])
-            used = len(self.pool.table.resident_keys())
-            pinned = sum(1 for k in self.pool.table.resident_keys() if self.pool.table.is_pinned(k))
-            slots.add_metric(["pinned"], pinned)
-            slots.add_metric(["resident"], used - pinned)
-            slots.add_metric(["free"], self.pool.table.num_free)
-            yield slots
+            table = self.pool.table
+            keys = table.resident_keys()
+            pinned = sum(1 for k in keys if table.is_pinned(k))
+            yield _family(
+                GaugeMetricFamily,
+                "openlora_lora_slots",
+                "Device LoRA slots by state.",
+                "state",
+                {"pinned": pinned, "resident": len(keys) - pinned, "free": table.num_free},
+            )
+
+
+def _family(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    label: str,
+    values: Mapping[str, float],
+) -> Metric:
+    """One metric family with a sample per label value."""
+    family = kind(name, doc, labels=[label])
+    for value_label, value in values.items():
+        family.add_metric([value_label], value)
+    return family
