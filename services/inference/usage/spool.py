@@ -47,6 +47,7 @@ class UsageSpool:
         self._segments: list[_Segment] = []
         self._open: tuple[Path, int, int] | None = None  # path, first sequence, batches written
         self._acked = 0
+        self._bytes: dict[Path, int] = {}  # segment -> its size, kept as we write (no stat per append)
         self._next = self._load_state()
         self._replay()
 
@@ -79,6 +80,7 @@ class UsageSpool:
             for batch in batches:
                 self._pending[batch.sequence] = batch
             self._segments.append(_Segment(path, batches[0].sequence, batches[-1].sequence))
+            self._bytes[path] = good_bytes
             self._next = max(self._next, batches[-1].sequence + 1)
         if self._pending:
             log.info("usage spool: replaying %d unacked batch(es)", len(self._pending))
@@ -117,6 +119,7 @@ class UsageSpool:
             except OSError as exc:
                 raise SpoolFull(f"usage spool write failed: {exc}") from exc
             self._open = (path, first, written + 1)
+            self._bytes[path] = self._bytes.get(path, 0) + _HEADER.size + len(body)
             if written == 0:
                 self._segments.append(_Segment(path, first, sequence))
             else:
@@ -144,6 +147,7 @@ class UsageSpool:
             self._save_state()  # numbering must survive the segments that held it
             for seg in done:
                 seg.path.unlink(missing_ok=True)
+                self._bytes.pop(seg.path, None)
                 if self._open is not None and self._open[0] == seg.path:
                     self._open = None
             self._segments = [seg for seg in self._segments if seg.last > sequence]
@@ -154,4 +158,4 @@ class UsageSpool:
 
     @property
     def backlog_bytes(self) -> int:
-        return sum(seg.path.stat().st_size for seg in self._segments if seg.path.exists())
+        return sum(self._bytes.values())
