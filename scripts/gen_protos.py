@@ -46,15 +46,19 @@ def _plugin(name: str) -> str:
     return str(path)
 
 
-def run_protoc(out_dir: Path, extra_args: list[str] | None = None) -> None:
-    import grpc_tools
-    from grpc_tools import protoc  # dev dependency; imported here so --help works without it
+def protoc_includes(proto_root: Path) -> list[str]:
+    """protoc's include flags: our protos and the well-known types grpcio-tools ships."""
+    import grpc_tools  # dev dependency; imported here so --help works without it
 
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    return [f"-I{proto_root}", f"-I{Path(grpc_tools.__file__).parent / '_proto'}"]
+
+
+def run_protoc(out_dir: Path, extra_args: list[str] | None = None) -> None:
+    from grpc_tools import protoc
+
     args = [
         "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{well_known}",
+        *protoc_includes(PROTO_ROOT),
         f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out_dir}",

@@ -36,16 +36,14 @@ _SERVICE_METHOD = 2
 
 
 def compile_descriptors(proto_root: Path, files: Sequence[Path]) -> descriptor_pb2.FileDescriptorSet:
-    import grpc_tools
+    from gen_protos import protoc_includes  # scripts/ is on sys.path wherever this module is imported
     from grpc_tools import protoc
 
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
         args = [
             "grpc_tools.protoc",
-            f"-I{proto_root}",
-            f"-I{well_known}",
+            *protoc_includes(proto_root),
             "--include_source_info",
             f"--descriptor_set_out={out}",
             *(str(f.relative_to(proto_root)) for f in files),
