@@ -26,6 +26,7 @@ from services.inference.adapter_cache.errors import AdapterCorrupt
 from services.inference.adapter_cache.host_tier import HostTier
 from services.inference.adapter_cache.latest import LatestVersions, is_source_uri
 from services.inference.adapter_cache.loaded import LoadedAdapter, adapter_key, parse_adapter
+from services.inference.adapter_cache.mixing import MIX_ID, MixSpec, build_mixed_adapter, mix_version
 from services.inference.adapter_cache.stats import CacheStats, Counters
 from services.inference.adapter_cache.store import StoreFetcher
 
@@ -156,6 +157,50 @@ class AdapterCache:
             self._counters.host_hits += 1
             return adapter
         return await asyncio.shield(self._start_load(adapter_id, version, digest))
+
+    async def get_mix(self, spec: MixSpec, *, max_rank: int | None = None) -> LoadedAdapter:
+        """The mix's derived adapter: its components through `get`, then built once per mix version.
+
+        `max_rank` (the engine's slot rank) refuses a mix the engine could not serve before any work."""
+        components = await asyncio.gather(*(self.get(f"{i}@{v}" if v else i) for i, v, _ in spec.components))
+        rank = spec.output_rank([c.rank for c in components])
+        if max_rank is not None and rank > max_rank:
+            how = "the sum of the component ranks" if spec.strategy == "LINEAR" else "its rank"
+            raise InvalidArgument(
+                "adapter_mix", f"the mix's rank ({how}) is {rank}; this worker serves up to {max_rank}"
+            )
+        version = mix_version(spec, components)
+        key = adapter_key(MIX_ID, version)
+        derived = self.host.lookup(key)
+        if derived is not None:
+            self._counters.host_hits += 1
+            return derived
+        self._counters.host_misses += 1
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._build_mix(spec, components, version))
+            self._loading[key] = task
+            task.add_done_callback(lambda done: self._loading.pop(key, None))
+        else:
+            self._counters.joined_loads += 1
+        return await asyncio.shield(task)
+
+    async def _build_mix(self, spec: MixSpec, components: list[LoadedAdapter], version: str) -> LoadedAdapter:
+        started = time.perf_counter()
+        derived = await asyncio.to_thread(build_mixed_adapter, spec, components, version)
+        if derived.size_bytes > self.config.host_bytes:
+            raise ResourceExhausted(
+                f"the mix needs {derived.size_bytes} bytes of host RAM; "
+                f"the adapter cache has {self.config.host_bytes}"
+            )
+        self.host.insert(derived)
+        elapsed = time.perf_counter() - started
+        self._counters.load_seconds["mix"].append(elapsed)
+        if self.on_load_time is not None:
+            self.on_load_time("mix", elapsed)
+        if self.on_resident is not None:
+            self.on_resident(derived)
+        return derived
 
     def _start_load(self, adapter_id: str, version: str, digest: str) -> asyncio.Task[LoadedAdapter]:
         """The load task of a host miss: a new one, or the one already in flight for this version."""

@@ -37,10 +37,17 @@ class LoadedAdapter:
     #   (lora_A [rank, d_in], lora_B [d_out, rank]), float32, CPU (pinned when CUDA is available)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     size_bytes: int  # host bytes of every A and B together (what the host tier budgets)
+    # For a derived adapter (a mix): (component id, version, share), shares summing to 1.
+    mix_of: tuple[tuple[str, str, float], ...] = ()
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def components(self) -> tuple[tuple[str, str, float], ...]:
+        """Whom a token produced through this adapter credits, and by what share."""
+        return self.mix_of or ((self.id, self.version, 1.0),)
 
     @property
     def key(self) -> str:

@@ -6,7 +6,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-TIERS = ("disk", "store")  # where a host miss was loaded from
+TIERS = ("disk", "store", "mix")  # where a host miss was loaded from (a mix is built from host RAM)
 
 
 @dataclass

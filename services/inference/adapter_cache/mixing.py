@@ -1,0 +1,117 @@
+"""Per-request mixes (`AdapterMix`) as derived adapters the engine serves like any other.
+
+A mix is named by the hash of what determines its weights: the components' resolved versions and
+weights, the strategy, density, rank and seed. The derived adapter is built once (from the
+components in host RAM, see `lora.mixes`) and kept in the host tier under that name, so every later
+request for the same mix is a host hit, and a new version of a component is a new mix.
+
+Usage of a mixed request is credited to the components in proportion to their weights: weights must
+be positive and finite (a negative weight would credit a negative share of a token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument
+from services.common.proto import common_pb2 as pb
+from services.inference.adapter_cache.loaded import LoadedAdapter
+from services.inference.engine.lora.mixes import Component, Strategy, mix
+
+MIX_ID = "~mix"  # never a stored adapter id (ids start with [a-z0-9]), so a derived key cannot collide
+STRATEGIES: dict[int, Strategy] = {
+    pb.LINEAR: "LINEAR",
+    pb.TIES: "TIES",
+    pb.DARE_LINEAR: "DARE_LINEAR",
+    pb.DARE_TIES: "DARE_TIES",
+}
+MAX_COMPONENTS = 16
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    components: tuple[tuple[str, str, float], ...]  # (adapter id, version or "" for latest, weight)
+    strategy: Strategy
+    density: float  # in (0, 1]; 1 for LINEAR
+    rank: int  # 0 = the largest component rank (TIES/DARE); unused by LINEAR
+    seed: int
+
+    @classmethod
+    def from_proto(cls, message: pb.AdapterMix, field: str = "adapter_mix") -> MixSpec:
+        """Validate a wire mix; every refusal names the offending field."""
+        strategy = STRATEGIES.get(message.strategy)
+        if strategy is None:
+            raise InvalidArgument(f"{field}.strategy", "must be LINEAR, TIES, DARE_LINEAR or DARE_TIES")
+        if not message.components:
+            raise InvalidArgument(f"{field}.components", "a mix needs at least one component")
+        if len(message.components) > MAX_COMPONENTS:
+            raise InvalidArgument(f"{field}.components", f"at most {MAX_COMPONENTS} components per mix")
+        components: list[tuple[str, str, float]] = []
+        seen: set[tuple[str, str]] = set()
+        for i, component in enumerate(message.components):
+            where = f"{field}.components[{i}]"
+            ref = (component.adapter.id, component.adapter.version)
+            if not ref[0]:
+                raise InvalidArgument(f"{where}.adapter.id", "must not be empty")
+            if ref in seen:
+                raise InvalidArgument(f"{where}.adapter", f"{ref[0]} appears twice in the mix")
+            seen.add(ref)
+            weight = float(component.weight)
+            if not math.isfinite(weight) or weight <= 0:
+                raise InvalidArgument(f"{where}.weight", f"must be a positive finite number, got {weight}")
+            components.append((ref[0], ref[1], weight))
+        density = 1.0
+        if strategy != "LINEAR":
+            density = float(message.density)
+            if not 0 < density <= 1:
+                raise InvalidArgument(f"{field}.density", f"must be in (0, 1] for {strategy}, got {density}")
+        return cls(tuple(components), strategy, density, int(message.rank), int(message.seed))
+
+    def output_rank(self, component_ranks: Sequence[int]) -> int:
+        """Rank of the derived adapter: LINEAR concatenates ranks, the others re-factor to `rank`."""
+        if self.strategy == "LINEAR":
+            return sum(component_ranks)
+        return self.rank or max(component_ranks)
+
+
+def mix_version(spec: MixSpec, resolved: Sequence[LoadedAdapter]) -> str:
+    """The derived adapter's version: a hash over everything its weights depend on."""
+    canonical = {
+        "components": [
+            [a.id, a.version, a.digest, w] for a, (_, _, w) in zip(resolved, spec.components, strict=True)
+        ],
+        "strategy": spec.strategy,
+        "density": spec.density if spec.strategy != "LINEAR" else 1.0,
+        "rank": spec.output_rank([a.rank for a in resolved]),
+        "seed": spec.seed if spec.strategy.startswith("DARE") else 0,
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def build_mixed_adapter(spec: MixSpec, resolved: Sequence[LoadedAdapter], version: str) -> LoadedAdapter:
+    """Form the derived adapter (blocking: SVD for TIES/DARE; call off the event loop)."""
+    parts = [
+        Component(adapter.weights, adapter.rank, adapter.scaling, weight)
+        for adapter, (_, _, weight) in zip(resolved, spec.components, strict=True)
+    ]
+    mixed = mix(parts, spec.strategy, density=spec.density, rank=spec.rank, seed=spec.seed)
+    weights = {path: (a.contiguous(), b.contiguous()) for path, (a, b) in mixed.pairs.items()}
+    total = sum(w for _, _, w in spec.components)
+    credits = tuple(
+        (a.id, a.version, w / total) for a, (_, _, w) in zip(resolved, spec.components, strict=True)
+    )
+    return LoadedAdapter(
+        id=MIX_ID,
+        version=version,
+        digest=version,
+        rank=mixed.rank,
+        alpha=mixed.scaling * mixed.rank,
+        target_modules=tuple(sorted({path.rsplit(".", 1)[-1] for path in weights})),
+        weights=weights,
+        size_bytes=sum(a.nbytes + b.nbytes for a, b in weights.values()),
+        mix_of=credits,
+    )
