@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from services.inference.engine.lora.ops import lora_segment
+from services.inference.engine.lora.ops import SegmentPlan, lora_segment, plan_segments
 from services.inference.engine.lora.slots import EMPTY, SlotTable
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,6 +28,7 @@ class LoRAStep:
 
     seg_indptr: list[int]  # num_segments + 1: segment s covers tokens [seg_indptr[s], seg_indptr[s + 1])
     seg_slots: list[int]  # num_segments: slot of each segment, EMPTY for the base model
+    plan: SegmentPlan | None = None  # set by LoRAPool.step for the duration of the forward pass
 
     @property
     def uses_adapters(self) -> bool:
@@ -50,17 +51,8 @@ class MultiLoRALinear(nn.Module):
         step = self.pool.current
         if step is None or not step.uses_adapters:
             return y
-        flat_y = y.view(-1, y.shape[-1])
-        lora_segment(
-            flat_y,
-            x.reshape(-1, x.shape[-1]),
-            self.lora_a,
-            self.lora_b,
-            self.pool.scaling,
-            self.pool.ranks,
-            step.seg_indptr,
-            step.seg_slots,
-        )
+        assert step.plan is not None
+        lora_segment(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, step.plan)
         return y
 
 
@@ -100,6 +92,9 @@ class LoRAPool:
     @contextmanager
     def step(self, step: LoRAStep) -> Iterator[None]:
         """Make `step` the segments every wrapped layer reads during one forward pass."""
+        if step.uses_adapters:
+            device = next(iter(self.layers.values())).lora_a.device  # follows the model if it moved
+            step.plan = plan_segments(step.seg_indptr, step.seg_slots, self.scaling, self.ranks, device)
         self.current = step
         try:
             yield

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.inference.engine.lora.ops import lora_segment
+from services.inference.engine.lora.ops import SHORT_SEGMENT, lora_segment, plan_segments
 from services.inference.engine.lora.slots import EMPTY
 
 
@@ -27,6 +27,9 @@ def reference(
     return out.to(y.dtype)
 
 
+LONG = SHORT_SEGMENT + 5  # a prefill-like segment, run on its own rather than padded
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segments_match_a_per_token_loop(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
@@ -38,14 +41,21 @@ def test_segments_match_a_per_token_loop(dtype: torch.dtype) -> None:
         a[k, r:] = 0
         b[k, :, r:] = 0
     scaling = [2.0, 0.5, 1.0, 0.0]
-    seg_indptr = [0, 3, 3, 10, 11, 17, 20]
-    seg_slots = [1, 0, EMPTY, 2, 0, 1]
+    lengths = [3, 0, 7, 1, 6, 3, LONG, 1, 1, 2]
+    seg_slots = [1, 0, EMPTY, 2, 0, 1, 2, 3, 0, 1]  # slot 3 has rank 0: nothing to add
+    seg_indptr = [0]
+    for n in lengths:
+        seg_indptr.append(seg_indptr[-1] + n)
+    total = seg_indptr[-1]
     token_slots = [k for s, k in enumerate(seg_slots) for _ in range(seg_indptr[s + 1] - seg_indptr[s])]
-    x = torch.randn(20, d_in, generator=g).to(dtype)
-    y = torch.randn(20, d_out, generator=g).to(dtype)
+    x = torch.randn(total, d_in, generator=g).to(dtype)
+    y = torch.randn(total, d_out, generator=g).to(dtype)
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
-    lora_segment(y, x, a, b, scaling, ranks, seg_indptr, seg_slots)
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
+    assert plan.long == ((seg_indptr[6], seg_indptr[7], 2),) and plan.num_short == 6
+    lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
-    base_rows = slice(seg_indptr[2], seg_indptr[3])  # EMPTY segment: untouched base output
-    assert torch.equal(y[base_rows], expected[base_rows])
+    for untouched in (2, 7):  # the EMPTY segment and the rank-0 slot keep the base output bit for bit
+        rows = slice(seg_indptr[untouched], seg_indptr[untouched + 1])
+        assert torch.equal(y[rows], expected[rows])
