@@ -19,7 +19,7 @@ how PEFT does it: needed for token-level parity with PEFT in low precision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,8 @@ class SegmentPlan:
     short_rows: torch.Tensor  # [S * L] int64: token of each padded position (padding → token 0)
     valid: torch.Tensor  # [S * L] bool
     valid_rows: torch.Tensor  # [N] int64: short_rows[valid]
+    valid_slots: torch.Tensor  # [N] int64: the slot of each of those tokens (for per-token kernels)
+    slot_scaling: torch.Tensor  # [n_slots] float32
     short_scale: torch.Tensor  # [S, 1, 1] float32
     short_len: int  # L
     short_rank: int  # the largest rank among the short segments' slots
@@ -49,6 +51,10 @@ class SegmentPlan:
     @property
     def num_short(self) -> int:
         return int(self.short_slots.shape[0])
+
+
+LoRAOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "SegmentPlan"], None]
+"""(y [T, d_out] updated in place, x [T, d_in], A [n_slots, r_max, d_in], B [n_slots, d_out, r_max], plan)"""
 
 
 def plan_segments(
@@ -71,11 +77,14 @@ def plan_segments(
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     valid_t = torch.tensor(valid, dtype=torch.bool, device=device)
     slots = [k for _, _, k in short]
+    token_slots = [k for start, end, k in short for _ in range(end - start)]
     return SegmentPlan(
         short_slots=torch.tensor(slots, dtype=torch.long, device=device),
         short_rows=rows_t,
         valid=valid_t,
         valid_rows=rows_t[valid_t],
+        valid_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+        slot_scaling=torch.tensor(list(scaling), dtype=torch.float32, device=device),
         short_scale=torch.tensor([scaling[k] for k in slots], dtype=torch.float32, device=device).view(
             -1, 1, 1
         ),
@@ -87,6 +96,17 @@ def plan_segments(
     )
 
 
+def long_segments(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, plan: SegmentPlan
+) -> None:
+    """One matmul pair per long segment (a prefill chunk): big enough to use the GEMM well."""
+    for start, end, k in plan.long:
+        r = plan.ranks[k]
+        hidden = F.linear(x[start:end].to(a.dtype), a[k, :r])  # [n, r]
+        delta = F.linear(hidden, b[k, :, :r]) * plan.scaling[k]  # [n, d_out]
+        y[start:end] = (y[start:end].to(delta.dtype) + delta).to(y.dtype)
+
+
 def lora_segment(
     y: torch.Tensor,  # [T, d_out], updated in place
     x: torch.Tensor,  # [T, d_in]
@@ -94,11 +114,7 @@ def lora_segment(
     b: torch.Tensor,  # [n_slots, d_out, r_max]
     plan: SegmentPlan,
 ) -> None:
-    for start, end, k in plan.long:
-        r = plan.ranks[k]
-        hidden = F.linear(x[start:end].to(a.dtype), a[k, :r])  # [n, r]
-        delta = F.linear(hidden, b[k, :, :r]) * plan.scaling[k]  # [n, d_out]
-        y[start:end] = (y[start:end].to(delta.dtype) + delta).to(y.dtype)
+    long_segments(y, x, a, b, plan)
     if not plan.num_short:
         return
     num, length, r = plan.num_short, plan.short_len, plan.short_rank

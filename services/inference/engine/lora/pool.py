@@ -8,6 +8,7 @@ survives. Per-slot rank and scaling (alpha / r) travel as host lists, read by th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from services.inference.engine.lora.ops import SegmentPlan, lora_segment, plan_segments
+from services.inference.engine.lora.ops import LoRAOp, SegmentPlan, lora_segment, plan_segments
 from services.inference.engine.lora.slots import EMPTY, SlotTable
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,7 +53,7 @@ class MultiLoRALinear(nn.Module):
         if step is None or not step.uses_adapters:
             return y
         assert step.plan is not None
-        lora_segment(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, step.plan)
+        self.pool.op(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, step.plan)
         return y
 
 
@@ -65,9 +66,14 @@ class LoRAPool:
         r_max: int,
         target_modules: tuple[str, ...] = DEFAULT_TARGETS,
         dtype: torch.dtype = torch.float32,
+        op: str = "auto",
     ) -> None:
+        """`op`: "segment" (plain torch, any device), "triton" (CUDA) or "auto" (triton on CUDA when it
+        imports, else segment)."""
         if r_max < 1:
             raise ValueError("r_max must be >= 1")
+        device = next(model.parameters()).device
+        self.op_name, self.op = resolve_op(op, device)
         self.num_slots = num_slots
         self.r_max = r_max
         self.table = SlotTable(num_slots)
@@ -141,3 +147,19 @@ class LoRAPool:
             layer.lora_b[slot].zero_()
         self.ranks[slot] = 0
         self.scaling[slot] = 0.0
+
+
+def resolve_op(name: str, device: torch.device) -> tuple[str, LoRAOp]:
+    if name not in ("auto", "segment", "triton"):
+        raise ValueError(f"unknown LoRA op {name!r}: use auto, segment or triton")
+    if name == "segment" or (name == "auto" and device.type != "cuda"):
+        return "segment", lora_segment
+    try:
+        from services.inference.engine.lora.triton_ops import lora_bgmv
+    except ImportError as exc:
+        if name == "triton":
+            raise ValueError(f"the triton LoRA op needs the triton package: {exc}") from None
+        return "segment", lora_segment
+    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        raise ValueError("the triton LoRA op runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
+    return "triton", lora_bgmv
