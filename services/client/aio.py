@@ -1,0 +1,98 @@
+"""`AsyncClient`: the asyncio client of the `Inference` API."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from services.client.channel import Deadline, call_metadata, credentials
+from services.client.errors import OpenLoRAError
+from services.client.request import Chunk, Completion, build_request
+from services.client.retry import DEFAULT_RETRY, RetryPolicy
+from services.common.proto import inference_pb2, inference_pb2_grpc
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        timeout_s: float | None = 300.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        """`target` is `host:port` (or any gRPC target); TLS when `ca_file` (or a client cert) is given.
+        `timeout_s` bounds a whole call, retries included."""
+        if ca_file or cert_file:
+            self._channel = grpc.aio.secure_channel(target, credentials(ca_file, cert_file, key_file))
+        else:
+            self._channel = grpc.aio.insecure_channel(target)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.retry = retry
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[Chunk]:
+        """Chunks as the server produces them; options are `build_request`'s. Leaving the loop early
+        cancels the call, which frees the worker's resources for it within one step."""
+        request = build_request(prompt, **options)
+        deadline = Deadline(self.timeout_s)
+        attempt = received = 0
+        while True:
+            attempt += 1
+            call = self._stub.Generate(
+                request,
+                metadata=call_metadata(self.api_key, request.request_id),
+                timeout=deadline.remaining(),
+            )
+            try:
+                async for reply in call:
+                    received += 1
+                    yield Chunk.from_proto(reply)
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = OpenLoRAError.from_rpc(exc)
+                delay = self.retry.delay(error, attempt, received)
+                if delay is None or not deadline.allows(delay):
+                    raise error from None
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+    async def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
+        """The whole completion at once."""
+        options["request_id"] = options.get("request_id") or uuid.uuid4().hex
+        completion = Completion(options["request_id"])
+        async for chunk in self.stream(prompt, **options):
+            completion.add(chunk)
+        return completion
+
+    async def list_models(self) -> inference_pb2.ListModelsResponse:
+        try:
+            return await self._stub.ListModels(
+                inference_pb2.ListModelsRequest(),
+                metadata=call_metadata(self.api_key, uuid.uuid4().hex),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise OpenLoRAError.from_rpc(exc) from None
