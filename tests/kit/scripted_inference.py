@@ -71,9 +71,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--grace", type=float, default=10.0)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     configure_logging("scripted", level="INFO", fmt="json")
-    settings = ServiceSettings(port=0, grace_period_s=args.grace)
+    settings = ServiceSettings(port=args.port, grace_period_s=args.grace)
     server = GrpcServer(settings, [binding(ScriptedInference(args.delay))], component="scripted")
     asyncio.run(server.serve_until_signal(on_started=lambda port: print(f"PORT {port}", flush=True)))
 

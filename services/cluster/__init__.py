@@ -1,0 +1,1 @@
+"""`openlora up`: the whole cluster as local child processes on embedded defaults."""
