@@ -25,7 +25,7 @@ except ImportError:
 PY
 
 echo "==> CUDA tests"
-"$bin/pytest" -m cuda -q -p no:cacheprovider tests/integration/inference
+"$bin/pytest" -m cuda -q -p no:cacheprovider tests
 
 echo "==> engine benchmark on CUDA (tiny model)"
 "$bin/python" bench/engine_bench.py --model tiny --device cuda --dtype bfloat16 --n 128 --rate inf \
