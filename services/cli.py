@@ -4,6 +4,7 @@ openlora gateway serve | worker serve | store serve | attribution serve
 openlora <service> config     # effective settings, with the env variable of each
 openlora adapters upload | import | list | show | download | delete | register-base
 openlora attribution migrate, openlora rewards show, openlora usage show
+openlora generate "prompt" --adapter ID | --mix ID:W,ID:W --stream
 openlora demo                 # what the README's first command runs
 """
 
@@ -25,6 +26,7 @@ from services.adapter_store.config import StoreSettings
 from services.attribution.cli import app as attribution_app
 from services.attribution.cli import rewards_app, usage_app
 from services.attribution.config import AttributionSettings
+from services.client.cli import generate
 from services.common.config import ServiceSettings, describe
 from services.gateway.config import GatewaySettings
 from services.inference.config import WorkerSettings
@@ -95,7 +97,52 @@ def _store_serve(
     serve_store(host=host, port=port, backend=backend, local_dir=local_dir)
 
 
-_SERVE: dict[str, Callable[..., None]] = {"store": _store_serve}
+def _worker_serve(
+    model: Annotated[
+        str | None, typer.Option(help="Model folder, or `smollm2` (OPENLORA_WORKER_MODEL).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (OPENLORA_WORKER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (OPENLORA_WORKER_PORT).")] = None,
+    store_address: Annotated[
+        str | None, typer.Option(help="Adapter store host:port (OPENLORA_WORKER_STORE_ADDRESS).")
+    ] = None,
+    attribution_address: Annotated[
+        str | None,
+        typer.Option(help="Attribution host:port for usage (OPENLORA_WORKER_ATTRIBUTION_ADDRESS)."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (OPENLORA_WORKER_METRICS_PORT).")
+    ] = None,
+    lora_slots: Annotated[
+        int | None, typer.Option(help="Device LoRA slots (OPENLORA_WORKER_LORA_SLOTS).")
+    ] = None,
+    spool_dir: Annotated[
+        Path | None, typer.Option(help="Usage spool directory (OPENLORA_WORKER_SPOOL_DIR).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Adapter disk cache (OPENLORA_WORKER_CACHE_DIR).")
+    ] = None,
+) -> None:
+    """Run an inference worker (every setting: `openlora worker config`)."""
+    from services.inference.cli import serve_worker
+
+    serve_worker(
+        model=model,
+        host=host,
+        port=port,
+        store_address=store_address,
+        attribution_address=attribution_address,
+        metrics_port=metrics_port,
+        lora_slots=lora_slots,
+        spool_dir=spool_dir,
+        cache_dir=cache_dir,
+    )
+
+
+_SERVE: dict[str, Callable[..., None]] = {
+    "store": _store_serve,
+    "worker": _worker_serve,
+}
 
 for _name, _settings_class, _help, _issue in _SERVICES:
     _group = _OWN_GROUPS.get(_name)
@@ -108,6 +155,7 @@ for _name, _settings_class, _help, _issue in _SERVICES:
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(rewards_app, name="rewards")  # openlora rewards show --contributor ...
 app.add_typer(usage_app, name="usage")  # openlora usage show --adapter ...
+app.command()(generate)  # openlora generate "prompt" --adapter ID | --mix ID:W,ID:W
 
 
 @app.command()

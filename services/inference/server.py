@@ -1,0 +1,318 @@
+"""Assembles and runs an inference worker: gRPC first (NOT_SERVING), then the model, then SERVING.
+
+Start-up order matters to operators: the health service answers at once (NOT_SERVING, so probes and
+the gateway see a live but unready worker); the usage spool is opened and its backlog replayed
+before the model loads (it needs no model); the model is loaded off the event loop and warmed up
+with one short generation; only then does health report SERVING. On SIGTERM the server drains
+in-flight streams, then the engine stops and the usage reporter gets a last chance to have the
+spool acked (whatever stays unacked is replayed at the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.common.errors import Unavailable
+from services.common.grpc_client import open_channel
+from services.common.grpc_server import GrpcServer
+from services.common.proto import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
+from services.common.telemetry import setup_telemetry
+from services.inference.adapter_cache import AdapterCache, CacheConfig
+from services.inference.adapters import AdapterResolver
+from services.inference.base_model_guard import BaseModelGuard
+from services.inference.config import WorkerSettings
+from services.inference.engine.async_engine import AsyncEngine
+from services.inference.engine.llm_engine import EngineConfig, EngineStats, LLMEngine
+from services.inference.engine.sequence import SamplingParams
+from services.inference.metrics import AdapterMetrics
+from services.inference.service import ModelDescription, WorkerService
+from services.inference.servicer import InferenceServicer, binding
+from services.inference.usage.reporter import UsageReporter
+from services.inference.usage.spool import UsageSpool
+from services.inference.validation import Limits
+from services.inference.worker_metrics import WorkerMetrics
+
+log = logging.getLogger("openlora.worker")
+SMOLLM2 = "smollm2"
+
+
+class _Pending(inference_pb2_grpc.InferenceServicer):
+    """Answers UNAVAILABLE until the model is loaded, then hands every call to the real servicer."""
+
+    def __init__(self) -> None:
+        self.target: InferenceServicer | None = None
+
+    def _ready(self) -> InferenceServicer:
+        if self.target is None:
+            raise Unavailable("the worker is still loading its model", retry_after_s=1.0)
+        return self.target
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: Any
+    ) -> AsyncGenerator[inference_pb2.GenerateChunk]:
+        async for chunk in self._ready().Generate(request, context):
+            yield chunk
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: Any
+    ) -> inference_pb2.ListModelsResponse:
+        return await self._ready().ListModels(request, context)
+
+
+def model_folder(model: str) -> Path:
+    """The folder of `--model`: a local folder, or SmolLM2 prepared into the user cache."""
+    if model == SMOLLM2:
+        from services.common.smollm2 import prepare_smollm2
+
+        return prepare_smollm2()
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model: {model} is not a model folder (no config.json) and not `{SMOLLM2}`")
+    return folder
+
+
+def model_name(settings: WorkerSettings) -> str:
+    if settings.model_name:
+        return settings.model_name
+    if settings.model == SMOLLM2:
+        from services.common.smollm2 import MODEL_NAME
+
+        return MODEL_NAME
+    return Path(settings.model).resolve().name
+
+
+class Worker:
+    """One worker process's parts; `run()` serves until SIGTERM/SIGINT."""
+
+    def __init__(self, settings: WorkerSettings, *, tracer_provider: TracerProvider | None = None) -> None:
+        """`tracer_provider` replaces the one `settings.telemetry` would set up (tests, embedding)."""
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self._own_provider = tracer_provider is None  # shut down at close only if we made it
+        self.tracer_provider = tracer_provider or setup_telemetry("worker", settings.telemetry)
+        # The global provider when telemetry is off: a no-op unless the embedding process set one.
+        self.tracer = (self.tracer_provider or trace.get_tracer_provider()).get_tracer("openlora.worker")
+        self.pending = _Pending()
+        self.server = GrpcServer(
+            settings,
+            [binding(self.pending)],
+            component="worker",
+            tracer_provider=self.tracer_provider,
+            ready_on_start=False,
+        )
+        self.engine: AsyncEngine | None = None
+        self.reporter: UsageReporter | None = None
+        self.cache: AdapterCache | None = None
+        self.metrics = WorkerMetrics(self.registry, self._engine_stats, lambda: self.reporter)
+        self.metrics_port: int | None = None
+        self._metrics_http: WSGIServer | None = None
+        self._store_channel: grpc.aio.Channel | None = None
+        self._startup: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+
+    def _engine_stats(self) -> EngineStats | None:
+        return self.engine.engine.stats() if self.engine is not None else None
+
+    async def run(self, on_ready: Callable[[int], None] | None = None) -> None:
+        """Serve until a signal, then shut down; raises what made the start-up fail."""
+        self._start_metrics()
+
+        def started(port: int) -> None:
+            self._startup = asyncio.get_running_loop().create_task(self._load(port, on_ready))
+
+        try:
+            await self.server.serve_until_signal(started)
+        finally:
+            await self.close()
+        if self.failure is not None:
+            raise self.failure
+
+    async def start(self) -> int:
+        """Listen (NOT_SERVING) and begin loading in the background; the bound port (for tests)."""
+        self._start_metrics()
+        port = await self.server.start()
+        self._startup = asyncio.get_running_loop().create_task(self._load(port, None))
+        return port
+
+    async def wait_ready(self) -> None:
+        """Wait for the start-up begun by `start()`; raises what made it fail."""
+        assert self._startup is not None
+        await self._startup
+        if self.failure is not None:
+            raise self.failure
+
+    async def stop(self) -> None:
+        """Drain in-flight calls, then release everything (the counterpart of `start()`)."""
+        await self.server.stop()
+        await self.close()
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port is None:
+            return
+        try:
+            http, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host, self.registry)
+        except OSError as exc:
+            raise OSError(
+                f"metrics: cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
+            ) from exc
+        self._metrics_http = http
+        self.metrics_port = int(http.server_port)
+        log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+
+    async def _load(self, port: int, on_ready: Callable[[int], None] | None) -> None:
+        try:
+            await self._start_usage()
+            await self._start_engine()
+            await self.server.set_ready(True)
+        except Exception as exc:
+            log.exception("the worker failed to start")
+            self.failure = exc
+            self.server.stop()
+            return
+        if on_ready is not None:
+            on_ready(port)
+
+    async def _start_usage(self) -> None:
+        s = self.settings
+        if s.attribution_address is None:
+            log.warning("attribution_address is not set: usage is not recorded")
+            return
+        spool = await asyncio.to_thread(UsageSpool, s.spool_dir, max_bytes=s.spool_max_bytes)
+        self.reporter = UsageReporter(
+            spool,
+            s.attribution_address,
+            s.worker_id,
+            flush_interval_s=s.usage_flush_interval_s,
+            backoff_s=(0.1, s.usage_backoff_max_s),
+        )
+        await self.reporter.start()
+        if spool.backlog_batches:
+            log.info("usage spool: %d batch(es) from an earlier run to send", spool.backlog_batches)
+
+    async def _start_engine(self) -> None:
+        s = self.settings
+        started = time.perf_counter()
+        folder = await asyncio.to_thread(model_folder, s.model)
+        config = EngineConfig(
+            block_size=s.block_size,
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            kv_cache_bytes=s.kv_cache_bytes,
+            kv_cache_memory_fraction=s.kv_cache_memory_fraction,
+            dtype=s.dtype,
+            device=s.device,
+            attention_backend=s.attention_backend,
+            lora_slots=s.lora_slots,
+            lora_max_rank=s.lora_max_rank,
+            lora_target_modules=s.lora_target_modules,
+            quantization=s.quantization,
+        )
+        if s.store_address is not None and s.lora_slots:
+            self._store_channel = open_channel(s.store_address, s, tracer_provider=self.tracer_provider)
+            cache_config = CacheConfig(
+                host_bytes=s.cache_host_bytes,
+                disk_bytes=s.cache_disk_bytes,
+                disk_dir=s.cache_dir,
+                download_timeout_s=s.adapter_download_timeout_s,
+                import_schemes=s.adapter_import_schemes,
+            )
+            self.cache = AdapterCache(
+                adapter_store_pb2_grpc.AdapterStoreStub(self._store_channel),
+                cache_config,
+                on_resident=lambda adapter: self.engine.wake() if self.engine is not None else None,
+            )
+            await self.cache.start()
+        cache = self.cache
+        engine = await asyncio.to_thread(
+            LLMEngine.from_pretrained,
+            folder,
+            config,
+            adapter_lookup=cache.resident if cache is not None else None,
+            request_adapter=cache.prefetch if cache is not None else None,
+        )
+        pool = engine.residency.pool if engine.residency is not None else None
+        if cache is not None:
+            AdapterMetrics(cache, pool, self.registry)
+        self.engine = AsyncEngine(engine)
+        self.engine.start()
+        if s.warmup:
+            await self._warm_up(engine.vocab_size)
+        max_context = min(engine.max_model_len, engine.scheduler.capacity_tokens)
+        if s.max_context is not None:
+            max_context = min(max_context, s.max_context)
+        tokenizer = engine.tokenizer
+        guard = None
+        if cache is not None and s.store_base_model is not None:
+            guard = BaseModelGuard(cache.fetcher, s.store_base_model)
+        service = WorkerService(
+            engine=self.engine,
+            resolver=AdapterResolver(cache, pool, self.tracer, base_model_guard=guard),
+            reporter=self.reporter,
+            metrics=self.metrics,
+            limits=Limits(max_context, s.default_max_new_tokens, s.max_new_tokens_limit, engine.vocab_size),
+            model=ModelDescription(
+                name=model_name(s),
+                dtype=s.dtype,
+                quantization=s.quantization,
+                max_context=max_context,
+                attention_backend=s.attention_backend,
+                lora_op=pool.op_name if pool is not None else "none",
+            ),
+            worker_id=s.worker_id,
+            tracer=self.tracer,
+        )
+        tokenize = (lambda text: list(tokenizer.encode(text))) if tokenizer is not None else None
+        self.pending.target = InferenceServicer(service, tokenize)
+        log.info(
+            "worker ready in %.1fs: model=%s context=%d lora_slots=%d",
+            time.perf_counter() - started,
+            service.model.name,
+            max_context,
+            s.lora_slots,
+        )
+
+    async def _warm_up(self, vocab_size: int) -> None:
+        assert self.engine is not None
+        sampling = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        async for _ in self.engine.generate("warmup", [i % vocab_size for i in range(1, 9)], sampling):
+            pass
+
+    async def close(self) -> None:
+        """Release everything `run()` started (idempotent)."""
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+            await asyncio.gather(self._startup, return_exceptions=True)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+        if self.reporter is not None:
+            await self.reporter.close(self.settings.usage_drain_timeout_s)
+            self.reporter = None
+        if self.cache is not None:
+            await self.cache.close()
+            self.cache = None
+        if self._store_channel is not None:
+            await self._store_channel.close()
+            self._store_channel = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        if self.tracer_provider is not None and self._own_provider:
+            self.tracer_provider.shutdown()  # flushes spans still batched for export
+            self._own_provider = False
+
+
+async def serve(settings: WorkerSettings, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run a worker until SIGTERM/SIGINT (see `Worker`)."""
+    await Worker(settings).run(on_ready)

@@ -1,0 +1,99 @@
+"""The `openlora.v1.Inference` servicer: protobuf → checked request → service → protobuf."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from services.common.grpc_server import ServiceBinding
+from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2, inference_pb2_grpc
+from services.inference.engine.sequence import FinishReason
+from services.inference.service import WorkerService
+from services.inference.validation import parse_request
+
+_FINISH = {
+    FinishReason.STOP: inference_pb2.STOP,
+    FinishReason.LENGTH: inference_pb2.LENGTH,
+    FinishReason.CANCELLED: inference_pb2.CANCELLED,
+}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(
+        self,
+        service: WorkerService,
+        tokenize: Callable[[str], list[int]] | None,
+    ) -> None:
+        self.service = service
+        self.tokenize = tokenize
+        self.resolver = service.resolver
+        self.cache = service.resolver.cache
+        self.pool = service.resolver.pool
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: Any
+    ) -> AsyncGenerator[inference_pb2.GenerateChunk]:
+        parsed = parse_request(request, self.service.limits, self.tokenize)
+        async with contextlib.aclosing(self.service.generate(parsed)) as chunks:
+            async for chunk in chunks:
+                message = inference_pb2.GenerateChunk(
+                    token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
+                )
+                if chunk.finish_reason is not None:
+                    message.finish_reason = _FINISH[chunk.finish_reason]
+                    message.usage.prompt_tokens = chunk.prompt_tokens
+                    message.usage.completion_tokens = chunk.completion_tokens
+                yield message
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: Any
+    ) -> inference_pb2.ListModelsResponse:
+        model = self.service.model
+        reply = inference_pb2.ListModelsResponse(
+            base_model=inference_pb2.ModelInfo(
+                name=model.name,
+                dtype=model.dtype,
+                max_context=model.max_context,
+                quantization=model.quantization,
+            ),
+            attention_backend=model.attention_backend,
+            lora_op=model.lora_op,
+            worker_id=self.service.worker_id,
+        )
+        stats = self.service.engine.engine.stats()  # a torn read at worst: counts, for operators
+        reply.stats.running_requests = stats.num_running
+        reply.stats.waiting_requests = stats.num_waiting
+        reply.stats.kv_blocks_total = stats.num_kv_blocks
+        reply.stats.kv_blocks_used = stats.num_kv_blocks - stats.num_free_kv_blocks
+        reply.adapters.extend(self._cached_adapters())
+        return reply
+
+    def _cached_adapters(self) -> list[inference_pb2.CachedAdapter]:
+        if self.cache is None:
+            return []
+        in_slots = set(self.pool.table.resident_keys()) if self.pool is not None else set()
+        listed = []
+        for key in reversed(self.cache.host.keys()):  # most recently used first
+            # Not cache.resident(): a lookup would count as a use and reorder the LRU.
+            adapter = self.resolver.known.get(key)
+            if adapter is None:
+                continue
+            listed.append(
+                inference_pb2.CachedAdapter(
+                    adapter=common_pb2.AdapterRef(id=adapter.id, version=adapter.version),
+                    digest=adapter.digest,
+                    tier=inference_pb2.DEVICE if key in in_slots else inference_pb2.HOST,
+                    rank=adapter.rank,
+                    size_bytes=adapter.size_bytes,
+                )
+            )
+        listed.sort(key=lambda a: a.tier)  # fastest tier first, recency kept within a tier
+        return listed
+
+
+def binding(servicer: inference_pb2_grpc.InferenceServicer) -> ServiceBinding:
+    return ServiceBinding(
+        name=SERVICE_NAMES["inference"],
+        attach=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
+    )

@@ -1,0 +1,61 @@
+"""The `TokenUsage` records of one request: one per prompt token, one per generated token.
+
+`(request_id, token_index, kind)` is attribution's idempotency key, so a request's records are
+numbered from 0 within each kind and never renumbered: a resend after a lost ack counts once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from google.protobuf import timestamp_pb2
+
+from services.common.proto import attribution_pb2, common_pb2
+
+Component = tuple[str, str, float]  # adapter id, version, share of each token
+
+
+class RequestUsage:
+    """Counts one request's tokens and builds their records as they are produced."""
+
+    def __init__(
+        self, request_id: str, tenant: str, worker_id: str, components: tuple[Component, ...]
+    ) -> None:
+        self.request_id = request_id
+        self.tenant = tenant
+        self.worker_id = worker_id
+        self.adapters = [
+            attribution_pb2.WeightedAdapter(adapter=common_pb2.AdapterRef(id=i, version=v), weight=w)
+            for i, v, w in components
+        ]
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def prompt(self, count: int) -> list[attribution_pb2.TokenUsage]:
+        """Records of the whole prompt (once: when its prefill produced the first token)."""
+        if self.prompt_tokens:
+            return []
+        self.prompt_tokens = count
+        return self._records(attribution_pb2.PROMPT, 0, count)
+
+    def completion(self, count: int) -> list[attribution_pb2.TokenUsage]:
+        """Records of the next `count` generated tokens."""
+        first = self.completion_tokens
+        self.completion_tokens += count
+        return self._records(attribution_pb2.COMPLETION, first, count)
+
+    def _records(self, kind: int, first: int, count: int) -> list[attribution_pb2.TokenUsage]:
+        now = timestamp_pb2.Timestamp()
+        now.FromNanoseconds(time.time_ns())
+        return [
+            attribution_pb2.TokenUsage(
+                request_id=self.request_id,
+                token_index=index,
+                kind=kind,  # type: ignore[arg-type]
+                adapters=self.adapters,
+                tenant=self.tenant,
+                worker_id=self.worker_id,
+                ts=now,
+            )
+            for index in range(first, first + count)
+        ]

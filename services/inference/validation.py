@@ -1,0 +1,135 @@
+"""`GenerateRequest` → a checked domain request, or `InvalidArgument` naming the first bad field.
+
+Pure: no engine, no gRPC, no I/O, so every refusal is unit-tested directly. What only the engine or
+the adapter cache can know (an unknown adapter, a rank over the slots' maximum) is checked later by
+the service; everything a request says about itself is checked here.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument
+from services.common.proto import common_pb2, inference_pb2
+from services.inference.engine.sequence import SamplingParams
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_TENANT_CHARS = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What this worker accepts for one request."""
+
+    max_context: int  # prompt + generated tokens
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter_ref: common_pb2.AdapterRef | None  # a single adapter
+    mix: common_pb2.AdapterMix | None  # or a mix (checked by MixSpec.from_proto); neither = base model
+    tenant: str
+
+
+def parse_request(
+    request: inference_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]] | None
+) -> ParsedRequest:
+    """Check every field of `request` against `limits`; `tokenize` turns prompt text into ids."""
+    request_id = request.request_id or uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
+    if len(request.tenant) > MAX_TENANT_CHARS:
+        raise InvalidArgument("tenant", f"longer than {MAX_TENANT_CHARS} characters")
+    prompt, field = _prompt(request, limits, tokenize)
+    if len(prompt) >= limits.max_context:
+        raise InvalidArgument(
+            field,
+            f"the prompt has {len(prompt)} tokens; this worker's context holds {limits.max_context} "
+            "(prompt and generated tokens together)",
+        )
+    sampling = _sampling(request, len(prompt), limits)
+    kind = request.WhichOneof("adapter")
+    adapter_ref = request.adapter_ref if kind == "adapter_ref" else None
+    if adapter_ref is not None and not adapter_ref.id:
+        raise InvalidArgument("adapter_ref.id", "must not be empty")
+    mix = request.mix if kind == "mix" else None
+    return ParsedRequest(request_id, prompt, sampling, adapter_ref, mix, request.tenant)
+
+
+def _prompt(
+    request: inference_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]] | None
+) -> tuple[list[int], str]:
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidArgument("text", "a prompt is required (text or token_ids)")
+    if kind == "token_ids":
+        ids = list(request.token_ids.ids)
+        if not ids:
+            raise InvalidArgument("token_ids", "the prompt is empty")
+        bad = next((i for i in ids if i >= limits.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(
+                "token_ids", f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})"
+            )
+        return ids, "token_ids"
+    if not request.text:
+        raise InvalidArgument("text", "the prompt is empty")
+    if tokenize is None:
+        raise InvalidArgument("text", "this worker's model has no tokenizer: send token_ids")
+    ids = tokenize(request.text)
+    if not ids:
+        raise InvalidArgument("text", "the prompt encodes to no tokens")
+    return ids, "text"
+
+
+def _sampling(request: inference_pb2.GenerateRequest, prompt_tokens: int, limits: Limits) -> SamplingParams:
+    given = request.sampling
+    if not math.isfinite(given.temperature) or given.temperature < 0:
+        raise InvalidArgument("sampling.temperature", "must be a finite number >= 0 (0 means greedy)")
+    top_p = given.top_p or 1.0
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidArgument("sampling.top_p", "must be in (0, 1] (0 means unset)")
+    if given.max_new_tokens > limits.max_new_tokens_limit:
+        raise InvalidArgument(
+            "sampling.max_new_tokens",
+            f"{given.max_new_tokens} exceeds this worker's limit of {limits.max_new_tokens_limit}",
+        )
+    room = limits.max_context - prompt_tokens
+    if given.max_new_tokens:
+        max_new_tokens = given.max_new_tokens
+        if max_new_tokens > room:
+            raise InvalidArgument(
+                "sampling.max_new_tokens",
+                f"prompt ({prompt_tokens}) + max_new_tokens ({max_new_tokens}) exceeds this worker's "
+                f"context of {limits.max_context} tokens",
+            )
+    else:
+        # The default is a convenience, not a demand: it shrinks to fit rather than fail.
+        max_new_tokens = min(limits.default_max_new_tokens, room)
+    stop = tuple(given.stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, text in enumerate(stop):
+        if not text or len(text) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"sampling.stop[{i}]", f"must hold 1 to {MAX_STOP_CHARS} characters")
+    return SamplingParams(
+        temperature=given.temperature,
+        top_p=top_p,
+        top_k=max(given.top_k, 0),
+        seed=given.seed or None,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        ignore_eos=given.ignore_eos,
+        logprobs=request.return_logprobs,
+    )

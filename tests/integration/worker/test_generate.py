@@ -1,0 +1,232 @@
+"""A worker in the test's event loop, with a real adapter store and a real attribution server:
+streams equal the engine's own output, usage reaches the ledger exactly, ListModels and metrics
+tell the truth."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from services.attribution.server import AttributionServer, build
+from services.common.grpc_client import open_channel
+from services.common.proto import attribution_pb2, inference_pb2, inference_pb2_grpc
+from services.inference.adapter_cache import LoadedAdapter
+from services.inference.server import Worker
+from tests.integration.attribution.wire import attribution_settings
+from tests.integration.inference.cache_kit import Store, open_cache, small_adapter, start_store
+from tests.integration.worker.kit import (
+    WorkerUnderTest,
+    collect,
+    ledger_adapters,
+    ledger_counts,
+    reference_outputs,
+    request,
+    wait_until,
+    worker_settings,
+)
+
+PROMPT, COMPLETION = attribution_pb2.PROMPT, attribution_pb2.COMPLETION
+
+
+@dataclass
+class Cluster:
+    store: Store
+    attribution: AttributionServer
+    ledger_url: str
+    worker: WorkerUnderTest
+    adapters: dict[str, LoadedAdapter]  # engine key -> adapter, as the store serves it
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Cluster]:
+    store = await start_store(tmp_path / "store", tiny_llama_dir)
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    attribution = build(attribution_settings(ledger_url, grace_period_s=1.0))
+    await attribution.server.start()
+    for i in range(3):
+        await store.upload(small_adapter(tiny_llama_dir, tmp_path / f"a{i}", seed=i, rank=4 + 2 * i), f"a{i}")
+    reader = await open_cache(store, tmp_path / "reference-cache")
+    adapters = {a.key: a for a in [await reader.get(f"a{i}") for i in range(3)]}
+    await reader.close()
+    settings = worker_settings(
+        tmp_path,
+        tiny_llama_dir,
+        store_address=f"127.0.0.1:{store.server.port}",
+        attribution_address=f"127.0.0.1:{attribution.server.port}",
+        lora_slots=2,  # fewer than the adapters: requests also wait for slots
+    )
+    worker = await WorkerUnderTest.start(settings)
+    yield Cluster(store, attribution, ledger_url, worker, adapters)
+    await worker.stop()
+    await attribution.close()
+    await store.stop()
+
+
+async def test_streams_equal_the_engine_and_usage_reaches_the_ledger(
+    cluster: Cluster, tiny_llama_dir: Path
+) -> None:
+    keys = [None, *cluster.adapters]
+    plan = [
+        ([5 + i, 17, 40 + 3 * i, 9, 11 + i][: 2 + i % 4], keys[i % len(keys)], 6 + i % 5) for i in range(12)
+    ]
+    messages = [
+        request(
+            prompt, adapter=key.split("@")[0] if key and i % 2 else key, max_new_tokens=n, request_id=f"r{i}"
+        )
+        for i, (prompt, key, n) in enumerate(plan)
+    ]
+    streamed = await asyncio.gather(*(collect(cluster.worker.stub, m) for m in messages))
+    expected = await asyncio.to_thread(reference_outputs, tiny_llama_dir, cluster.adapters, plan, 2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for i, (got, want, (prompt, _, n)) in enumerate(zip(streamed, expected, plan, strict=True)):
+        assert got.token_ids == want, f"request {i}"
+        assert got.finish_reason == inference_pb2.LENGTH
+        assert (got.prompt_tokens, got.completion_tokens) == (len(prompt), n)
+        assert got.text == tokenizer.decode(want, skip_special_tokens=True)
+    want_ledger = {(f"r{i}", PROMPT): len(p) for i, (p, _, _) in enumerate(plan)} | {
+        (f"r{i}", COMPLETION): n for i, (_, _, n) in enumerate(plan)
+    }
+    await wait_until(lambda: ledger_counts(cluster.ledger_url) == want_ledger, what="the ledger")
+    reporter = cluster.worker.worker.reporter
+    assert reporter is not None
+    await wait_until(lambda: reporter.spool.backlog_batches == 0, what="an empty spool")
+
+
+async def test_text_prompts_are_tokenized_and_decoded(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = "the adapter serves a token stream — héllo wörld"
+    got = await collect(cluster.worker.stub, request(text, max_new_tokens=12))
+    assert got.prompt_tokens == len(tokenizer.encode(text))
+    assert got.text == tokenizer.decode(got.token_ids, skip_special_tokens=True)
+
+
+async def test_list_models_reports_model_engine_and_cache(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    key = next(iter(cluster.adapters))
+    await collect(cluster.worker.stub, request([1, 2, 3], adapter=key))
+    reply = await cluster.worker.stub.ListModels(inference_pb2.ListModelsRequest())
+    assert reply.base_model.name == tiny_llama_dir.name
+    assert reply.base_model.max_context > 0 and reply.base_model.dtype == "float32"
+    assert (reply.attention_backend, reply.lora_op, reply.worker_id) == ("torch", "segment", "worker-test")
+    assert reply.stats.kv_blocks_total > 0 and reply.stats.kv_blocks_used == 0
+    listed = {f"{a.adapter.id}@{a.adapter.version}": a for a in reply.adapters}
+    assert listed[key].tier == inference_pb2.DEVICE
+    assert listed[key].rank == cluster.adapters[key].rank
+    assert listed[key].digest == cluster.adapters[key].digest
+
+
+async def test_cancelling_a_stream_frees_its_kv_blocks(cluster: Cluster) -> None:
+    stub = cluster.worker.stub
+    call = stub.Generate(request(list(range(1, 40)), max_new_tokens=400, request_id="to-cancel"))
+    got = 0
+    async for chunk in call:
+        got += len(chunk.token_ids)
+        if got >= 3:
+            break
+    reply = await stub.ListModels(inference_pb2.ListModelsRequest())
+    assert reply.stats.kv_blocks_used > 0 and reply.stats.running_requests == 1
+    call.cancel()
+
+    async def blocks_used() -> int:
+        return (await stub.ListModels(inference_pb2.ListModelsRequest())).stats.kv_blocks_used
+
+    for _ in range(100):
+        if await blocks_used() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await blocks_used() == 0
+    metrics = cluster.worker.metrics()
+    assert metrics["openlora_kv_blocks_used"] == 0 and metrics["openlora_running_requests"] == 0
+    assert metrics["openlora_time_to_first_token_seconds_count"] >= 1
+
+
+async def test_an_expired_deadline_ends_the_stream_and_frees_its_blocks(cluster: Cluster) -> None:
+    import grpc
+
+    stub = cluster.worker.stub
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.Generate(request([1, 2, 3], max_new_tokens=2000), timeout=0.5):
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_until(
+        lambda: cluster.worker.metrics()["openlora_kv_blocks_used"] == 0, timeout=5, what="free blocks"
+    )
+
+
+async def test_a_mix_streams_its_derived_adapter_and_credits_each_component(
+    cluster: Cluster, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from services.common.proto import common_pb2
+    from services.inference.adapter_cache.mixing import MixSpec
+
+    first, second = list(cluster.adapters.values())[:2]
+    mix = common_pb2.AdapterMix(
+        strategy=common_pb2.LINEAR,
+        components=[
+            common_pb2.Component(adapter=common_pb2.AdapterRef(id=first.id), weight=1.0),
+            common_pb2.Component(adapter=common_pb2.AdapterRef(id=second.id), weight=3.0),
+        ],
+    )
+    message = request([4, 8, 15, 16], max_new_tokens=6, request_id="mixed")
+    message.mix.CopyFrom(mix)
+    got = await collect(cluster.worker.stub, message)
+    reader = await open_cache(cluster.store, tmp_path / "mix-reference")
+    derived = await reader.get_mix(MixSpec.from_proto(mix, field="mix"))
+    await reader.close()
+    expected = await asyncio.to_thread(
+        reference_outputs, tiny_llama_dir, {derived.key: derived}, [([4, 8, 15, 16], derived.key, 6)], 1
+    )
+    assert got.token_ids == expected[0]
+    await wait_until(lambda: len(ledger_counts(cluster.ledger_url)) == 2, what="the mixed request's usage")
+    credited = ledger_adapters(cluster.ledger_url, "mixed")
+    assert credited == {f"{first.id} {first.version} 250000;{second.id} {second.version} 750000"}
+
+
+async def test_each_request_is_one_span_with_a_child_span_for_its_adapter_load(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store = await start_store(tmp_path / "store", tiny_llama_dir)
+    await store.upload(small_adapter(tiny_llama_dir, tmp_path / "traced", seed=5), "traced")
+    settings = worker_settings(tmp_path, tiny_llama_dir, store_address=f"127.0.0.1:{store.server.port}")
+    worker = Worker(settings, tracer_provider=provider)
+    port = await worker.start()
+    try:
+        await worker.wait_ready()
+        async with open_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for request_id in ("cold", "warm"):
+                await collect(
+                    stub, request([1, 2, 3], adapter="traced", max_new_tokens=5, request_id=request_id)
+                )
+    finally:
+        await worker.stop()
+        await store.stop()
+    spans = exporter.get_finished_spans()
+    requests = {
+        s.attributes["openlora.request_id"]: s for s in spans if s.name == "generate" and s.attributes
+    }
+    loads = [s for s in spans if s.name == "adapter.load"]
+    assert set(requests) == {"cold", "warm"} and len(loads) == 2
+    cold, warm = requests["cold"], requests["warm"]
+    assert cold.attributes is not None and warm.attributes is not None
+    assert str(cold.attributes["openlora.adapter.key"]).startswith("traced@")
+    assert (cold.attributes["openlora.tokens.prompt"], cold.attributes["openlora.tokens.completion"]) == (
+        3,
+        5,
+    )
+    assert cold.attributes["openlora.cache.tier"] == "store"
+    assert warm.attributes["openlora.cache.tier"] in ("device", "host")
+    assert cold.attributes["openlora.outcome"] == "length"
+    parents = {load.parent.span_id for load in loads if load.parent is not None}
+    assert parents == {cold.context.span_id, warm.context.span_id}

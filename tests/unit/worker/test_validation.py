@@ -1,0 +1,93 @@
+"""`parse_request`: every field checked, defaults filled, nothing else needed (no engine, no gRPC)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.proto import common_pb2, inference_pb2
+from services.inference.validation import Limits, parse_request
+
+LIMITS = Limits(max_context=32, default_max_new_tokens=16, max_new_tokens_limit=20, vocab_size=100)
+
+
+def tokenize(text: str) -> list[int]:
+    return [ord(c) % 100 for c in text]
+
+
+def make(**fields: object) -> inference_pb2.GenerateRequest:
+    sampling = fields.pop("sampling", {})
+    message = inference_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
+    message.sampling.CopyFrom(common_pb2.SamplingParams(**sampling))  # type: ignore[arg-type]
+    return message
+
+
+def test_defaults_make_a_greedy_request_with_an_id() -> None:
+    parsed = parse_request(make(text="hello"), LIMITS, tokenize)
+    assert parsed.prompt_token_ids == tokenize("hello")
+    assert len(parsed.request_id) == 32
+    s = parsed.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.seed, s.max_new_tokens) == (0.0, 1.0, 0, None, 16)
+    assert parsed.adapter_ref is None and parsed.mix is None
+
+
+def test_the_default_length_shrinks_to_fit_the_context() -> None:
+    parsed = parse_request(make(token_ids=inference_pb2.TokenIds(ids=[1] * 25)), LIMITS, tokenize)
+    assert parsed.sampling.max_new_tokens == 7
+
+
+def test_fields_are_carried_over() -> None:
+    message = make(
+        request_id="r1",
+        tenant="acme",
+        token_ids=inference_pb2.TokenIds(ids=[3, 4]),
+        adapter_ref=common_pb2.AdapterRef(id="alpha", version="v2"),
+        return_logprobs=True,
+        sampling={
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 5,
+            "seed": 9,
+            "max_new_tokens": 4,
+            "stop": ["\n"],
+        },
+    )
+    parsed = parse_request(message, LIMITS, None)
+    assert (parsed.request_id, parsed.tenant, parsed.prompt_token_ids) == ("r1", "acme", [3, 4])
+    assert parsed.adapter_ref is not None and parsed.adapter_ref.version == "v2"
+    s = parsed.sampling
+    assert (s.top_k, s.seed, s.max_new_tokens, s.stop, s.logprobs) == (5, 9, 4, ("\n",), True)
+    assert s.temperature == pytest.approx(0.7) and s.top_p == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({}, "text"),
+        ({"text": ""}, "text"),
+        ({"token_ids": inference_pb2.TokenIds()}, "token_ids"),
+        ({"token_ids": inference_pb2.TokenIds(ids=[100])}, "token_ids"),
+        ({"text": "x" * 32}, "text"),
+        ({"text": "hi", "sampling": {"max_new_tokens": 21}}, "sampling.max_new_tokens"),
+        ({"text": "x" * 20, "sampling": {"max_new_tokens": 13}}, "sampling.max_new_tokens"),
+        ({"text": "hi", "sampling": {"temperature": -1}}, "sampling.temperature"),
+        ({"text": "hi", "sampling": {"temperature": float("inf")}}, "sampling.temperature"),
+        ({"text": "hi", "sampling": {"top_p": 1.01}}, "sampling.top_p"),
+        ({"text": "hi", "sampling": {"top_p": float("nan")}}, "sampling.top_p"),
+        ({"text": "hi", "sampling": {"stop": ["a"] * 17}}, "sampling.stop"),
+        ({"text": "hi", "sampling": {"stop": ["x" * 257]}}, "sampling.stop[0]"),
+        ({"text": "hi", "adapter_ref": common_pb2.AdapterRef()}, "adapter_ref.id"),
+        ({"text": "hi", "request_id": "r" * 129}, "request_id"),
+        ({"text": "hi", "tenant": "t" * 129}, "tenant"),
+    ],
+)
+def test_bad_fields_are_named(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_request(make(**fields), LIMITS, tokenize)
+    assert caught.value.field == field
+
+
+def test_text_needs_a_tokenizer() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_request(make(text="hi"), LIMITS, None)
+    assert caught.value.field == "text" and "token_ids" in caught.value.problem
