@@ -139,9 +139,41 @@ def _worker_serve(
     )
 
 
+def _gateway_serve(
+    workers: Annotated[
+        str | None,
+        typer.Option(help="host:port,... or dns:///name:port of the workers (OPENLORA_GATEWAY_WORKERS)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (OPENLORA_GATEWAY_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (OPENLORA_GATEWAY_PORT).")] = None,
+    store_address: Annotated[
+        str | None,
+        typer.Option(help="Adapter store host:port; empty: no checks (OPENLORA_GATEWAY_STORE_ADDRESS)."),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="JSON file of hashed API keys (OPENLORA_GATEWAY_API_KEYS_FILE).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (OPENLORA_GATEWAY_METRICS_PORT).")
+    ] = None,
+) -> None:
+    """Run the gateway (every setting: `openlora gateway config`)."""
+    from services.gateway.cli import serve_gateway
+
+    serve_gateway(
+        workers=workers,
+        host=host,
+        port=port,
+        store_address=store_address,
+        api_keys_file=api_keys_file,
+        metrics_port=metrics_port,
+    )
+
+
 _SERVE: dict[str, Callable[..., None]] = {
     "store": _store_serve,
     "worker": _worker_serve,
+    "gateway": _gateway_serve,
 }
 
 for _name, _settings_class, _help, _issue in _SERVICES:

@@ -1,0 +1,284 @@
+"""The set of workers and their health: a static list or a DNS name, each worker watched.
+
+Every worker has one channel and a `grpc.health.v1.Health/Watch` stream on the `Inference` service;
+it takes traffic while the watch says SERVING and no request has just failed on it. A worker that
+fails a request, or whose watch breaks, is taken out and probed again with a doubling delay until
+it answers SERVING — that is how a restarted worker comes back into rotation. A `dns:///` name is
+resolved again every `dns_refresh_s`; workers that disappear finish their streams, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.grpc_server import channel_options
+from services.common.proto import SERVICE_NAMES, inference_pb2_grpc
+from services.common.telemetry import client_interceptors
+from services.gateway.config import GatewaySettings
+from services.gateway.routing import WorkerLoad
+
+log = logging.getLogger("openlora.gateway.workers")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+INFERENCE = SERVICE_NAMES["inference"]
+
+
+@dataclass(frozen=True)
+class DnsName:
+    host: str
+    port: int
+
+
+def _split_host_port(entry: str) -> tuple[str, int]:
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"workers: {entry!r} is not host:port")
+    return host, int(port)
+
+
+def parse_workers(spec: str) -> list[str] | DnsName:
+    """`host:port,host:port` (a static list) or `dns:///name:port`; ValueError naming a bad entry."""
+    spec = spec.strip()
+    if spec.startswith("dns:"):
+        name = spec.removeprefix("dns:").lstrip("/")
+        host, port = _split_host_port(name)
+        return DnsName(host, port)
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("workers: give at least one host:port, or dns:///name:port")
+    for entry in entries:
+        _split_host_port(entry)
+    return list(dict.fromkeys(entries))
+
+
+def upstream_channel(
+    target: str,
+    settings: GatewaySettings,
+    credentials: grpc.ChannelCredentials | None,
+    tracer_provider: TracerProvider | None,
+    server_name: str | None = None,
+) -> grpc.aio.Channel:
+    """A channel to a worker or the store; reconnects within `worker_retry_max_s` of a restart."""
+    options: list[tuple[str, Any]] = [
+        *channel_options(settings),
+        # grpc's own reconnect backoff grows to 120 s; a restarted worker must be found sooner.
+        ("grpc.initial_reconnect_backoff_ms", int(settings.worker_retry_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(settings.worker_retry_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(settings.worker_retry_max_s * 1000)),
+    ]
+    if credentials is not None and server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    interceptors = client_interceptors(tracer_provider)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_dns(host: str, port: int) -> list[str]:
+    """Every `ip:port` a name resolves to (`[ip]:port` for IPv6), sorted; OSError when it does not."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = set()
+    for family, _, _, _, sockaddr in infos:
+        ip, bound = str(sockaddr[0]), int(sockaddr[1])
+        addresses.add(f"[{ip}]:{bound}" if family == socket.AF_INET6 else f"{ip}:{bound}")
+    return sorted(addresses)
+
+
+class WorkerEndpoint:
+    """One worker: its channel, in-flight count and health."""
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel,
+        settings: GatewaySettings,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.address = address
+        self.channel = channel
+        self.stub = inference_pb2_grpc.InferenceStub(channel)
+        self.settings = settings
+        self.on_change = on_change
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.watch_serving = False
+        self.suspended = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probing = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.watch_serving and not self.suspended
+
+    def start(self) -> None:
+        self._spawn(self._watch())
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set(self, *, serving: bool | None = None, suspended: bool | None = None) -> None:
+        before = self.healthy
+        if serving is not None:
+            self.watch_serving = serving
+        if suspended is not None:
+            self.suspended = suspended
+        if self.healthy != before:
+            log.info("worker %s %s", self.address, "in rotation" if self.healthy else "out of rotation")
+            self.on_change()
+
+    def report_failure(self) -> None:
+        """A request failed on this worker as if it were down: stop routing here until a probe passes."""
+        self._set(suspended=True)
+        if not self._probing:
+            self._probing = True
+            self._spawn(self._probe())
+
+    async def _probe(self) -> None:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        delay = self.settings.worker_retry_s
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=INFERENCE), timeout=delay)
+                    if reply.status == SERVING:
+                        self._set(suspended=False)
+                        return
+                except grpc.aio.AioRpcError:
+                    pass  # still down
+                delay = min(delay * 2, self.settings.worker_retry_max_s)
+        finally:
+            self._probing = False
+
+    async def _watch(self) -> None:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        delay = self.settings.worker_retry_s
+        while True:
+            try:
+                async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=INFERENCE)):
+                    serving = reply.status == SERVING
+                    self._set(serving=serving)
+                    if serving:
+                        delay = self.settings.worker_retry_s
+            except grpc.aio.AioRpcError as exc:
+                log.debug("health watch of %s ended: %s", self.address, exc.code().name)
+            except Exception:  # never let one surprise end the watch: the worker would be lost for good
+                log.exception("health watch of %s failed", self.address)
+            self._set(serving=False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.worker_retry_max_s)
+
+    async def close(self, grace_s: float) -> None:
+        """Stop watching; wait up to `grace_s` for this worker's streams to end, then close."""
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        await self.channel.close()
+
+
+class WorkerPool:
+    """The workers the gateway routes to; `on_change` is called when the healthy set changes."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        tracer_provider: TracerProvider | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        resolve: Resolver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.target = parse_workers(settings.workers)
+        self.resolve = resolve or resolve_dns
+        self.credentials = credentials
+        self.tracer_provider = tracer_provider
+        self.on_change = on_change
+        self.endpoints: dict[str, WorkerEndpoint] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if isinstance(self.target, DnsName):
+            await self._refresh_dns()
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        else:
+            self._update(self.target)
+
+    def healthy_loads(self) -> list[WorkerLoad]:
+        return [WorkerLoad(e.address, e.in_flight) for e in self.endpoints.values() if e.healthy]
+
+    def any_healthy(self) -> bool:
+        return any(e.healthy for e in self.endpoints.values())
+
+    def get(self, address: str) -> WorkerEndpoint | None:
+        return self.endpoints.get(address)
+
+    def _update(self, addresses: list[str]) -> None:
+        server_name = self.target.host if isinstance(self.target, DnsName) else None
+        for address in addresses:
+            if address not in self.endpoints:
+                channel = upstream_channel(
+                    address, self.settings, self.credentials, self.tracer_provider, server_name
+                )
+                endpoint = WorkerEndpoint(address, channel, self.settings, self.on_change)
+                self.endpoints[address] = endpoint
+                endpoint.start()
+                log.info("worker %s added", address)
+        for address in set(self.endpoints) - set(addresses):
+            endpoint = self.endpoints.pop(address)
+            log.info("worker %s removed", address, extra={"in_flight": endpoint.in_flight})
+            task = asyncio.get_running_loop().create_task(endpoint.close(self.settings.grace_period_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            self.on_change()
+
+    async def _refresh_dns(self) -> None:
+        assert isinstance(self.target, DnsName)
+        try:
+            addresses = await self.resolve(self.target.host, self.target.port)
+        except OSError as exc:
+            log.warning(
+                "cannot resolve %s; keeping %d worker(s): %s", self.target.host, len(self.endpoints), exc
+            )
+            return
+        self._update(addresses)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dns_refresh_s)
+            await self._refresh_dns()
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        endpoints, self.endpoints = list(self.endpoints.values()), {}
+        await asyncio.gather(*(e.close(0) for e in endpoints), *self._closing, return_exceptions=True)

@@ -1,0 +1,94 @@
+"""The public `Inference` service: authenticate, admit, check adapter access, stamp, relay."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services.common.errors import Unavailable
+from services.common.log import current_request_id
+from services.common.proto import inference_pb2, inference_pb2_grpc
+from services.gateway.access import AdapterAccess
+from services.gateway.auth import Authenticator
+from services.gateway.keys import KeySource
+from services.gateway.limits import TenantLimiter
+from services.gateway.membership import WorkerPool
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.outcome import CallOutcome
+from services.gateway.relay import NO_WORKER_RETRY_S, Relay
+from services.gateway.upstream import UpstreamError
+
+LIST_MODELS_TIMEOUT_S = 10.0
+
+
+class GatewayInference(inference_pb2_grpc.InferenceServicer):
+    def __init__(
+        self,
+        *,
+        authenticate: Authenticator,
+        keys: KeySource,
+        limiter: TenantLimiter,
+        access: AdapterAccess | None,
+        relay: Relay,
+        pool: WorkerPool,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.authenticate = authenticate
+        self.keys = keys
+        self.limiter = limiter
+        self.access = access
+        self.relay = relay
+        self.pool = pool
+        self.metrics = metrics
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        with CallOutcome(self.metrics, "Generate", context) as call:
+            tenant = call.tenant = self.authenticate(context).tenant
+            lease = self.limiter.admit(tenant, self.keys.limits_of(tenant))
+            try:
+                if self.access is not None:
+                    await self.access.check_request(tenant, request)
+                forwarded = inference_pb2.GenerateRequest()
+                forwarded.CopyFrom(request)
+                forwarded.tenant = tenant  # whatever the client put there is ignored
+                # One id across retries, so a worker's usage records of a failed attempt and the
+                # successful one share an idempotency key.
+                forwarded.request_id = request.request_id or current_request_id() or uuid.uuid4().hex
+                async for chunk in self.relay.generate(forwarded, context, lease):
+                    yield chunk
+            finally:
+                lease.release()
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: Any
+    ) -> inference_pb2.ListModelsResponse:
+        """The base model and engine of the least loaded worker. Worker caches hold every tenant's
+        adapters, so they (and the worker's id) are left out; operators ask workers directly."""
+        with CallOutcome(self.metrics, "ListModels", context) as call:
+            call.tenant = self.authenticate(context).tenant
+            for load in sorted(self.pool.healthy_loads(), key=lambda w: w.in_flight):
+                endpoint = self.pool.get(load.address)
+                if endpoint is None:
+                    continue
+                remaining = context.time_remaining()
+                timeout = (
+                    LIST_MODELS_TIMEOUT_S if remaining is None else min(remaining, LIST_MODELS_TIMEOUT_S)
+                )
+                try:
+                    response: inference_pb2.ListModelsResponse = await endpoint.stub.ListModels(
+                        request, timeout=timeout
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        endpoint.report_failure()
+                        continue
+                    raise UpstreamError(exc) from None
+                del response.adapters[:]
+                response.worker_id = ""
+                return response
+            raise Unavailable("no inference worker is available", retry_after_s=NO_WORKER_RETRY_S)
