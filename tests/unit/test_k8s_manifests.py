@@ -1,0 +1,102 @@
+"""The Kubernetes manifests stay true to the code: every OPENLORA_* variable they set is a real setting
+of that service, probes ask the port the container serves gRPC on, and they render with kustomize."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.adapter_store.config import StoreSettings
+from services.attribution.config import AttributionSettings
+from services.common.config import ServiceSettings
+from services.gateway.config import GatewaySettings
+from services.inference.config import WorkerSettings
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+SETTINGS: dict[str, type[ServiceSettings]] = {
+    "OPENLORA_STORE_": StoreSettings,
+    "OPENLORA_ATTRIBUTION_": AttributionSettings,
+    "OPENLORA_WORKER_": WorkerSettings,
+    "OPENLORA_GATEWAY_": GatewaySettings,
+}
+
+
+def documents() -> list[dict[str, Any]]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def containers() -> list[dict[str, Any]]:
+    found = []
+    for doc in documents():
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        found.extend(spec.get("containers", []))
+    return found
+
+
+def check_setting(name: str) -> None:
+    for prefix, settings in SETTINGS.items():
+        if name.startswith(prefix):
+            field = name.removeprefix(prefix).lower()
+            assert field in settings.model_fields, f"{name}: {settings.__name__} has no setting {field!r}"
+            return
+    raise AssertionError(f"{name}: no service has the prefix of this variable")
+
+
+def test_every_openlora_variable_is_a_real_setting() -> None:
+    names = [e["name"] for c in containers() for e in c.get("env", [])]
+    names += [k for doc in documents() if doc["kind"] == "ConfigMap" for k in doc["data"]]
+    openlora = [n for n in names if n.startswith("OPENLORA_")]
+    assert len(openlora) > 20
+    for name in openlora:
+        check_setting(name)
+
+
+def test_probes_ask_the_grpc_port_each_container_serves() -> None:
+    serving = {"store": 50053, "attribution": 50054, "worker": 50052, "gateway": 50051}
+    for container in containers():
+        if container["name"] not in serving:
+            continue
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == serving[container["name"]]
+        assert container["args"] == [container["name"], "serve"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == ports["grpc"], (container["name"], probe)
+
+
+def test_worker_spool_lives_on_the_pods_own_volume() -> None:
+    (worker,) = [d for d in documents() if d["kind"] == "StatefulSet"]
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert [t["metadata"]["name"] for t in worker["spec"]["volumeClaimTemplates"]] == ["spool"]
+    assert env["OPENLORA_WORKER_SPOOL_DIR"]["value"].startswith(mounts["spool"] + "/")
+    assert env["OPENLORA_WORKER_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_kustomization_renders() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered) if doc)
+    assert kinds.count("Deployment") == 3 and "StatefulSet" in kinds and "Job" in kinds
+    assert all(
+        doc["metadata"].get("namespace") == "openlora"
+        for doc in yaml.safe_load_all(rendered)
+        if doc and doc["kind"] != "Namespace"
+    )
+
+
+def test_the_example_api_key_secret_is_a_valid_key_file() -> None:
+    from services.gateway.keys import TenantLimits, parse_key_ring
+
+    (secret,) = [
+        d for d in documents() if d["kind"] == "Secret" and d["metadata"]["name"] == "openlora-api-keys"
+    ]
+    ring = parse_key_ring(secret["stringData"]["api-keys.json"], TenantLimits(64, 0), "secrets.example.yaml")
+    assert ring.limits["acme"].max_concurrent_streams == 32
