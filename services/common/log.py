@@ -72,6 +72,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> None:
     """Route the root logger to stderr in the chosen format; safe to call more than once."""
     if fmt == "auto":
@@ -83,3 +86,7 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # transformers imports torchao when it is installed: on a machine without its CUDA kernels it warns
+    # at every start, as does torch about torchao's enums; neither says anything about our service.
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -17,11 +17,13 @@ console = Console(stderr=True)
 def serve_worker(**overrides: Any) -> None:
     from services.cli import load_settings
     from services.common.log import configure_logging
-    from services.inference.server import Worker, model_folder
 
     settings = load_settings(WorkerSettings, **overrides)
     assert isinstance(settings, WorkerSettings)
     configure_logging("worker", settings.log_level, settings.log_format)
+    # After logging is set up: importing the model stack logs (torchao), and that must go through it.
+    from services.inference.server import Worker, model_folder
+
     if settings.model != "smollm2":
         try:
             model_folder(settings.model)  # a typo fails here, before anything listens

@@ -11,10 +11,10 @@ import pytest
 from services.adapter_store.client import adapter_files, download, upload
 from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import common_pb2
+from services.common.synthetic_adapters import write_adapter
 from tests.integration.adapter_store.conftest import start_store, store_settings
 from tests.kit.adapters import sha256_file
 from tests.kit.seaweedfs import S3Endpoint
-from tests.kit.synthetic_adapters import write_adapter
 
 BIG_MODEL: dict[str, int | str] = {
     "model_type": "llama",

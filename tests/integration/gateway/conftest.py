@@ -17,8 +17,8 @@ from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc
+from services.common.synthetic_adapters import write_adapter
 from tests.integration.gateway.kit import InProcessWorkers
-from tests.kit.synthetic_adapters import write_adapter
 
 BASE = "mini-llama"
 MINI_CONFIG: dict[str, int | str] = {

@@ -30,6 +30,7 @@ from services.adapter_store.server import build_server
 from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, attribution_pb2
+from services.common.synthetic_adapters import write_adapter
 from services.gateway.routing import rendezvous_order
 from services.inference.usage.spool import UsageSpool
 from tests.integration.gateway.conftest import put_adapter
@@ -44,7 +45,6 @@ from tests.integration.gateway.kit import (
 )
 from tests.integration.worker.processes import ServiceProcess, worker_process
 from tests.kit.ports import free_port, free_ports
-from tests.kit.synthetic_adapters import write_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.proto import SERVICE_NAMES, adapter_store_pb2_grpc
 from services.common.proto import adapter_store_pb2 as pb
+from services.common.synthetic_adapters import write_adapter
 from services.inference.adapter_cache import AdapterCache, CacheConfig
-from tests.kit.synthetic_adapters import write_adapter
 
 BASE = "tiny-llama"
 

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench import lora_bench, workload
+from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
-from tests.kit.synthetic_adapters import write_adapter
 
 ROOT = Path(__file__).resolve().parents[3]
 

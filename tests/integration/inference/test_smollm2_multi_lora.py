@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
 from services.inference.engine.sequence import SamplingParams
 from tests.kit.adapters import ALL_LINEAR, ATTENTION
-from tests.kit.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import pytest
 from services.adapter_store.client import adapter_files, upload
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import common_pb2, inference_pb2
+from services.common.synthetic_adapters import write_adapter
 from tests.integration.inference.cache_kit import Store, small_adapter, start_store
 from tests.integration.worker.kit import WorkerUnderTest, bad_field, collect, request, worker_settings
-from tests.kit.synthetic_adapters import write_adapter
 
 
 @pytest.fixture

