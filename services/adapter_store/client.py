@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -48,8 +48,11 @@ async def upload(
     *,
     progress: Progress | None = None,
     timeout: float | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> pb.AdapterInfo:
-    """Upload files (header.files is filled in from them) and return the stored AdapterInfo."""
+    """Upload files (header.files is filled in from them) and return the stored AdapterInfo.
+
+    `metadata` goes with the call: `(("authorization", "Bearer <API key>"),)` through the gateway."""
     header.ClearField("files")
     header.files.extend(await asyncio.to_thread(describe_files, paths))
 
@@ -65,7 +68,7 @@ async def upload(
             finally:
                 src.close()
 
-    return await stub.Upload(chunks(), timeout=timeout)
+    return await stub.Upload(chunks(), timeout=timeout, metadata=tuple(metadata))
 
 
 class DownloadError(Exception):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 from sqlalchemy import Engine
 
 from services.attribution import db
@@ -16,6 +17,7 @@ from services.attribution.service import AttributionService
 from services.attribution.servicer import AttributionServicer, binding
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
+from services.common.telemetry import setup_telemetry
 
 log = logging.getLogger("openlora.attribution")
 
@@ -45,13 +47,20 @@ def build(settings: AttributionSettings) -> AttributionServer:
         db.upgrade(engine)
     elif db.current_revision(engine) != db.head_revision():
         raise RuntimeError("the ledger schema is not current: run `openlora attribution migrate`")
+    provider = setup_telemetry("attribution", settings.telemetry)
     channel = None
     source = None
     if settings.store_address:
-        channel = open_channel(settings.store_address, settings)
+        channel = open_channel(settings.store_address, settings, tracer_provider=provider)
         source = StoreProvenanceSource(channel, settings.store_timeout_s)
     service = AttributionService(engine, settings, source)
-    server = GrpcServer(settings, [binding(AttributionServicer(service))], component="attribution")
+    tracer = (provider or trace.get_tracer_provider()).get_tracer("openlora.attribution")
+    server = GrpcServer(
+        settings,
+        [binding(AttributionServicer(service, tracer))],
+        component="attribution",
+        tracer_provider=provider,
+    )
     # WatchRewards feeds never end by themselves: end them as soon as the drain starts.
     server.on_drain(service.feed.close)
     log.info(

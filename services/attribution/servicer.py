@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.attribution import validation
 from services.attribution.domain import (
@@ -23,6 +26,7 @@ from services.common.errors import InvalidArgument
 from services.common.grpc_server import ServiceBinding
 from services.common.proto import attribution_pb2, attribution_pb2_grpc, common_pb2
 
+_PROPAGATOR = TraceContextTextMapPropagator()
 # A price above this would overflow 64-bit pico sums within a few tokens; certainly a mistake.
 MAX_PRICE = Decimal(1000)
 
@@ -47,8 +51,9 @@ class _StreamAcks:
 
 
 class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
-    def __init__(self, service: AttributionService) -> None:
+    def __init__(self, service: AttributionService, tracer: trace.Tracer | None = None) -> None:
         self.service = service
+        self.tracer = tracer or trace.get_tracer("openlora.attribution")
         settings = service.settings
         self._limits = {
             "max_records": settings.max_batch_records,
@@ -57,7 +62,32 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
         }
 
     async def _ingest(self, message: attribution_pb2.UsageBatch) -> IngestResult:
-        return await self.service.ingest(validation.usage_batch(message, **self._limits))
+        started = time.time_ns()
+        result = await self.service.ingest(validation.usage_batch(message, **self._limits))
+        self._join_request_traces(message, started)
+        return result
+
+    def _join_request_traces(self, message: attribution_pb2.UsageBatch, started_ns: int) -> None:
+        """One `ledger.write` span in the trace of each request whose traced record this batch held.
+
+        The usage stream outlives any request, so its own span cannot be a request's child; the record
+        that carries the request's traceparent links the ledger write back into that request's trace."""
+        for record in message.records:
+            if not record.traceparent:
+                continue
+            parent = _PROPAGATOR.extract({"traceparent": record.traceparent})
+            span = self.tracer.start_span(
+                "ledger.write",
+                context=parent,
+                start_time=started_ns,
+                attributes={
+                    "openlora.request_id": record.request_id,
+                    "openlora.worker_id": message.worker_id,
+                    "openlora.usage.batch": message.sequence,
+                    "openlora.usage.records": len(message.records),
+                },
+            )
+            span.end()
 
     async def RecordUsage(
         self, request_iterator: AsyncIterator[attribution_pb2.UsageBatch], context: Any

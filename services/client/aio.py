@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -52,7 +52,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def stream(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt: str | Sequence[int], **options: Any) -> AsyncGenerator[Chunk]:
         """Chunks as the server produces them; options are `build_request`'s. Leaving the loop early
         cancels the call, which frees the worker's resources for it within one step."""
         request = build_request(prompt, **options)

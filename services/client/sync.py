@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -50,7 +50,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def stream(self, prompt: str | Sequence[int], **options: Any) -> Iterator[Chunk]:
+    def stream(self, prompt: str | Sequence[int], **options: Any) -> Generator[Chunk]:
         """Chunks as the server produces them; closing the iterator early cancels the call."""
         request = build_request(prompt, **options)
         deadline = Deadline(self.timeout_s)

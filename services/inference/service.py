@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.errors import Unavailable
 from services.inference.adapters import AdapterResolver, ResolvedAdapter
@@ -27,6 +28,16 @@ from services.inference.usage.records import RequestUsage
 from services.inference.usage.reporter import UsageReporter
 from services.inference.validation import Limits, ParsedRequest
 from services.inference.worker_metrics import WorkerMetrics
+
+
+def traceparent_of(span: trace.Span) -> str:
+    """The span's W3C traceparent, or "" when it is not recorded (tracing off)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return ""
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,9 @@ class WorkerService:
                     {"openlora.adapter.key": resolved.key, "openlora.cache.tier": resolved.tier}
                 )
             components = resolved.components if resolved else ()
-            usage = RequestUsage(request.request_id, request.tenant, self.worker_id, components)
+            usage = RequestUsage(
+                request.request_id, request.tenant, self.worker_id, components, traceparent_of(span)
+            )
             async with contextlib.aclosing(self._stream(request, resolved, usage, arrived)) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason is not None:

@@ -93,6 +93,7 @@ class TokenUsage(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's id."""
     token_index: _builtins.int
@@ -103,6 +104,11 @@ class TokenUsage(_message.Message):
     """Tenant billed for the request."""
     worker_id: _builtins.str
     """Worker that served it."""
+    traceparent: _builtins.str
+    """W3C traceparent of the request that produced the token, set on one record
+    per request (its first prompt token) so the ledger write joins the
+    request's trace; empty otherwise and when tracing is off.
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightedAdapter]:
         """Adapters credited for the token; empty for the base model alone."""
@@ -121,10 +127,11 @@ class TokenUsage(_message.Message):
         tenant: _builtins.str = ...,
         worker_id: _builtins.str = ...,
         ts: _timestamp_pb2.Timestamp | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ts", b"ts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "kind", b"kind", "request_id", b"request_id", "tenant", b"tenant", "token_index", b"token_index", "ts", b"ts", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "kind", b"kind", "request_id", b"request_id", "tenant", b"tenant", "token_index", b"token_index", "traceparent", b"traceparent", "ts", b"ts", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,9 +19,16 @@ class RequestUsage:
     """Counts one request's tokens and builds their records as they are produced."""
 
     def __init__(
-        self, request_id: str, tenant: str, worker_id: str, components: tuple[Component, ...]
+        self,
+        request_id: str,
+        tenant: str,
+        worker_id: str,
+        components: tuple[Component, ...],
+        traceparent: str = "",
     ) -> None:
+        """`traceparent` (the request span's W3C context) rides on the first prompt record only."""
         self.request_id = request_id
+        self.traceparent = traceparent
         self.tenant = tenant
         self.worker_id = worker_id
         self.adapters = [
@@ -36,7 +43,10 @@ class RequestUsage:
         if self.prompt_tokens:
             return []
         self.prompt_tokens = count
-        return self._records(attribution_pb2.PROMPT, 0, count)
+        records = self._records(attribution_pb2.PROMPT, 0, count)
+        if records and self.traceparent:
+            records[0].traceparent = self.traceparent
+        return records
 
     def completion(self, count: int) -> list[attribution_pb2.TokenUsage]:
         """Records of the next `count` generated tokens."""
