@@ -88,6 +88,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     size_bytes=adapter.size_bytes,
                 )
             )
+        in_ram = {(a.adapter.id, a.adapter.version) for a in listed}
+        for key, digest, size in self.cache.disk.entries():
+            adapter_id, _, version = key.partition("@")
+            if (adapter_id, version) in in_ram:
+                continue
+            listed.append(  # rank unknown until parsed: 0
+                inference_pb2.CachedAdapter(
+                    adapter=common_pb2.AdapterRef(id=adapter_id, version=version),
+                    digest=digest,
+                    tier=inference_pb2.DISK,
+                    size_bytes=size,
+                )
+            )
         listed.sort(key=lambda a: a.tier)  # fastest tier first, recency kept within a tier
         return listed
 

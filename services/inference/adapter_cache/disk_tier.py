@@ -81,6 +81,15 @@ class DiskTier:
         self.evict_over_budget()
         log.info("adapter disk cache: %d entries, %d bytes", len(self._entries), self._bytes)
 
+    def entries(self) -> list[tuple[str, str, int]]:
+        """(key `id@version`, digest, bytes) of every adapter on disk, most recently used first."""
+        with self._lock:
+            return [
+                (key, digest, entry.size)
+                for digest, entry in reversed(self._entries.items())
+                for key in sorted(entry.refs)
+            ]
+
     def digest_of(self, key: str) -> str | None:
         with self._lock:
             return self._digest_of.get(key)

@@ -106,6 +106,8 @@ def test_disk_tier_is_content_addressed_and_keeps_its_budget(tmp_path: Path) -> 
     assert not disk.path(two).exists() and disk.digest_of("z@v1") is None
     assert disk.digest_of("x@v1") == one and disk.digest_of("w@v1") == three
     assert list((disk.root / STAGING).iterdir()) == []
+    # What ListModels shows of the disk tier: every name of every entry, most recently used first.
+    assert disk.entries() == [("w@v1", three, size), ("x@v1", one, size), ("y@v1", one, size)]
 
 
 def test_disk_tier_survives_a_restart_in_lru_order(tmp_path: Path) -> None:
