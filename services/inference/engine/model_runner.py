@@ -89,7 +89,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Run the step; return float32 logits `[S, vocab]` of the sampling sequences (S may be 0)."""
+        """Run the step; return the logits `[S, vocab]` of the sampling sequences (S may be 0), in the
+        model's dtype: greedy rows need only their argmax, and the sampler upcasts the rows that need more."""
         if not batch.sampling_seqs:
             # Only partial prefills: their K/V must still be written, but no logits are needed.
             keep: torch.Tensor | int = batch.logits_indices.new_tensor([batch.num_tokens - 1])
@@ -102,5 +103,5 @@ class ModelRunner:
             logits_to_keep=keep,
             openlora_step=batch.attention,
         )
-        logits: torch.Tensor = output.logits[0].float()  # [S, vocab]
+        logits: torch.Tensor = output.logits[0]  # [S, vocab]
         return logits[: len(batch.sampling_seqs)]

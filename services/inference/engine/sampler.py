@@ -36,7 +36,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 
 
 def sample(
-    logits: torch.Tensor,  # [S, V] float32
+    logits: torch.Tensor,  # [S, V], any float dtype: argmax needs no upcast (bf16 → fp32 is exact)
     params: list[SamplingParams],  # S
     generators: list[torch.Generator | None],  # S: a seeded generator per row, or None
 ) -> SamplerOutput:
@@ -51,7 +51,7 @@ def sample(
         temperature = torch.tensor([params[i].temperature for i in random_rows], device=device)
         top_k = torch.tensor([params[i].top_k for i in random_rows], device=device)
         top_p = torch.tensor([params[i].top_p for i in random_rows], device=device)
-        scaled = logits[rows] / temperature[:, None]  # [R, V]
+        scaled = logits[rows].float() / temperature[:, None]  # [R, V]
         probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
         noise = torch.empty_like(probs)
         for r, i in enumerate(random_rows):
@@ -60,6 +60,6 @@ def sample(
         tokens[rows] = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
     logprobs = None
     if any(p.logprobs for p in params):
-        chosen = logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+        chosen = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
         logprobs = chosen.tolist()
     return SamplerOutput(tokens.tolist(), logprobs)
