@@ -50,8 +50,13 @@ class WorkerSettings(ServiceSettings):
     quantization: Literal["none", "int8"] = "none"
     """Weight-only quantisation of the base model's linear layers."""
 
-    attention_backend: str = "torch"
-    """Attention backend: `torch` (SDPA, any device) or `flash_attn` (CUDA with flash-attn)."""
+    attention_backend: Literal["torch", "flash_attn"] = "torch"
+    """Attention backend: `torch` (SDPA, any device) or `flash_attn` (CUDA with flash-attn, bfloat16
+    or float16)."""
+
+    lora_op: Literal["auto", "segment", "triton"] = "auto"
+    """Multi-LoRA op: `segment` (plain torch, any device), `triton` (BGMV kernels on CUDA), or `auto`
+    (triton on CUDA when it imports, else segment)."""
 
     device: str = "cpu"
     """Torch device of the model, KV cache and LoRA slots (`cpu`, `cuda`, `cuda:1`, ...)."""

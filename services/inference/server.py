@@ -216,6 +216,7 @@ class Worker:
             lora_slots=s.lora_slots,
             lora_max_rank=s.lora_max_rank,
             lora_target_modules=s.lora_target_modules,
+            lora_op=s.lora_op,
             quantization=s.quantization,
         )
         if s.store_address is not None and s.lora_slots:

@@ -48,6 +48,7 @@ class EngineConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     attention_backend: str = "torch"
+    """`torch` (SDPA over the gathered paged context, any device) or `flash_attn` (CUDA, fp16/bf16)."""
     lora_slots: int = 0
     """Device slots for LoRA adapters (0: no multi-LoRA). Requests whose adapters exceed the slots wait
     in LOADING until a slot frees up; slots in use by the running batch are never evicted."""
@@ -55,6 +56,9 @@ class EngineConfig:
     """Largest adapter rank a slot holds (buffers are allocated at this rank, zero-padded)."""
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS
     """Linear modules wrapped for adapters; an adapter touching others is refused."""
+    lora_op: str = "auto"
+    """The multi-LoRA op: `segment` (plain torch, any device), `triton` (BGMV kernels, CUDA) or `auto`
+    (triton on CUDA when it imports, else segment)."""
     quantization: Quantization = "none"
     """Base-weight quantisation: `int8` stores the decoder's linear weights as int8 (weight-only,
     torchao); activations, KV cache and adapters keep `dtype`."""
@@ -70,6 +74,8 @@ class EngineConfig:
             raise ValueError("lora_slots must be >= 0 and lora_max_rank >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        if self.attention_backend == "flash_attn" and self.dtype == "float32":
+            raise ValueError("the flash_attn attention backend needs dtype bfloat16 or float16")
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class LLMEngine:
                 r_max=config.lora_max_rank,
                 target_modules=config.lora_target_modules,
                 dtype=torch.float32,
+                op=config.lora_op,
             )
             self.residency = AdapterResidency(
                 pool, adapter_lookup or self._registered_adapters.get, request_adapter or (lambda key: None)
