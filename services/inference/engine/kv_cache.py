@@ -69,3 +69,13 @@ class PagedKVCache:
     @property
     def num_bytes(self) -> int:
         return 2 * self.key.numel() * self.key.element_size()
+
+    def write(
+        self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a step's new keys and values (`[1, Hkv, T, D]`, as attention receives them) in their
+        slots; return the layer's whole K and V caches (`[slots, Hkv, D]`)."""
+        k_cache, v_cache = self.key[layer], self.value[layer]
+        k_cache.index_copy_(0, slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(0, slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+        return k_cache, v_cache

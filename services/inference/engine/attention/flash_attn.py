@@ -69,10 +69,7 @@ def paged_attention(
 
     state = meta.backend_state.get("flash_attn") or _context_slots(meta)
     layer: int = module.layer_idx  # type: ignore[assignment]
-    k_cache = meta.kv_cache.key[layer]  # [slots, Hkv, D]
-    v_cache = meta.kv_cache.value[layer]
-    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    k_cache, v_cache = meta.kv_cache.write(layer, meta.slot_mapping, key, value)  # [slots, Hkv, D]
     q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
     k = k_cache.index_select(0, state["k_index"]).to(q.dtype)  # [Σ context, Hkv, D]
     v = v_cache.index_select(0, state["k_index"]).to(q.dtype)

@@ -148,10 +148,7 @@ def paged_attention(
         raise RuntimeError("paged attention needs the step metadata (forward kwarg `openlora_step`)")
     groups: list[_Group] = meta.backend_state.get("torch_groups") or prepare(meta)
     layer: int = module.layer_idx  # type: ignore[assignment]
-    k_cache = meta.kv_cache.key[layer]  # [slots, Hkv, D]
-    v_cache = meta.kv_cache.value[layer]
-    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    k_cache, v_cache = meta.kv_cache.write(layer, meta.slot_mapping, key, value)  # [slots, Hkv, D]
 
     q_all = query[0].transpose(0, 1)  # [T, H, D]
     if len(groups) == 1 and groups[0].q_start == 0:
