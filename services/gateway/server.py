@@ -13,10 +13,11 @@ from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from services.common.grpc_client import channel_credentials
 from services.common.grpc_server import GrpcServer, ServiceBinding
+from services.common.metrics_http import MetricsEndpoint
 from services.common.proto import (
     SERVICE_NAMES,
     adapter_store_pb2_grpc,
@@ -68,7 +69,7 @@ class Gateway:
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry, lambda: list(self.pool.endpoints.values()))
         self.metrics_port: int | None = None
-        self._metrics_http: Any = None
+        self._metrics_http: MetricsEndpoint | None = None
         authenticate = Authenticator(self.keys)
         self.store_channel: grpc.aio.Channel | None = None
         access: AdapterAccess | None = None
@@ -136,15 +137,10 @@ class Gateway:
     def _start_metrics(self) -> None:
         if self.settings.metrics_port is None:
             return
-        try:
-            http, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host, self.registry)
-        except OSError as exc:
-            raise OSError(
-                f"metrics: cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
-            ) from exc
-        self._metrics_http = http
-        self.metrics_port = int(http.server_port)
-        log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+        self._metrics_http = MetricsEndpoint(
+            self.settings.metrics_host, self.settings.metrics_port, self.registry
+        )
+        self.metrics_port = self._metrics_http.port
 
     async def _after_listening(self) -> None:
         self._started = True
@@ -181,7 +177,6 @@ class Gateway:
         if self.store_channel is not None:
             await self.store_channel.close()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            self._metrics_http.close()
             self._metrics_http = None
         await asyncio.gather(*self._tasks, return_exceptions=True)

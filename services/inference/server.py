@@ -16,16 +16,16 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from services.common.errors import Unavailable
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
+from services.common.metrics_http import MetricsEndpoint
 from services.common.proto import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import setup_telemetry
 from services.inference.adapter_cache import AdapterCache, CacheConfig
@@ -116,7 +116,7 @@ class Worker:
         self.cache: AdapterCache | None = None
         self.metrics = WorkerMetrics(self.registry, self._engine_stats, lambda: self.reporter)
         self.metrics_port: int | None = None
-        self._metrics_http: WSGIServer | None = None
+        self._metrics_http: MetricsEndpoint | None = None
         self._store_channel: grpc.aio.Channel | None = None
         self._startup: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
@@ -160,15 +160,10 @@ class Worker:
     def _start_metrics(self) -> None:
         if self.settings.metrics_port is None:
             return
-        try:
-            http, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host, self.registry)
-        except OSError as exc:
-            raise OSError(
-                f"metrics: cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
-            ) from exc
-        self._metrics_http = http
-        self.metrics_port = int(http.server_port)
-        log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+        self._metrics_http = MetricsEndpoint(
+            self.settings.metrics_host, self.settings.metrics_port, self.registry
+        )
+        self.metrics_port = self._metrics_http.port
 
     async def _load(self, port: int, on_ready: Callable[[int], None] | None) -> None:
         try:
@@ -306,8 +301,7 @@ class Worker:
             await self._store_channel.close()
             self._store_channel = None
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            self._metrics_http.close()
             self._metrics_http = None
         if self.tracer_provider is not None and self._own_provider:
             self.tracer_provider.shutdown()  # flushes spans still batched for export
