@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,17 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_ours(engine: LLMEngine, requests: list[workload.WorkloadRequest]) -> dict[str, Any]:
-    """Replay with arrivals honoured: a request is added at the first step boundary after it arrives."""
+def _base_model(request: workload.WorkloadRequest) -> str | None:
+    return None
+
+
+def run_ours(
+    engine: LLMEngine,
+    requests: list[workload.WorkloadRequest],
+    adapter_of: Callable[[workload.WorkloadRequest], str | None] = _base_model,
+) -> dict[str, Any]:
+    """Replay with arrivals honoured: a request is added at the first step boundary after it arrives.
+    `adapter_of` names each request's adapter key (the multi-LoRA benchmark); the base model by default."""
     pending = list(requests)  # in arrival order
     seqs: dict[str, Sequence] = {}
     first_token_s: dict[str, float] = {}
@@ -68,7 +78,9 @@ def run_ours(engine: LLMEngine, requests: list[workload.WorkloadRequest]) -> dic
         while pending and pending[0].arrival_s <= now:
             r = pending.pop(0)
             sampling = SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True)
-            seqs[r.request_id] = engine.add_request(r.request_id, r.prompt_token_ids, sampling)
+            seqs[r.request_id] = engine.add_request(
+                r.request_id, r.prompt_token_ids, sampling, adapter_key=adapter_of(r)
+            )
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[0].arrival_s - now))
             continue
@@ -90,9 +102,39 @@ def run_ours(engine: LLMEngine, requests: list[workload.WorkloadRequest]) -> dic
     }
 
 
-def run_hf(model: Any, requests: list[workload.WorkloadRequest], batch_size: int) -> dict[str, Any]:
-    """Static batches in arrival order; a batch waits for its last request and for the previous batch."""
-    # Ignore EOS as our engine does: every row runs to the batch's longest output.
+def generate_padded(model: Any, batch: list[workload.WorkloadRequest], **kwargs: Any) -> dict[str, list[int]]:
+    """One static batch: left-padded prompts (as decoder-only generation needs), EOS ignored as our engine
+    does, every row run to the batch's longest output; each request's own tokens are returned."""
+    width = max(len(r.prompt_token_ids) for r in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, r in enumerate(batch):
+        ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+        mask[i, width - len(r.prompt_token_ids) :] = 1
+    config = GenerationConfig(  # type: ignore[no-untyped-call]
+        do_sample=False,
+        max_new_tokens=max(r.max_new_tokens for r in batch),
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config, **kwargs
+        )
+    return {
+        r.request_id: [int(t) for t in out[i, width : width + r.max_new_tokens]] for i, r in enumerate(batch)
+    }
+
+
+def run_hf(
+    model: Any,
+    requests: list[workload.WorkloadRequest],
+    batch_size: int,
+    adapter_of: Callable[[workload.WorkloadRequest], str] | None = None,
+) -> dict[str, Any]:
+    """Static batches in arrival order; a batch waits for its last request and for the previous batch.
+    With `adapter_of`, each row gets its adapter (PEFT's `generate(adapter_names=…)`)."""
     outputs: dict[str, list[int]] = {}
     start = time.perf_counter()
     for b in range(0, len(requests), batch_size):
@@ -100,23 +142,8 @@ def run_hf(model: Any, requests: list[workload.WorkloadRequest], batch_size: int
         wait = batch[-1].arrival_s - (time.perf_counter() - start)
         if wait > 0:
             time.sleep(wait)
-        width = max(len(r.prompt_token_ids) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding, as decoder-only generation needs
-            ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
-            mask[i, width - len(r.prompt_token_ids) :] = 1
-        new = max(r.max_new_tokens for r in batch)
-        # Ignore EOS as our engine does: every row runs to the batch's longest output.
-        config = GenerationConfig(  # type: ignore[no-untyped-call]
-            do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0, bos_token_id=None
-        )
-        with torch.inference_mode():
-            out = model.generate(
-                ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
-            )
-        for i, r in enumerate(batch):
-            outputs[r.request_id] = [int(t) for t in out[i, width : width + r.max_new_tokens]]
+        extra = {} if adapter_of is None else {"adapter_names": [adapter_of(r) for r in batch]}
+        outputs |= generate_padded(model, batch, **extra)
     elapsed = time.perf_counter() - start
     tokens = sum(r.max_new_tokens for r in requests)  # padded and overrun tokens do not count
     return {"elapsed_s": elapsed, "tokens": tokens, "tok_s": tokens / elapsed, "outputs": outputs}

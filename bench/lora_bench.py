@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from bench import workload
-from bench.engine_bench import model_dir, peak_rss_mib
+from bench.engine_bench import agreement, generate_padded, model_dir, peak_rss_mib, run_hf, run_ours
 from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
-from services.inference.engine.sequence import SamplingParams, Sequence
 
 Request = workload.WorkloadRequest
 
@@ -62,71 +60,6 @@ class HostAdapter:
 
 def adapter_name(index: int) -> str:
     return f"adapter-{index:05d}"
-
-
-def run_engine(
-    engine: LLMEngine, requests: list[Request], adapter_of: Callable[[Request], str | None]
-) -> dict[str, Any]:
-    """Replay with arrivals honoured: a request is added at the first step boundary after it arrives."""
-    pending = list(requests)
-    seqs: dict[str, Sequence] = {}
-    first_token_s: dict[str, float] = {}
-    start = time.perf_counter()
-    while pending or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while pending and pending[0].arrival_s <= now:
-            r = pending.pop(0)
-            sampling = SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True)
-            seqs[r.request_id] = engine.add_request(
-                r.request_id, r.prompt_token_ids, sampling, adapter_key=adapter_of(r)
-            )
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, pending[0].arrival_s - now))
-            continue
-        for out in engine.step():
-            first_token_s.setdefault(out.request_id, time.perf_counter() - start)
-    elapsed = time.perf_counter() - start
-    ttft = sorted(first_token_s[r.request_id] - r.arrival_s for r in requests)
-    tokens = sum(s.num_output_tokens for s in seqs.values())
-    return {
-        "tok_s": tokens / elapsed,
-        "ttft_p50_s": statistics.median(ttft),
-        "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
-        "outputs": {rid: list(s.output_token_ids) for rid, s in seqs.items()},
-    }
-
-
-def generate_padded(model: Any, batch: list[Request], **kwargs: Any) -> dict[str, list[int]]:
-    """One static batch: left-padded prompts, every row run to the batch's longest output."""
-    width = max(len(r.prompt_token_ids) for r in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, r in enumerate(batch):
-        ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
-        mask[i, width - len(r.prompt_token_ids) :] = 1
-    config = GenerationConfig(  # type: ignore[no-untyped-call]
-        do_sample=False,
-        max_new_tokens=max(r.max_new_tokens for r in batch),
-        eos_token_id=None,
-        pad_token_id=0,
-        bos_token_id=None,
-    )
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, generation_config=config, **kwargs)
-    return {r.request_id: out[i, width : width + r.max_new_tokens].tolist() for i, r in enumerate(batch)}
-
-
-def run_peft(peft: Any, requests: list[Request], batch_size: int) -> dict[str, Any]:
-    """Static mixed-adapter batches in arrival order; a batch waits for its last request."""
-    outputs: dict[str, list[int]] = {}
-    start = time.perf_counter()
-    for b in range(0, len(requests), batch_size):
-        batch = requests[b : b + batch_size]
-        time.sleep(max(0.0, batch[-1].arrival_s - (time.perf_counter() - start)))
-        names = [adapter_name(r.adapter_index) for r in batch]
-        outputs |= generate_padded(peft, batch, adapter_names=names)
-    elapsed = time.perf_counter() - start
-    return {"tok_s": sum(r.max_new_tokens for r in requests) / elapsed, "outputs": outputs}
 
 
 def run_merge(peft: Any, requests: list[Request], batch_size: int) -> dict[str, Any]:
@@ -154,10 +87,6 @@ def run_merge(peft: Any, requests: list[Request], batch_size: int) -> dict[str, 
         merges += 1
     elapsed = time.perf_counter() - start
     return {"tok_s": sum(r.max_new_tokens for r in requests) / elapsed, "outputs": outputs, "merges": merges}
-
-
-def agreement(ours: dict[str, list[int]], other: dict[str, list[int]]) -> float:
-    return sum(ours[rid] == other[rid] for rid in other) / len(other)
 
 
 def main() -> None:
@@ -227,13 +156,13 @@ def main() -> None:
             # adapter only, so the timed run still loads every other adapter into its slot.
             warm = [dataclasses.replace(r, max_new_tokens=4) for r in requests[: args.batch_size]]
             first = adapter_name(requests[0].adapter_index)
-            run_engine(engine, warm, lambda r, first=first: first)  # type: ignore[misc]
-            run_engine(base_engine, warm, lambda r: None)
+            run_ours(engine, warm, lambda r, first=first: first)  # type: ignore[misc]
+            run_ours(base_engine, warm)
             # Alternate ours and base so both see the same share of the shared machine's noise.
             runs = []
             for _ in range(args.repeats):
-                ours = run_engine(engine, requests, lambda r: adapter_name(r.adapter_index))
-                runs.append((ours, run_engine(base_engine, requests, lambda r: None)))
+                ours = run_ours(engine, requests, lambda r: adapter_name(r.adapter_index))
+                runs.append((ours, run_ours(base_engine, requests)))
             assert engine.residency is not None
             slot_loads = engine.residency.pool.table.evictions // args.repeats
             ours = {
@@ -281,7 +210,7 @@ def main() -> None:
                 peft.eval()
                 generate_padded(peft, warm, adapter_names=[first] * len(warm))
                 if "peft" in peers:
-                    result = run_peft(peft, requests, args.batch_size)
+                    result = run_hf(peft, requests, args.batch_size, lambda r: adapter_name(r.adapter_index))
                     line["peft_tok_s"] = round(result["tok_s"], 1)
                     line["p1_ours_over_peft"] = round(ours["tok_s"] / result["tok_s"], 2)
                     line["same_tokens_as_peft"] = round(agreement(ours["outputs"], result["outputs"]), 3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bench import lora_bench, workload
+from bench import engine_bench, lora_bench, workload
 from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 
@@ -51,7 +51,7 @@ def test_every_replay_generates_each_requested_token_and_ours_equals_peft_alone(
     )
     for i, folder in folders.items():
         engine.add_adapter(lora_bench.adapter_name(i), lora_bench.HostAdapter(folder, 4))
-    ours = lora_bench.run_engine(engine, requests, lambda r: lora_bench.adapter_name(r.adapter_index))
+    ours = engine_bench.run_ours(engine, requests, lambda r: lora_bench.adapter_name(r.adapter_index))
 
     from peft import PeftModel
 
@@ -63,9 +63,9 @@ def test_every_replay_generates_each_requested_token_and_ours_equals_peft_alone(
     ).eval()
     for i, name in zip(used[1:], names[1:], strict=True):
         peft.load_adapter(str(folders[i]), adapter_name=name)
-    mixed = lora_bench.run_peft(peft, requests, batch_size=3)
+    mixed = engine_bench.run_hf(peft, requests, 3, lambda r: lora_bench.adapter_name(r.adapter_index))
     merged = lora_bench.run_merge(peft, requests, batch_size=3)
-    alone = lora_bench.run_peft(peft, requests, batch_size=1)
+    alone = engine_bench.run_hf(peft, requests, 1, lambda r: lora_bench.adapter_name(r.adapter_index))
 
     wanted = {r.request_id: r.max_new_tokens for r in requests}
     for result in (ours, mixed, merged, alone):
