@@ -18,6 +18,7 @@ from services.inference.adapter_cache.mixing import MIX_ID, MixSpec
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
 from tests.integration.inference.cache_kit import Store, open_cache, start_store
+from tests.integration.inference.hf_reference import peft_greedy, peft_with_adapters
 from tests.kit.adapters import ATTENTION, make_peft_adapter
 
 SPECS = {"poet": (8, 16, ATTENTION), "coder": (8, 8, ["q_proj", "v_proj", "down_proj"])}
@@ -54,30 +55,10 @@ def wire_mix(strategy: int = pb.LINEAR, **kwargs: float | int) -> pb.AdapterMix:
 def peft_reference(
     base_dir: Path, folders: dict[str, Path], jobs: list[tuple[list[int], str | None]]
 ) -> list[list[int]]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    peft = peft_with_adapters(base_dir, folders)
     names = list(folders)
-    peft = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir), str(folders[names[0]]), adapter_name=names[0]
-    )
-    peft.load_adapter(str(folders[names[1]]), adapter_name=names[1])
     peft.add_weighted_adapter(names, [WEIGHTS[n] for n in names], "mixed", combination_type="cat")
-    peft.eval()
-    outputs = []
-    for prompt, name in jobs:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = peft.generate(  # type: ignore[no-untyped-call]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_NEW,
-                min_new_tokens=MAX_NEW,
-                do_sample=False,
-                adapter_names=[name or "__base__"],
-            )
-        outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return peft_greedy(peft, jobs, MAX_NEW)
 
 
 async def test_linear_mix_through_the_engine_equals_peft_cat(

@@ -7,13 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from services.common.errors import InvalidArgument
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
 from services.inference.engine.sequence import SamplingParams
+from tests.integration.inference.hf_reference import peft_greedy, peft_with_adapters
 from tests.kit.adapters import ALL_LINEAR, ATTENTION, make_peft_adapter
 
 
@@ -50,36 +50,14 @@ def adapters(
     }
 
 
-def peft_greedy(
+def peft_reference(
     base_dir: Path,
     adapters: dict[str, tuple[Path, int, int]],
     jobs: list[tuple[list[int], str | None]],
     max_new: int,
 ) -> list[list[int]]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    names = list(adapters)
-    peft = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir), str(adapters[names[0]][0]), adapter_name=names[0]
-    )
-    for name in names[1:]:
-        peft.load_adapter(str(adapters[name][0]), adapter_name=name)
-    peft.eval()
-    outputs = []
-    for prompt, adapter_name in jobs:  # each request alone, as the reference
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = peft.generate(  # type: ignore[no-untyped-call]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-                do_sample=False,
-                adapter_names=[adapter_name or "__base__"],
-            )
-        outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    peft = peft_with_adapters(base_dir, {name: folder for name, (folder, _, _) in adapters.items()})
+    return peft_greedy(peft, jobs, max_new)  # each request alone, as the reference
 
 
 def test_concurrent_adapters_match_peft_with_slot_eviction(
@@ -91,7 +69,7 @@ def test_concurrent_adapters_match_peft_with_slot_eviction(
         ([rng.randrange(3, 500) for _ in range(rng.randint(4, 40))], names[i % len(names)]) for i in range(20)
     ]
     max_new = 12
-    expected = peft_greedy(tiny_llama_dir, adapters, jobs, max_new)
+    expected = peft_reference(tiny_llama_dir, adapters, jobs, max_new)
 
     config = EngineConfig(
         lora_slots=3, lora_max_rank=16, kv_cache_bytes=8 << 20, max_num_seqs=8, max_num_batched_tokens=96

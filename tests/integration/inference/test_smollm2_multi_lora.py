@@ -7,13 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
 from services.inference.engine.sequence import SamplingParams
+from tests.integration.inference.hf_reference import peft_greedy, peft_with_adapters
 from tests.kit.adapters import ALL_LINEAR, ATTENTION
 
 pytestmark = pytest.mark.slow
@@ -46,32 +46,11 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     }
 
 
-def peft_greedy(
+def peft_reference(
     base_dir: Path, adapters: dict[str, tuple[Path, int]], jobs: list[tuple[list[int], str | None]]
 ) -> list[list[int]]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    names = list(adapters)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, str(adapters[names[0]][0]), adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(str(adapters[name][0]), adapter_name=name)
-    peft.eval()
-    outputs = []
-    for prompt, adapter_name in jobs:  # each request alone: the reference
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = peft.generate(  # type: ignore[no-untyped-call]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_NEW,
-                min_new_tokens=MAX_NEW,
-                do_sample=False,
-                adapter_names=[adapter_name or "__base__"],
-            )
-        outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    peft = peft_with_adapters(base_dir, {name: folder for name, (folder, _) in adapters.items()})
+    return peft_greedy(peft, jobs, MAX_NEW)  # each request alone: the reference
 
 
 def test_smollm2_concurrent_adapters_match_peft(
@@ -80,7 +59,7 @@ def test_smollm2_concurrent_adapters_match_peft(
     rng = random.Random(11)
     names: list[str | None] = [*adapters, None, None]
     jobs = [([rng.randrange(100, 40000) for _ in range(rng.randint(5, 60))], name) for name in names]
-    expected = peft_greedy(smollm2_dir, adapters, jobs)
+    expected = peft_reference(smollm2_dir, adapters, jobs)
 
     config = EngineConfig(
         dtype="float32",
