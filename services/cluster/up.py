@@ -111,8 +111,6 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
     ports = {name: _free_port() for name in ("store", "attribution")}
     worker_ports = [_free_port() for _ in range(config.workers)]
     gateway_port = config.gateway_port or _free_port()
-    level = {"OPENLORA_STORE_LOG_LEVEL", "OPENLORA_ATTRIBUTION_LOG_LEVEL"}
-    quiet = {name: config.log_level for name in level}
     store_args = ["store", "serve", "--port", str(ports["store"])]
     if "OPENLORA_STORE_BACKEND" not in os.environ:  # embedded default unless S3 is configured
         store_args += ["--backend", "local", "--local-dir", str(data / "store")]
@@ -122,7 +120,14 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
     supervisor = Supervisor(out or sys.stdout)  # type: ignore[arg-type]
     try:
         say(f"starting the adapter store on {store}")
-        await supervisor.start(ChildSpec("store", [*OPENLORA, *store_args], ports["store"], quiet))
+        await supervisor.start(
+            ChildSpec(
+                "store",
+                [*OPENLORA, *store_args],
+                ports["store"],
+                {"OPENLORA_STORE_LOG_LEVEL": config.log_level},
+            )
+        )
         await _register_base_model(store, base_model, model_dir)
         say(f"starting attribution on {attribution}")
         await supervisor.start(
@@ -140,7 +145,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                     store,
                 ],
                 ports["attribution"],
-                quiet,
+                {"OPENLORA_ATTRIBUTION_LOG_LEVEL": config.log_level},
             )
         )
         for i, port in enumerate(worker_ports):
