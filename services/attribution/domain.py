@@ -8,7 +8,7 @@ a token's split is exact and sums to one by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import IntEnum
 from typing import NamedTuple
@@ -73,6 +73,7 @@ class TokenRecord:
     tenant: str
     worker_id: str
     ts_us: int  # epoch microseconds
+    client_request_id: str = ""  # the id the client chose: a label, not unique (request_id is)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -84,7 +85,18 @@ class TokenRecord:
 class UsageBatch:
     sequence: int  # sender's batch number, from 1, per worker
     worker_id: str
-    records: list[TokenRecord]
+    records: list[TokenRecord]  # the records that passed the checks
+    refused: list[RefusedRecord] = field(default_factory=list)  # the others, never written
+    clock_ahead: int = 0  # records stamped too far in the future, stamped with arrival time instead
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedRecord:
+    """A record of a batch the ledger will not take: the sender dead-letters it."""
+
+    index: int  # position in the batch
+    field: str  # e.g. records[3].request_id
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 
 from services.attribution.domain import TokenRecord
 
-_COLUMNS = "request_id, token_index, kind, tenant, worker_id, ts_us, adapters"
+_COLUMNS = "request_id, token_index, kind, tenant, worker_id, ts_us, adapters, client_request_id"
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
@@ -23,7 +23,8 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
     tenant varchar(128) NOT NULL,
     worker_id varchar(128) NOT NULL,
     ts_us bigint NOT NULL,
-    adapters text NOT NULL
+    adapters text NOT NULL,
+    client_request_id varchar(128) NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
@@ -57,6 +58,7 @@ def insert_events_pg(
                         r.worker_id,
                         r.ts_us,
                         adapters_text(r),
+                        r.client_request_id,
                     )
                 )
         cursor.execute(_MOVE)

@@ -174,6 +174,7 @@ class Ledger:
                     "worker_id": r.worker_id,
                     "ts_us": r.ts_us,
                     "adapters": adapters_text(r),
+                    "client_request_id": r.client_request_id,
                 }
                 for r in records
             ]

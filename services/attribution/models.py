@@ -19,10 +19,16 @@ class Base(DeclarativeBase):
 
 
 class UsageEvent(Base):
-    """One token read or produced; at most one row per idempotency key."""
+    """One token read or produced; at most one row per idempotency key.
+
+    `request_id` is unique per served request (the worker makes it), so a client reusing its own ids
+    is still billed for every token; rows from before revision 0002 hold the client's id there."""
 
     __tablename__ = "usage_events"
-    __table_args__ = (Index("uq_usage_events_key", "request_id", "token_index", "kind", unique=True),)
+    __table_args__ = (
+        Index("uq_usage_events_key", "request_id", "token_index", "kind", unique=True),
+        Index("ix_usage_events_client_request", "client_request_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(128))
@@ -34,6 +40,8 @@ class UsageEvent(Base):
     # `id version weight_micros` per adapter, `;`-separated (ids and versions hold no whitespace);
     # kept so rewards can be audited or recomputed from the events alone.
     adapters: Mapped[str] = mapped_column(Text)
+    # The id the client chose, for lookups; request_id (made unique by the worker) is the key.
+    client_request_id: Mapped[str] = mapped_column(String(128), server_default="")
 
 
 class UsageSender(Base):

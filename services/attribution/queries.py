@@ -1,4 +1,5 @@
-"""The read path: usage from the per-minute rollups, rewards from the ledger entries.
+"""The read path: usage from the per-minute rollups (or, by client request id, from the events),
+rewards from the ledger entries.
 
 Both are resolved to the minute: a minute counts when its start lies in [start, end). Buckets are
 whole minutes wide, aligned on `start` (or on the epoch when there is no start), and only buckets
@@ -10,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, func, select
+from sqlalchemy import ColumnElement, Engine, case, func, select
 
-from services.attribution.domain import US_PER_MINUTE
+from services.attribution.domain import US_PER_MINUTE, TokenKind
 from services.attribution.ledger import ALL_ADAPTERS
-from services.attribution.models import RewardLedgerEntry, UsageRollup
+from services.attribution.models import RewardLedgerEntry, UsageEvent, UsageRollup
 
 
 @dataclass(frozen=True)
@@ -56,23 +57,45 @@ class UsageResult:
 
 
 def usage(engine: Engine, *, adapter_id: str = "", tenant: str = "", window: TimeRange) -> UsageResult:
-    conditions = [
-        UsageRollup.adapter_id == (adapter_id or ALL_ADAPTERS),
-        *window.where(UsageRollup.minute_us),
-    ]
+    minute = UsageRollup.minute_us
+    conditions = [UsageRollup.adapter_id == (adapter_id or ALL_ADAPTERS), *window.where(minute)]
     if tenant:
         conditions.append(UsageRollup.tenant == tenant)
-    sums = (
-        func.coalesce(func.sum(UsageRollup.prompt_tokens), 0),
-        func.coalesce(func.sum(UsageRollup.completion_tokens), 0),
-    )
+    sums = (func.sum(UsageRollup.prompt_tokens), func.sum(UsageRollup.completion_tokens))
+    return _usage_counts(engine, minute, sums, conditions, window)
+
+
+def usage_of_request(
+    engine: Engine, client_request_id: str, *, tenant: str = "", window: TimeRange
+) -> UsageResult:
+    """Usage of the requests a client sent under one id, counted from the events (clients may reuse
+    an id, so this can span several requests and tenants)."""
+    minute = UsageEvent.ts_us - UsageEvent.ts_us % US_PER_MINUTE
+    conditions = [UsageEvent.client_request_id == client_request_id, *window.where(minute)]
+    if tenant:
+        conditions.append(UsageEvent.tenant == tenant)
+    sums = tuple(func.sum(case((UsageEvent.kind == int(kind), 1), else_=0)) for kind in TokenKind)
+    return _usage_counts(engine, minute, sums, conditions, window)
+
+
+def _usage_counts(
+    engine: Engine,
+    minute: Any,
+    sums: tuple[Any, ...],
+    conditions: list[ColumnElement[bool]],
+    window: TimeRange,
+) -> UsageResult:
+    """Totals (and buckets) of `sums` (prompt, completion) over the rows matching `conditions`."""
+    prompt_sum, completion_sum = (func.coalesce(total, 0) for total in sums)
     with engine.connect().execution_options(readonly=True) as conn:
-        prompt, completion = conn.execute(select(*sums).where(*conditions)).one()
+        prompt, completion = conn.execute(select(prompt_sum, completion_sum).where(*conditions)).one()
         totals = UsageCount(window.start_us, int(prompt), int(completion))
         if window.bucket_us is None:
             return UsageResult(totals)
-        bucket = window.bucket_of(UsageRollup.minute_us).label("bucket")
-        rows = conn.execute(select(bucket, *sums).where(*conditions).group_by(bucket).order_by(bucket))
+        bucket = window.bucket_of(minute).label("bucket")
+        rows = conn.execute(
+            select(bucket, prompt_sum, completion_sum).where(*conditions).group_by(bucket).order_by(bucket)
+        )
         return UsageResult(totals, [UsageCount(int(b), int(p), int(c)) for b, p, c in rows])
 
 

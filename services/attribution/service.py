@@ -53,7 +53,13 @@ class AttributionService:
     async def set_price(self, adapter_id: str, prompt_picos: int, completion_picos: int) -> None:
         await asyncio.to_thread(set_price, self.engine, adapter_id, prompt_picos, completion_picos)
 
-    async def usage(self, adapter_id: str, tenant: str, window: queries.TimeRange) -> queries.UsageResult:
+    async def usage(
+        self, adapter_id: str, tenant: str, window: queries.TimeRange, client_request_id: str = ""
+    ) -> queries.UsageResult:
+        if client_request_id:
+            return await asyncio.to_thread(
+                lambda: queries.usage_of_request(self.engine, client_request_id, tenant=tenant, window=window)
+            )
         return await asyncio.to_thread(
             lambda: queries.usage(self.engine, adapter_id=adapter_id, tenant=tenant, window=window)
         )

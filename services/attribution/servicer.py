@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal, InvalidOperation
@@ -26,6 +27,7 @@ from services.common.errors import InvalidArgument
 from services.common.grpc_server import ServiceBinding
 from services.common.proto import attribution_pb2, attribution_pb2_grpc, common_pb2
 
+log = logging.getLogger("openlora.attribution")
 _PROPAGATOR = TraceContextTextMapPropagator()
 # A price above this would overflow 64-bit pico sums within a few tokens; certainly a mistake.
 MAX_PRICE = Decimal(1000)
@@ -61,11 +63,38 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
             "max_future_us": int(settings.max_clock_skew_s * 1_000_000),
         }
 
-    async def _ingest(self, message: attribution_pb2.UsageBatch) -> IngestResult:
+    async def _ingest(
+        self, message: attribution_pb2.UsageBatch
+    ) -> tuple[IngestResult, list[attribution_pb2.RefusedRecord]]:
         started = time.time_ns()
-        result = await self.service.ingest(validation.usage_batch(message, **self._limits))
+        batch = validation.usage_batch(message, **self._limits)
+        if batch.clock_ahead:
+            log.warning(
+                "worker %s stamps usage more than %ss ahead of this clock; %d record(s) of batch %d "
+                "stamped with their arrival time instead",
+                batch.worker_id,
+                self.service.settings.max_clock_skew_s,
+                batch.clock_ahead,
+                batch.sequence,
+            )
+        for refusal in batch.refused:
+            log.error(
+                "refused usage record %d of batch %d from worker %s: %s: %s",
+                refusal.index,
+                batch.sequence,
+                batch.worker_id,
+                refusal.field,
+                refusal.reason,
+            )
+        result = await self.service.ingest(batch)
         self._join_request_traces(message, started)
-        return result
+        refused = [
+            attribution_pb2.RefusedRecord(
+                sequence=batch.sequence, index=r.index, field=r.field, reason=r.reason
+            )
+            for r in batch.refused
+        ]
+        return result, refused
 
     def _join_request_traces(self, message: attribution_pb2.UsageBatch, started_ns: int) -> None:
         """One `ledger.write` span in the trace of each request whose traced record this batch held.
@@ -93,10 +122,16 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
         self, request_iterator: AsyncIterator[attribution_pb2.UsageBatch], context: Any
     ) -> attribution_pb2.RecordAck:
         acks = _StreamAcks()
+        refused: list[attribution_pb2.RefusedRecord] = []
         async for message in request_iterator:
-            acks.add(message.sequence, await self._ingest(message))
+            result, batch_refused = await self._ingest(message)
+            acks.add(message.sequence, result)
+            refused += batch_refused
         return attribution_pb2.RecordAck(
-            acked_sequence=acks.acked, inserted_records=acks.inserted, duplicate_records=acks.duplicates
+            acked_sequence=acks.acked,
+            inserted_records=acks.inserted,
+            duplicate_records=acks.duplicates,
+            refused=refused,
         )
 
     async def StreamUsage(
@@ -104,11 +139,13 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
     ) -> AsyncIterator[attribution_pb2.RecordAck]:
         acks = _StreamAcks()
         async for message in request_iterator:
-            result = await self._ingest(message)
+            result, refused = await self._ingest(message)
             yield attribution_pb2.RecordAck(
                 acked_sequence=acks.add(message.sequence, result),
                 inserted_records=result.inserted,
                 duplicate_records=result.duplicates,
+                sequence=message.sequence,
+                refused=refused,
             )
 
     async def GetUsage(
@@ -116,8 +153,11 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
     ) -> attribution_pb2.UsageReport:
         adapter_id = validation.check_id("adapter_id", request.adapter_id, required=False, max_chars=256)
         tenant = validation.check_id("tenant", request.tenant, required=False)
+        client_request_id = validation.check_id("request_id", request.request_id, required=False)
+        if client_request_id and adapter_id:
+            raise InvalidArgument("adapter_id", "cannot be combined with request_id")
         window = _time_range(request)
-        result = await self.service.usage(adapter_id, tenant, window)
+        result = await self.service.usage(adapter_id, tenant, window, client_request_id)
         return attribution_pb2.UsageReport(
             totals=_usage_bucket(result.totals), buckets=[_usage_bucket(b) for b in result.buckets]
         )

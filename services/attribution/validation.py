@@ -5,16 +5,14 @@ A batch is checked whole before anything is written, so a refused batch leaves n
 
 from __future__ import annotations
 
-import math
-import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from services.attribution.domain import (
-    MICROS_PER_UNIT,
     AdapterShare,
     Contributor,
     Provenance,
+    RefusedRecord,
     Role,
     TokenKind,
     TokenRecord,
@@ -22,47 +20,19 @@ from services.attribution.domain import (
 )
 from services.common.errors import InvalidArgument
 from services.common.proto import adapter_store_pb2, attribution_pb2
+from services.common.request_checks import (
+    MAX_ADAPTER_ID_CHARS,
+    check_id,
+    check_mix_adapters,
+    check_request_id,
+    check_tenant,
+    to_micros_summing_to_one,
+)
 
-MAX_ID_CHARS = 128
-MAX_ADAPTER_ID_CHARS = 256
-# Weights and shares are floats on the wire; a sum this close to 1 is a rounding artefact (float32
-# mix weights normalised on the worker) and is corrected exactly, anything further is a bug.
-SUM_TOLERANCE_MICROS = 10
+__all__ = ["check_id", "provenance", "usage_batch"]
 
 _KINDS = {attribution_pb2.PROMPT: TokenKind.PROMPT, attribution_pb2.COMPLETION: TokenKind.COMPLETION}
 _ROLES = {adapter_store_pb2.TRAINER: Role.TRAINER, adapter_store_pb2.DATA: Role.DATA}
-
-
-_WHITESPACE = re.compile(r"\s")
-
-
-def check_id(field: str, value: str, *, max_chars: int = MAX_ID_CHARS, required: bool = True) -> str:
-    if not value:
-        if required:
-            raise InvalidArgument(field, "must not be empty")
-        return value
-    if len(value) > max_chars:
-        raise InvalidArgument(field, f"longer than {max_chars} characters")
-    if not value.isprintable() or _WHITESPACE.search(value):
-        raise InvalidArgument(field, "must not contain whitespace or control characters")
-    return value
-
-
-def to_micros_summing_to_one(field: str, name: str, values: Sequence[float]) -> list[int]:
-    """Fractions `{field}[i].{name}` (each in (0, 1]) as micros summing to exactly 1e6; the largest
-    absorbs the rounding."""
-    micros = []
-    for i, value in enumerate(values):
-        if not math.isfinite(value) or value <= 0 or value > 1:
-            raise InvalidArgument(f"{field}[{i}].{name}", f"must be in (0, 1], got {value!r}")
-        micros.append(round(value * MICROS_PER_UNIT))
-        if micros[-1] == 0:
-            raise InvalidArgument(f"{field}[{i}].{name}", f"below the resolution of 1e-6, got {value!r}")
-    error = MICROS_PER_UNIT - sum(micros)
-    if abs(error) > SUM_TOLERANCE_MICROS:
-        raise InvalidArgument(f"{field}.{name}", f"must sum to 1, got {sum(values)!r}")
-    micros[max(range(len(micros)), key=micros.__getitem__)] += error
-    return micros
 
 
 def usage_batch(
@@ -73,6 +43,9 @@ def usage_batch(
     max_future_us: int,
     now_us: int | None = None,
 ) -> UsageBatch:
+    """The batch's good records, and its bad ones as refusals: one bad record must not hold back
+    the rest of a worker's usage (the sender dead-letters the refused ones). A malformed batch as a
+    whole (sequence, worker id, size) is refused outright."""
     if message.sequence < 1:
         raise InvalidArgument("sequence", "must be at least 1")
     worker_id = check_id("worker_id", message.worker_id)
@@ -80,8 +53,19 @@ def usage_batch(
         raise InvalidArgument("records", f"{len(message.records)} records; at most {max_records} per batch")
     now_us = now_us if now_us is not None else time.time_ns() // 1000
     checker = _BatchChecker(worker_id, max_token_index, now_us, now_us + max_future_us)
-    records = [checker.record(i, r) for i, r in enumerate(message.records)]
-    return UsageBatch(sequence=message.sequence, worker_id=worker_id, records=records)
+    records, refused = [], []
+    for i, r in enumerate(message.records):
+        try:
+            records.append(checker.record(i, r))
+        except InvalidArgument as exc:
+            refused.append(RefusedRecord(i, exc.field, exc.problem))
+    return UsageBatch(
+        sequence=message.sequence,
+        worker_id=worker_id,
+        records=records,
+        refused=refused,
+        clock_ahead=checker.clock_ahead,
+    )
 
 
 # (id, version, weight) of each adapter of a token, as sent.
@@ -101,10 +85,13 @@ class _BatchChecker:
         self.mixes: dict[_MixKey, tuple[AdapterShare, ...]] = {(): ()}
         self.previous: attribution_pb2.TokenUsage | None = None  # last record whose mix was checked
         self.previous_mix: tuple[AdapterShare, ...] = ()
+        self.clock_ahead = 0
 
-    def _id(self, field: str, value: str) -> str:
+    def _id(self, field: str, value: str, check: Callable[[str, str], str] = check_id) -> str:
         if value not in self.good_ids:
-            self.good_ids.add(check_id(field, value))
+            check(field, value)
+            if value:  # "" passes only the optional checks: never let it pass a required one
+                self.good_ids.add(value)
         return value
 
     def record(self, i: int, r: attribution_pb2.TokenUsage) -> TokenRecord:
@@ -120,7 +107,9 @@ class _BatchChecker:
                 raise InvalidArgument(f"{field}.ts", "must be a valid time after 1970")
             ts_us = seconds * 1_000_000 + nanos // 1000
             if ts_us > self.latest_us:
-                raise InvalidArgument(f"{field}.ts", "is too far in the future (check the worker's clock)")
+                # The worker's clock is wrong, not the usage: bill it, at the time it arrived.
+                self.clock_ahead += 1
+                ts_us = self.now_us
         else:
             ts_us = self.now_us  # a sender without a clock: the ledger stamps arrival
         if self.previous is not None and r.adapters == self.previous.adapters:
@@ -137,20 +126,15 @@ class _BatchChecker:
             token_index=r.token_index,
             kind=kind,
             adapters=adapters,
-            tenant=self._id(f"{field}.tenant", r.tenant),
+            tenant=self._id(f"{field}.tenant", r.tenant, check_tenant),
             worker_id=self._id(f"{field}.worker_id", r.worker_id) if r.worker_id else self.worker_id,
             ts_us=ts_us,
+            client_request_id=self._id(f"{field}.client_request_id", r.client_request_id, check_request_id),
         )
 
 
 def _mix(field: str, mix: _MixKey) -> tuple[AdapterShare, ...]:
-    seen: set[tuple[str, str]] = set()
-    for j, (adapter_id, version, _weight) in enumerate(mix):
-        check_id(f"{field}[{j}].adapter.id", adapter_id, max_chars=MAX_ADAPTER_ID_CHARS)
-        check_id(f"{field}[{j}].adapter.version", version, required=False)
-        if (adapter_id, version) in seen:
-            raise InvalidArgument(f"{field}[{j}].adapter", "listed twice for one token")
-        seen.add((adapter_id, version))
+    check_mix_adapters(field, mix)
     weights = to_micros_summing_to_one(field, "weight", [weight for _, _, weight in mix])
     return tuple(
         AdapterShare(adapter_id, version, w) for (adapter_id, version, _), w in zip(mix, weights, strict=True)

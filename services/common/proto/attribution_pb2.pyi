@@ -94,8 +94,11 @@ class TokenUsage(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """The request's id."""
+    """The id of the served request, unique per request the worker accepted (the
+    worker makes it): with `token_index` and `kind`, the idempotency key.
+    """
     token_index: _builtins.int
     """Position of the token within its kind (0-based)."""
     kind: Global___TokenKind.ValueType
@@ -108,6 +111,10 @@ class TokenUsage(_message.Message):
     """W3C traceparent of the request that produced the token, set on one record
     per request (its first prompt token) so the ledger write joins the
     request's trace; empty otherwise and when tracing is off.
+    """
+    client_request_id: _builtins.str
+    """The request id the client chose (empty when it chose none): a label for
+    logs and lookups, not unique, since clients may reuse ids.
     """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightedAdapter]:
@@ -128,10 +135,11 @@ class TokenUsage(_message.Message):
         worker_id: _builtins.str = ...,
         ts: _timestamp_pb2.Timestamp | None = ...,
         traceparent: _builtins.str = ...,
+        client_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ts", b"ts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "kind", b"kind", "request_id", b"request_id", "tenant", b"tenant", "token_index", b"token_index", "traceparent", b"traceparent", "ts", b"ts", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "client_request_id", b"client_request_id", "kind", b"kind", "request_id", b"request_id", "tenant", b"tenant", "token_index", b"token_index", "traceparent", b"traceparent", "ts", b"ts", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,6 +186,8 @@ class RecordAck(_message.Message):
     ACKED_SEQUENCE_FIELD_NUMBER: _builtins.int
     INSERTED_RECORDS_FIELD_NUMBER: _builtins.int
     DUPLICATE_RECORDS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     acked_sequence: _builtins.int
     """Highest sequence such that it and every lower sequence are persisted."""
     inserted_records: _builtins.int
@@ -186,20 +196,66 @@ class RecordAck(_message.Message):
     """
     duplicate_records: _builtins.int
     """Records already in the ledger (resent after a lost ack), ignored."""
+    sequence: _builtins.int
+    """On StreamUsage, the batch this ack answers (acks come one per batch, in
+    the order the batches were sent).
+    """
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedRecord]:
+        """Records refused by the checks (the rest of their batch was written). The
+        sender keeps them aside (dead-letters them) instead of resending them.
+        """
+
     def __init__(
         self,
         *,
         acked_sequence: _builtins.int = ...,
         inserted_records: _builtins.int = ...,
         duplicate_records: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+        refused: _abc.Iterable[Global___RefusedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_records", b"duplicate_records", "inserted_records", b"inserted_records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_sequence", b"acked_sequence", "duplicate_records", b"duplicate_records", "inserted_records", b"inserted_records", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordAck: _TypeAlias = RecordAck  # noqa: Y015
+
+@_typing.final
+class RefusedRecord(_message.Message):
+    """A usage record the ledger refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The batch that held it."""
+    index: _builtins.int
+    """Its position in the batch's records."""
+    field: _builtins.str
+    """The offending field, e.g. `records[3].request_id`."""
+    reason: _builtins.str
+    """Why it was refused."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        index: _builtins.int = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "index", b"index", "reason", b"reason", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefusedRecord: _TypeAlias = RefusedRecord  # noqa: Y015
 
 @_typing.final
 class UsageQuery(_message.Message):
@@ -212,12 +268,18 @@ class UsageQuery(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     """Only this adapter, when set; a mixed token counts whole for each of its
     adapters. Unset counts every token once.
     """
     tenant: _builtins.str
     """Only this tenant, when set."""
+    request_id: _builtins.str
+    """Only the requests sent under this client request id (ids are the
+    clients' own labels, so several requests may share one); counted from the
+    events. Not combinable with `adapter_id`.
+    """
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """Inclusive start; unset means the beginning."""
@@ -240,10 +302,11 @@ class UsageQuery(_message.Message):
         start: _timestamp_pb2.Timestamp | None = ...,
         end: _timestamp_pb2.Timestamp | None = ...,
         bucket: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end", b"end", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "bucket", b"bucket", "end", b"end", "start", b"start", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "bucket", b"bucket", "end", b"end", "request_id", b"request_id", "start", b"start", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

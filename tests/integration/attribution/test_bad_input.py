@@ -1,5 +1,7 @@
-"""Bad input through a real server, on PostgreSQL and SQLite: INVALID_ARGUMENT naming the field, and
-nothing written — not even the valid records sent in the same batch."""
+"""Bad input through a real server, on PostgreSQL and SQLite. A bad usage record is refused alone,
+named in the ack, while the rest of its batch is written (one record must never stop a worker's
+usage); a malformed batch, or any other bad request, is INVALID_ARGUMENT naming the field, with
+nothing written."""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def weighted(*pairs: tuple[str, float]) -> list[attribution_pb2.WeightedAdapter]
     return list(token("x", 0, adapters=[(i, "v1", w) for i, w in pairs]).adapters)
 
 
-USAGE_CASES = {
+RECORD_CASES = {
     "unknown kind": (with_bad_record(kind=7), "records[5].kind"),
     "unspecified kind": (with_bad_record(kind=0), "records[5].kind"),
     "oversized token index": (with_bad_record(token_index=1 << 30), "records[5].token_index"),
@@ -77,6 +79,16 @@ USAGE_CASES = {
         with_bad_record(adapters=weighted(("a", 0.5), ("a", 0.5))),
         "records[5].adapters[1].adapter",
     ),
+    "adapter as latest and by version": (
+        with_bad_record(adapters=[*weighted(("a", 0.5)), *token("x", 0, adapters=[("a", "", 0.5)]).adapters]),
+        "records[5].adapters[1].adapter",
+    ),
+    "share below the resolution": (
+        with_bad_record(adapters=weighted(("a", 1 - 4e-7), ("b", 4e-7))),
+        "records[5].adapters[1].weight",
+    ),
+}
+BATCH_CASES = {
     "missing worker id": (batch(1, request_tokens("r", 1, 1), worker=""), "worker_id"),
     "sequence zero": (batch(0, request_tokens("r", 1, 1)), "sequence"),
     "oversized batch": (batch(1, request_tokens("r", 0, 20_001)), "records"),
@@ -107,16 +119,28 @@ async def expect_invalid(call: Awaitable[object], field: str) -> None:
     assert field in (caught.value.details() or "")
 
 
-@pytest.mark.parametrize("case", list(USAGE_CASES))
+@pytest.mark.parametrize("case", list(RECORD_CASES))
+async def test_bad_usage_record_is_refused_alone(
+    case: str, attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+) -> None:
+    message, field = RECORD_CASES[case]
+    ack = await stub.RecordUsage(iter([message]))
+    assert [(r.sequence, r.index, r.field) for r in ack.refused] == [(1, 5, field)]
+    assert ack.refused[0].reason
+    assert (ack.acked_sequence, ack.inserted_records) == (1, 5)
+    assert row_counts(attribution)[0] == 5  # the good records of the batch
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
 async def test_bad_usage_batch_is_refused_and_nothing_is_written(
     case: str, attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
-    message, field = USAGE_CASES[case]
+    message, field = BATCH_CASES[case]
     await expect_invalid(stub.RecordUsage(iter([message])), field)
     assert row_counts(attribution) == [0, 0, 0, 0, 0]
 
 
-async def test_bad_batch_after_good_ones_keeps_only_the_good_ones(
+async def test_a_bad_record_does_not_stop_the_stream(
     attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     call = stub.StreamUsage()
@@ -125,10 +149,13 @@ async def test_bad_batch_after_good_ones_keeps_only_the_good_ones(
     bad = with_bad_record(kind=9)
     bad.sequence = 2
     await call.write(bad)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call.read()
-    assert violated_field(caught.value) == "records[5].kind"
-    assert row_counts(attribution)[0] == 2
+    ack = await read_ack(call)
+    assert (ack.sequence, ack.acked_sequence) == (2, 2)
+    assert [(r.sequence, r.index, r.field) for r in ack.refused] == [(2, 5, "records[5].kind")]
+    await call.write(batch(3, request_tokens("after", 1, 1)))
+    assert (await read_ack(call)).acked_sequence == 3
+    await call.done_writing()
+    assert row_counts(attribution)[0] == 2 + 5 + 2
 
 
 PROVENANCE_CASES: dict[str, tuple[attribution_pb2.RegisterProvenanceRequest, str]] = {

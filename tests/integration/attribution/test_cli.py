@@ -21,7 +21,7 @@ def invoke(*args: str) -> str:
 
 
 async def test_migrate_then_show_rewards_and_usage(ledger_url: str) -> None:
-    assert "empty -> 0001" in invoke("migrate", "--database-url", ledger_url)
+    assert f"empty -> {db.head_revision()}" in invoke("migrate", "--database-url", ledger_url)
     settings = attribution_settings(ledger_url)
     engine = db.make_engine(ledger_url)
     try:
@@ -56,7 +56,7 @@ async def test_migrate_then_show_rewards_and_usage(ledger_url: str) -> None:
     later = invoke("usage", "show", "--since", "2026-01-01T00:01", "--database-url", ledger_url)
     assert "2026-01-01 00:00" not in later
 
-    assert "0001 -> empty" in invoke(
+    assert f"{db.head_revision()} -> empty" in invoke(
         "migrate", "--downgrade", "--revision", "base", "--database-url", ledger_url
     )
 

@@ -42,19 +42,41 @@ def test_missing_timestamp_is_stamped_on_arrival() -> None:
     assert converted.records[0].ts_us == LIMITS["now_us"]
 
 
+def refused_field(record: attribution_pb2.TokenUsage) -> str:
+    """The field named by the refusal of `record`, sent between two good records."""
+    before, after = token("ok", 0), token("ok", 1)
+    converted = validation.usage_batch(batch(1, [before, record, after]), **LIMITS)
+    assert [r.key[:2] for r in converted.records] == [("ok", 0), ("ok", 1)]  # the rest is kept
+    (refusal,) = converted.refused
+    assert refusal.index == 1
+    return refusal.field.replace("records[1]", "records[0]")
+
+
 def test_a_mix_is_checked_in_each_record_that_differs() -> None:
     good = token("req", 0, adapters=(("alpha", "v1", 1.0),))
     bad = token("req", 1, adapters=(("alpha", "v1", 0.5),))
-    with pytest.raises(InvalidArgument) as caught:
-        validation.usage_batch(batch(1, [good, good, bad]), **LIMITS)
-    assert caught.value.field == "records[2].adapters.weight"
+    converted = validation.usage_batch(batch(1, [good, good, bad]), **LIMITS)
+    assert len(converted.records) == 2
+    assert [(r.index, r.field) for r in converted.refused] == [(2, "records[2].adapters.weight")]
+
+
+def test_a_clock_far_ahead_is_billed_at_arrival() -> None:
+    record = token("req", 0)
+    record.ts.FromSeconds(T0 + 2 * 86_400)  # two days ahead; the skew allows a minute
+    converted = validation.usage_batch(batch(1, [record, token("req", 1)]), **LIMITS)
+    assert [r.ts_us for r in converted.records] == [LIMITS["now_us"], T0 * 1_000_000]
+    assert (converted.clock_ahead, converted.refused) == (1, [])
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
         (lambda t: setattr(t, "token_index", 1001), "records[0].token_index"),
-        (lambda t: t.ts.FromSeconds(T0 + 3600), "records[0].ts"),  # an hour ahead; skew allows a minute
+        (lambda t: setattr(t.ts, "nanos", -1), "records[0].ts"),
+        (lambda t: setattr(t, "request_id", "job 42"), "records[0].request_id"),
+        (lambda t: setattr(t, "request_id", ""), "records[0].request_id"),
+        (lambda t: setattr(t, "tenant", ""), "records[0].tenant"),
+        (lambda t: setattr(t, "client_request_id", "job 42"), "records[0].client_request_id"),
         (lambda t: setattr(t, "worker_id", "bad\tid"), "records[0].worker_id"),
         (lambda t: setattr(t.adapters[0], "weight", float("nan")), "records[0].adapters[0].weight"),
         (lambda t: setattr(t.adapters[0], "weight", 1e-9), "records[0].adapters[0].weight"),
@@ -65,12 +87,15 @@ def test_a_mix_is_checked_in_each_record_that_differs() -> None:
         ),
     ],
 )
-def test_bad_record_names_the_field(change: object, field: str) -> None:
+def test_bad_record_is_refused_alone_naming_the_field(change: object, field: str) -> None:
     record = token("req", 0)
     change(record)  # type: ignore[operator]
-    with pytest.raises(InvalidArgument) as caught:
-        validation.usage_batch(batch(1, [record]), **LIMITS)
-    assert caught.value.field == field
+    assert refused_field(record) == field
+
+
+def test_one_adapter_named_latest_and_by_version_is_refused() -> None:
+    record = token("req", 0, adapters=(("alpha", "", 0.5), ("alpha", "v1", 0.5)))
+    assert refused_field(record) == "records[0].adapters[1].adapter"
 
 
 def test_oversized_batch_is_refused_before_its_records_are_read() -> None:
@@ -104,6 +129,4 @@ def test_provenance_contributor_listed_twice_is_refused() -> None:
 
 def test_unknown_kind_value_from_a_newer_sender() -> None:
     record = attribution_pb2.TokenUsage(request_id="r", token_index=0, kind=3, tenant="t")  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument) as caught:
-        validation.usage_batch(batch(1, [record]), **LIMITS)
-    assert caught.value.field == "records[0].kind"
+    assert refused_field(record) == "records[0].kind"
