@@ -8,6 +8,7 @@ from services.attribution import validation
 from services.attribution.domain import MICROS_PER_UNIT, TokenKind
 from services.common.errors import InvalidArgument
 from services.common.proto import adapter_store_pb2, attribution_pb2
+from services.common.request_checks import to_micros_summing_to_one
 from tests.integration.attribution.wire import T0, batch, provenance, request_tokens, token
 
 LIMITS = {"max_records": 100, "max_token_index": 1000, "max_future_us": 60_000_000, "now_us": T0 * 1_000_000}
@@ -30,7 +31,7 @@ def test_good_batch_becomes_domain_records() -> None:
 
 def test_float32_weights_are_corrected_to_sum_exactly_to_one() -> None:
     thirds = [0.3333333432674408] * 3  # float32(1/3) widened to double, as a worker may send
-    micros = validation.to_micros_summing_to_one("adapters", "weight", thirds)
+    micros = to_micros_summing_to_one("adapters", "weight", thirds)
     assert sum(micros) == MICROS_PER_UNIT
     assert sorted(micros) == [333_333, 333_333, 333_334]
 
