@@ -120,6 +120,7 @@ class Worker:
         self._store_channel: grpc.aio.Channel | None = None
         self._startup: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
+        self._not_serving: asyncio.Task[None] | None = None
 
     def _engine_stats(self) -> EngineStats | None:
         return self.engine.engine.stats() if self.engine is not None else None
@@ -240,7 +241,10 @@ class Worker:
         pool = engine.residency.pool if engine.residency is not None else None
         if cache is not None:
             AdapterMetrics(cache, pool, self.registry)
-        self.engine = AsyncEngine(engine)
+        loop = asyncio.get_running_loop()
+        self.engine = AsyncEngine(
+            engine, on_failure=lambda exc: loop.call_soon_threadsafe(self._engine_failed, exc)
+        )
         self.engine.start()
         if s.warmup:
             await self._warm_up(engine.vocab_size)
@@ -277,6 +281,15 @@ class Worker:
             max_context,
             s.lora_slots,
         )
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        # A worker whose engine died must leave the pool at once: NOT_SERVING now, then exit non-zero
+        # after the drain (`run` raises `failure`), so probes and the gateway stop sending here.
+        log.critical("the engine's step loop failed (%r): this worker stops serving and exits", exc)
+        if self.failure is None:
+            self.failure = RuntimeError(f"the engine's step loop failed: {exc!r}")
+        self._not_serving = asyncio.get_running_loop().create_task(self.server.set_ready(False))
+        self.server.stop()
 
     async def _warm_up(self, vocab_size: int) -> None:
         assert self.engine is not None
