@@ -65,7 +65,8 @@ class AttributionSettings(ServiceSettings):
     """Largest accepted `token_index` (a sanity bound far above any context length)."""
 
     max_clock_skew_s: float = Field(default=86_400.0, gt=0)
-    """Records stamped further than this in the future are refused (a broken worker clock)."""
+    """Records stamped further than this in the future (a broken worker clock) are billed at the time
+    they arrive, with a warning naming the worker."""
 
     watch_queue_size: int = Field(default=10_000, ge=1)
     """Reward events buffered per `WatchRewards` subscriber; one that falls further behind is dropped

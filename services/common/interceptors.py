@@ -26,6 +26,7 @@ import grpc
 
 from services.common.errors import ServiceError, Unavailable
 from services.common.log import request_id_var
+from services.common.request_checks import is_valid_id
 
 log = logging.getLogger("openlora.rpc")
 
@@ -65,7 +66,8 @@ class InflightCalls:
 
 def _incoming_request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+        # One the ledger could not store is replaced: it may become a request's id downstream.
+        if key == REQUEST_ID_KEY and isinstance(value, str) and is_valid_id(value):
             return value
     return uuid.uuid4().hex
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
+from services.common.proto import inference_pb2
 
 MAX_ID_CHARS = 128
 MAX_ADAPTER_ID_CHARS = 256
@@ -59,6 +60,26 @@ def check_tenant(field: str, value: str) -> str:
     return check_id(field, value)
 
 
+def check_adapter_ref(field: str, adapter_id: str, version: str) -> None:
+    """A single adapter named by a request (`{field}.id`, `{field}.version`; empty = latest)."""
+    check_id(f"{field}.id", adapter_id, max_chars=MAX_ADAPTER_ID_CHARS)
+    check_id(f"{field}.version", version, required=False)
+
+
+def check_generate_request(request: inference_pb2.GenerateRequest, *, require_tenant: bool) -> None:
+    """What every service checks of a `Generate` request: its ids and its adapter or mix. (The
+    gateway stamps the tenant itself, so only a worker requires one in the request.)"""
+    check_request_id("request_id", request.request_id)
+    if require_tenant:
+        check_tenant("tenant", request.tenant)
+    kind = request.WhichOneof("adapter")
+    if kind == "adapter_ref":
+        check_adapter_ref("adapter_ref", request.adapter_ref.id, request.adapter_ref.version)
+    elif kind == "mix":
+        components = [(c.adapter.id, c.adapter.version, c.weight) for c in request.mix.components]
+        check_mix_components("mix.components", components)
+
+
 def to_micros_summing_to_one(field: str, name: str, values: Sequence[float]) -> list[int]:
     """Fractions `{field}[i].{name}` (each in (0, 1]) as micros summing to exactly 1e6; the largest
     absorbs the rounding."""
@@ -89,8 +110,7 @@ def check_mix_adapters(field: str, components: Sequence[Component]) -> None:
     versions_of: dict[str, list[tuple[int, str]]] = {}
     for i, (adapter_id, version, weight) in enumerate(components):
         where = f"{field}[{i}]"
-        check_id(f"{where}.adapter.id", adapter_id, max_chars=MAX_ADAPTER_ID_CHARS)
-        check_id(f"{where}.adapter.version", version, required=False)
+        check_adapter_ref(f"{where}.adapter", adapter_id, version)
         for j, other in versions_of.get(adapter_id, ()):
             if not version or not other or version == other:
                 raise InvalidArgument(
@@ -107,9 +127,7 @@ def check_mix_components(field: str, components: Sequence[Component]) -> list[fl
     """Check a requested mix and return each component's share (weight ÷ total), which is what
     usage credits: every share must be representable in the ledger."""
     check_mix_adapters(field, components)
-    total = math.fsum(weight for _, _, weight in components)
-    if not math.isfinite(total):
-        raise InvalidArgument(field, "the weights' sum overflows")
+    total = math.fsum(weight for _, _, weight in components)  # finite: wire weights are float32
     shares = [weight / total for _, _, weight in components]
     for i, share in enumerate(shares):
         if round(share * MICROS_PER_UNIT) == 0:

@@ -11,6 +11,7 @@ import grpc
 from services.common.errors import Unavailable
 from services.common.log import current_request_id
 from services.common.proto import inference_pb2, inference_pb2_grpc
+from services.common.request_checks import check_generate_request
 from services.gateway.access import AdapterAccess
 from services.gateway.auth import Authenticator
 from services.gateway.keys import KeySource
@@ -49,6 +50,9 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         with CallOutcome(self.metrics, "Generate", context) as call:
             tenant = call.tenant = self.authenticate(context).tenant
+            # Refused here what a worker or attribution would refuse later: once a worker streams a
+            # request, its usage must be recordable.
+            check_generate_request(request, require_tenant=False)
             lease = self.limiter.admit(tenant, self.keys.limits_of(tenant))
             try:
                 if self.access is not None:

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.proto import common_pb2
 from services.inference.adapter_cache import AdapterCache, LoadedAdapter
+from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.base_model_guard import BaseModelGuard
 from services.inference.engine.lora.pool import LoRAPool
 from services.inference.usage.records import Component
@@ -78,7 +79,7 @@ class AdapterResolver:
             cache.on_resident = on_resident
 
     async def resolve(
-        self, adapter_ref: common_pb2.AdapterRef | None, mix: common_pb2.AdapterMix | None
+        self, adapter_ref: common_pb2.AdapterRef | None, mix: MixSpec | None
     ) -> ResolvedAdapter | None:
         """None for the base model; else the adapter, loaded, checked and pinned. Raises ServiceError."""
         if adapter_ref is None and mix is None:
@@ -116,11 +117,8 @@ class AdapterResolver:
             )
         return ResolvedAdapter(loaded.key, loaded.components, tier, cache)
 
-    async def _mix(self, cache: AdapterCache, mix: common_pb2.AdapterMix) -> LoadedAdapter:
-        from services.inference.adapter_cache.mixing import MixSpec
-
+    async def _mix(self, cache: AdapterCache, spec: MixSpec) -> LoadedAdapter:
         assert self.pool is not None
-        spec = MixSpec.from_proto(mix, field="mix")
         return await cache.get_mix(spec, max_rank=self.pool.r_max, field="mix")
 
     def _tier(self, loaded: LoadedAdapter, loads_before: int) -> str:

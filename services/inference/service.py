@@ -24,7 +24,7 @@ from services.inference.adapters import AdapterResolver, ResolvedAdapter
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.llm_engine import StepOutput
 from services.inference.engine.sequence import FinishReason
-from services.inference.usage.records import RequestUsage
+from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.validation import Limits, ParsedRequest
 from services.inference.worker_metrics import WorkerMetrics
@@ -76,7 +76,12 @@ class WorkerService:
         arrived = time.perf_counter()
         outcome = "error"
         # Not made current across yields: the stream may be resumed or closed from another context.
-        span = self.tracer.start_span("generate", attributes={"openlora.request_id": request.request_id})
+        # The engine and the ledger know the request by an id of ours: the client's may be reused.
+        usage_id = new_usage_id()
+        span = self.tracer.start_span(
+            "generate",
+            attributes={"openlora.request_id": request.request_id, "openlora.usage_id": usage_id},
+        )
         usage: RequestUsage | None = None
         resolved: ResolvedAdapter | None = None
         try:
@@ -88,7 +93,12 @@ class WorkerService:
                 )
             components = resolved.components if resolved else ()
             usage = RequestUsage(
-                request.request_id, request.tenant, self.worker_id, components, traceparent_of(span)
+                usage_id,
+                request.tenant,
+                self.worker_id,
+                components,
+                traceparent_of(span),
+                client_request_id=request.request_id,
             )
             async with contextlib.aclosing(self._stream(request, resolved, usage, arrived)) as chunks:
                 async for chunk in chunks:
@@ -122,7 +132,7 @@ class WorkerService:
         outputs = cast(
             AsyncGenerator[StepOutput],  # declared an iterator; it is an async generator
             self.engine.generate(
-                request.request_id,
+                usage.request_id,
                 request.prompt_token_ids,
                 request.sampling,
                 adapter_key=resolved.key if resolved else None,

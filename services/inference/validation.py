@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument
 from services.common.proto import common_pb2, inference_pb2
+from services.common.request_checks import check_generate_request
+from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.engine.sequence import SamplingParams
 
-MAX_REQUEST_ID_CHARS = 128
-MAX_TENANT_CHARS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -38,7 +38,7 @@ class ParsedRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     adapter_ref: common_pb2.AdapterRef | None  # a single adapter
-    mix: common_pb2.AdapterMix | None  # or a mix (checked by MixSpec.from_proto); neither = base model
+    mix: MixSpec | None  # or a mix; neither = the base model
     tenant: str
 
 
@@ -46,11 +46,8 @@ def parse_request(
     request: inference_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]] | None
 ) -> ParsedRequest:
     """Check every field of `request` against `limits`; `tokenize` turns prompt text into ids."""
+    check_generate_request(request, require_tenant=True)
     request_id = request.request_id or uuid.uuid4().hex
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidArgument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
-    if len(request.tenant) > MAX_TENANT_CHARS:
-        raise InvalidArgument("tenant", f"longer than {MAX_TENANT_CHARS} characters")
     prompt, field = _prompt(request, limits, tokenize)
     if len(prompt) >= limits.max_context:
         raise InvalidArgument(
@@ -61,9 +58,7 @@ def parse_request(
     sampling = _sampling(request, len(prompt), limits)
     kind = request.WhichOneof("adapter")
     adapter_ref = request.adapter_ref if kind == "adapter_ref" else None
-    if adapter_ref is not None and not adapter_ref.id:
-        raise InvalidArgument("adapter_ref.id", "must not be empty")
-    mix = request.mix if kind == "mix" else None
+    mix = MixSpec.from_proto(request.mix, "mix") if kind == "mix" else None
     return ParsedRequest(request_id, prompt, sampling, adapter_ref, mix, request.tenant)
 
 

@@ -6,19 +6,20 @@ components in host RAM, see `lora.mixes`) and kept in the host tier under that n
 request for the same mix is a host hit, and a new version of a component is a new mix.
 
 Usage of a mixed request is credited to the components in proportion to their weights: weights must
-be positive and finite (a negative weight would credit a negative share of a token).
+be positive and finite (a negative weight would credit a negative share of a token), and each share
+representable in the ledger (checked, as by the gateway and attribution, in `request_checks`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument
 from services.common.proto import common_pb2 as pb
+from services.common.request_checks import check_mix_components
 from services.inference.adapter_cache.loaded import LoadedAdapter
 from services.inference.engine.lora.mixes import Component, Strategy, mix
 
@@ -29,7 +30,6 @@ STRATEGIES: dict[int, Strategy] = {
     pb.DARE_LINEAR: "DARE_LINEAR",
     pb.DARE_TIES: "DARE_TIES",
 }
-MAX_COMPONENTS = 16
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class MixSpec:
     density: float  # in (0, 1]; 1 for LINEAR
     rank: int  # 0 = the largest component rank (TIES/DARE); unused by LINEAR
     seed: int
+    shares: tuple[float, ...]  # each component's weight ÷ the total: what its usage is credited
 
     @classmethod
     def from_proto(cls, message: pb.AdapterMix, field: str = "adapter_mix") -> MixSpec:
@@ -46,30 +47,14 @@ class MixSpec:
         strategy = STRATEGIES.get(message.strategy)
         if strategy is None:
             raise InvalidArgument(f"{field}.strategy", "must be LINEAR, TIES, DARE_LINEAR or DARE_TIES")
-        if not message.components:
-            raise InvalidArgument(f"{field}.components", "a mix needs at least one component")
-        if len(message.components) > MAX_COMPONENTS:
-            raise InvalidArgument(f"{field}.components", f"at most {MAX_COMPONENTS} components per mix")
-        components: list[tuple[str, str, float]] = []
-        seen: set[tuple[str, str]] = set()
-        for i, component in enumerate(message.components):
-            where = f"{field}.components[{i}]"
-            ref = (component.adapter.id, component.adapter.version)
-            if not ref[0]:
-                raise InvalidArgument(f"{where}.adapter.id", "must not be empty")
-            if ref in seen:
-                raise InvalidArgument(f"{where}.adapter", f"{ref[0]} appears twice in the mix")
-            seen.add(ref)
-            weight = float(component.weight)
-            if not math.isfinite(weight) or weight <= 0:
-                raise InvalidArgument(f"{where}.weight", f"must be a positive finite number, got {weight}")
-            components.append((ref[0], ref[1], weight))
+        components = tuple((c.adapter.id, c.adapter.version, float(c.weight)) for c in message.components)
+        shares = check_mix_components(f"{field}.components", components)
         density = 1.0
         if strategy != "LINEAR":
             density = float(message.density)
             if not 0 < density <= 1:
                 raise InvalidArgument(f"{field}.density", f"must be in (0, 1] for {strategy}, got {density}")
-        return cls(tuple(components), strategy, density, int(message.rank), int(message.seed))
+        return cls(components, strategy, density, int(message.rank), int(message.seed), tuple(shares))
 
     def output_rank(self, component_ranks: Sequence[int]) -> int:
         """Rank of the derived adapter: LINEAR concatenates ranks, the others re-factor to `rank`."""
@@ -100,10 +85,7 @@ def build_mixed_adapter(spec: MixSpec, resolved: Sequence[LoadedAdapter], versio
     ]
     mixed = mix(parts, spec.strategy, density=spec.density, rank=spec.rank, seed=spec.seed)
     weights = {path: (a.contiguous(), b.contiguous()) for path, (a, b) in mixed.pairs.items()}
-    total = sum(w for _, _, w in spec.components)
-    credits = tuple(
-        (a.id, a.version, w / total) for a, (_, _, w) in zip(resolved, spec.components, strict=True)
-    )
+    credits = tuple((a.id, a.version, share) for a, share in zip(resolved, spec.shares, strict=True))
     return LoadedAdapter(
         id=MIX_ID,
         version=version,

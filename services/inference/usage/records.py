@@ -1,18 +1,27 @@
 """The `TokenUsage` records of one request: one per prompt token, one per generated token.
 
 `(request_id, token_index, kind)` is attribution's idempotency key, so a request's records are
-numbered from 0 within each kind and never renumbered: a resend after a lost ack counts once.
+numbered from 0 within each kind and never renumbered: a resend after a lost ack counts once. The
+`request_id` there is the worker's own id for the served request (`new_usage_id`), not the client's:
+clients may reuse their ids, and every token streamed must be billed, once, to whoever streamed it.
+The client's id travels beside it as a label.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 
 from google.protobuf import timestamp_pb2
 
 from services.common.proto import attribution_pb2, common_pb2
 
 Component = tuple[str, str, float]  # adapter id, version, share of each token
+
+
+def new_usage_id() -> str:
+    """An id unique to one served request (random: workers make them without coordinating)."""
+    return uuid.uuid4().hex
 
 
 class RequestUsage:
@@ -25,9 +34,12 @@ class RequestUsage:
         worker_id: str,
         components: tuple[Component, ...],
         traceparent: str = "",
+        client_request_id: str = "",
     ) -> None:
-        """`traceparent` (the request span's W3C context) rides on the first prompt record only."""
+        """`request_id` is the usage id (unique per served request), `client_request_id` the label.
+        `traceparent` (the request span's W3C context) rides on the first prompt record only."""
         self.request_id = request_id
+        self.client_request_id = client_request_id
         self.traceparent = traceparent
         self.tenant = tenant
         self.worker_id = worker_id
@@ -66,6 +78,7 @@ class RequestUsage:
                 tenant=self.tenant,
                 worker_id=self.worker_id,
                 ts=now,
+                client_request_id=self.client_request_id,
             )
             for index in range(first, first + count)
         ]

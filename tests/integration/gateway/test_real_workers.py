@@ -249,5 +249,5 @@ async def test_affinity_spill_failover_and_return_with_real_workers(tmp_path: Pa
         for record in batch.records
     ]
     assert usage and {r.tenant for r in usage} == {"acme"}
-    completed = {r.request_id for r in usage if r.kind == attribution_pb2.COMPLETION}
+    completed = {r.client_request_id for r in usage if r.kind == attribution_pb2.COMPLETION}
     assert {f"req-pending-{i}" for i in range(3)} <= completed

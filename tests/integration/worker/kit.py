@@ -161,12 +161,16 @@ def reference_outputs(
 
 
 def ledger_counts(url: str) -> dict[tuple[str, int], int]:
-    """Rows of the usage ledger per (request id, kind)."""
+    """Rows of the usage ledger per (client request id, kind). The ledger's own key is the worker's
+    usage id; `served_requests` checks that each client id was one served request."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.text("SELECT request_id, kind, count(*) FROM usage_events GROUP BY request_id, kind")
+                sa.text(
+                    "SELECT client_request_id, kind, count(*) FROM usage_events "
+                    "GROUP BY client_request_id, kind"
+                )
             ).all()
     finally:
         engine.dispose()
@@ -174,16 +178,33 @@ def ledger_counts(url: str) -> dict[tuple[str, int], int]:
 
 
 def ledger_adapters(url: str, request_id: str) -> set[str]:
-    """The distinct `adapters` columns of one request's ledger rows."""
+    """The distinct `adapters` columns of the ledger rows of one client request id."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.text("SELECT DISTINCT adapters FROM usage_events WHERE request_id = :r"), {"r": request_id}
+                sa.text("SELECT DISTINCT adapters FROM usage_events WHERE client_request_id = :r"),
+                {"r": request_id},
             ).all()
     finally:
         engine.dispose()
     return {str(r[0]) for r in rows}
+
+
+def served_requests(url: str) -> dict[str, set[str]]:
+    """Client request id -> the usage ids (one per served request) the ledger holds under it."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT DISTINCT client_request_id, request_id FROM usage_events")
+            ).all()
+    finally:
+        engine.dispose()
+    served: dict[str, set[str]] = {}
+    for client_id, usage_id in rows:
+        served.setdefault(str(client_id), set()).add(str(usage_id))
+    return served
 
 
 async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:

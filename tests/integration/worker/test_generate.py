@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from transformers import AutoTokenizer
 
 from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
-from services.common.proto import attribution_pb2, inference_pb2, inference_pb2_grpc
+from services.common.proto import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.inference.adapter_cache import LoadedAdapter
 from services.inference.server import Worker
 from tests.integration.attribution.wire import attribution_settings
@@ -26,6 +27,7 @@ from tests.integration.worker.kit import (
     ledger_counts,
     reference_outputs,
     request,
+    served_requests,
     wait_until,
     worker_settings,
 )
@@ -92,9 +94,43 @@ async def test_streams_equal_the_engine_and_usage_reaches_the_ledger(
         (f"r{i}", COMPLETION): n for i, (_, _, n) in enumerate(plan)
     }
     await wait_until(lambda: ledger_counts(cluster.ledger_url) == want_ledger, what="the ledger")
+    assert all(len(usage_ids) == 1 for usage_ids in served_requests(cluster.ledger_url).values())
     reporter = cluster.worker.worker.reporter
     assert reporter is not None
     await wait_until(lambda: reporter.spool.backlog_batches == 0, what="an empty spool")
+
+
+async def test_a_reused_request_id_bills_every_stream_to_its_own_tenant(cluster: Cluster) -> None:
+    """Client ids are labels: five streams under one id, four of them while the first still runs and
+    one from another tenant, are five requests in the ledger, each billed every token it streamed."""
+    stub = cluster.worker.stub
+    first = stub.Generate(request([9, 8, 7], max_new_tokens=8, request_id="job-42", tenant="demo"))
+    first_ids = list((await first.read()).token_ids)
+    others = await asyncio.gather(
+        *(
+            collect(stub, request([9, 8, 7], max_new_tokens=8, request_id="job-42", tenant=tenant))
+            for tenant in ("demo", "evil", "demo", "demo")
+        )
+    )
+    while (chunk := await first.read()) is not grpc.aio.EOF:
+        assert isinstance(chunk, inference_pb2.GenerateChunk)
+        first_ids += chunk.token_ids
+    assert len(first_ids) == 8 and all(streamed.completion_tokens == 8 for streamed in others)
+
+    await wait_until(
+        lambda: ledger_counts(cluster.ledger_url).get(("job-42", COMPLETION)) == 5 * 8, what="usage"
+    )
+    assert len(served_requests(cluster.ledger_url)["job-42"]) == 5
+    async with open_channel(f"127.0.0.1:{cluster.attribution.server.port}") as channel:
+        attribution = attribution_pb2_grpc.AttributionStub(channel)
+        for tenant, requests in (("demo", 4), ("evil", 1)):
+            report = await attribution.GetUsage(
+                attribution_pb2.UsageQuery(request_id="job-42", tenant=tenant), timeout=10
+            )
+            assert (report.totals.prompt_tokens, report.totals.completion_tokens) == (
+                3 * requests,
+                8 * requests,
+            )
 
 
 async def test_text_prompts_are_tokenized_and_decoded(cluster: Cluster, tiny_llama_dir: Path) -> None:

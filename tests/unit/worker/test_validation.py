@@ -16,10 +16,22 @@ def tokenize(text: str) -> list[int]:
 
 
 def make(**fields: object) -> inference_pb2.GenerateRequest:
+    """A request of `fields`, billed to tenant acme unless `tenant` says otherwise."""
+    fields.setdefault("tenant", "acme")
     sampling = fields.pop("sampling", {})
     message = inference_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
     message.sampling.CopyFrom(common_pb2.SamplingParams(**sampling))  # type: ignore[arg-type]
     return message
+
+
+def mix(*components: tuple[str, str, float]) -> common_pb2.AdapterMix:
+    return common_pb2.AdapterMix(
+        strategy=common_pb2.LINEAR,
+        components=[
+            common_pb2.Component(adapter=common_pb2.AdapterRef(id=i, version=v), weight=w)
+            for i, v, w in components
+        ],
+    )
 
 
 def test_defaults_make_a_greedy_request_with_an_id() -> None:
@@ -60,6 +72,11 @@ def test_fields_are_carried_over() -> None:
     assert s.temperature == pytest.approx(0.7) and s.top_p == pytest.approx(0.9)
 
 
+def test_two_explicit_versions_of_one_adapter_may_be_mixed() -> None:
+    parsed = parse_request(make(text="hi", mix=mix(("a", "v1", 1.0), ("a", "v2", 3.0))), LIMITS, tokenize)
+    assert parsed.mix is not None and parsed.mix.shares == (0.25, 0.75)
+
+
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
@@ -79,6 +96,15 @@ def test_fields_are_carried_over() -> None:
         ({"text": "hi", "adapter_ref": common_pb2.AdapterRef()}, "adapter_ref.id"),
         ({"text": "hi", "request_id": "r" * 129}, "request_id"),
         ({"text": "hi", "tenant": "t" * 129}, "tenant"),
+        # What attribution would refuse later, which would stop the worker's usage stream.
+        ({"text": "hi", "request_id": "job 42"}, "request_id"),
+        ({"text": "hi", "request_id": "job\n42"}, "request_id"),
+        ({"text": "hi", "tenant": ""}, "tenant"),
+        ({"text": "hi", "adapter_ref": common_pb2.AdapterRef(id="a b")}, "adapter_ref.id"),
+        ({"text": "hi", "mix": mix(("a", "", 1.0), ("b", "", 1e-7))}, "mix.components[1].weight"),
+        ({"text": "hi", "mix": mix(("a", "", 1.0), ("a", "v1", 1.0))}, "mix.components[1].adapter"),
+        ({"text": "hi", "mix": mix(("a", "v1", 1.0), ("a", "v1", 1.0))}, "mix.components[1].adapter"),
+        ({"text": "hi", "mix": mix(("a", "", float("inf")))}, "mix.components[0].weight"),
     ],
 )
 def test_bad_fields_are_named(fields: dict[str, object], field: str) -> None:
