@@ -41,7 +41,7 @@ async def wait_for(predicate: object, timeout: float = 15.0) -> None:
 
 def tear_last_write(spool_dir: Path) -> None:
     """Append half a record, as a crash in the middle of a write would leave it."""
-    with open(next(spool_dir.glob("seg-*.log")), "ab") as torn:
+    with open(next(spool_dir.glob("seg-*.v2")), "ab") as torn:
         torn.write(b"\x10\x00\x00\x00garbage")
 
 
@@ -70,7 +70,7 @@ async def test_records_reach_the_ledger_once_and_leave_the_spool(
     await wait_for(lambda: ledger_count(ledger_url) == 1000 and spool.backlog_batches == 0)
     await reporter.close()
     assert ledger_count(ledger_url) == 1000
-    assert not list((tmp_path / "spool").glob("seg-*.log"))  # every segment acked and deleted
+    assert not list((tmp_path / "spool").glob("seg-*"))  # every segment acked and deleted
 
 
 @pytest.mark.slow

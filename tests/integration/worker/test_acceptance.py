@@ -240,13 +240,13 @@ async def test_a_worker_killed_with_a_full_spool_replays_it_after_restart(cluste
         stub = inference_pb2_grpc.InferenceStub(channel)
         streamed = await asyncio.gather(*(run(stub, p) for p in batch))
     spool = cluster.tmp_path / "spool"
-    await wait_until(lambda: any(spool.glob("seg-*.log")), timeout=10, what="a spooled batch")
+    await wait_until(lambda: any(spool.glob("seg-*")), timeout=10, what="a spooled batch")
     await asyncio.sleep(0.5)  # the last records' flush (every 50 ms)
     cluster.worker.kill()
-    assert any(spool.glob("seg-*.log"))
+    assert any(spool.glob("seg-*"))
     await cluster.restart_attribution().wait_ready()
     await cluster.restart_worker().wait_ready()
     want = expected_ledger({p.request_id: s for p, s in zip(batch, streamed, strict=True)})
     await wait_until(lambda: ledger_counts(cluster.database_url) == want, timeout=60, what="an exact ledger")
     with contextlib.suppress(FileNotFoundError):
-        await wait_until(lambda: not any(spool.glob("seg-*.log")), timeout=10, what="an acked spool")
+        await wait_until(lambda: not any(spool.glob("seg-*")), timeout=10, what="an acked spool")
