@@ -108,3 +108,18 @@ class WorkerMetrics(Collector):
             "1 while attribution acks the usage stream.",
             value=int(reporter.stats.connected),
         )
+        yield CounterMetricFamily(
+            "openlora_usage_spool_damaged_frames",
+            "Damaged stretches of the spool found (copied aside, logged); their batches are lost.",
+            value=spool.damaged_frames,
+        )
+        yield CounterMetricFamily(
+            "openlora_usage_dead_letter_records",
+            "Usage records attribution refused, kept in the dead-letter file beside the spool (not billed).",
+            value=reporter.dead_letters.records,
+        )
+        yield CounterMetricFamily(
+            "openlora_usage_sender_errors",
+            "Unexpected errors the usage sender or flusher was restarted after (see the log).",
+            value=reporter.stats.send_errors + reporter.stats.flush_errors,
+        )

@@ -5,6 +5,12 @@ durable spool batches every few milliseconds. The sender keeps one stream open, 
 batch (all of them again after a reconnect: attribution is idempotent on each record's key) and drops
 batches from the spool as acks arrive. Attribution being down only grows the spool; a full spool is
 an alarm (log + `stats`), and its records wait in memory for room.
+
+Records attribution refuses are never resent: an ack names them, and they go to the dead-letter file
+beside the spool (`dead_letter.py`) before the spool lets their batch go. A batch refused whole (the
+stream ends INVALID_ARGUMENT) is dead-lettered entirely and sent again empty under its sequence, so
+attribution's contiguous ack moves past it. Both loops are supervised: an unexpected error is logged,
+counted in `stats`, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import grpc
 
 from services.common.grpc_client import open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc
+from services.inference.usage.dead_letter import DeadLetter, DeadLetterFile
 from services.inference.usage.spool import SpoolFull, UsageSpool
 
 log = logging.getLogger("openlora.usage")
@@ -34,6 +41,8 @@ class ReporterStats:
     reconnects: int = 0
     spool_full_alarms: int = 0
     connected: bool = False
+    send_errors: int = 0  # unexpected errors the sender was restarted after
+    flush_errors: int = 0
 
 
 class UsageReporter:
@@ -60,6 +69,10 @@ class UsageReporter:
         self._stopping = False
         self._spool_full = False
         self._tasks: list[asyncio.Task[None]] = []
+        self.dead_letters = DeadLetterFile(spool.directory)
+        self._unanswered: collections.deque[int] = collections.deque()  # sent on this stream, no ack yet
+        self._emptied: set[int] = set()  # sequences refused whole: sent again without their records
+        self._dead_lettered: set[int] = set()  # sequences whose refusals this process has written
 
     def record(self, records: Iterable[attribution_pb2.TokenUsage]) -> None:
         """Queue token records (thread-safe, never blocks: deque appends are atomic)."""
@@ -90,7 +103,13 @@ class UsageReporter:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            await self._flush()
+            try:
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the records stay buffered; the next flush tries again
+                self.stats.flush_errors += 1
+                log.exception("usage flush failed")
 
     async def _flush(self) -> None:
         while self._buffer:
@@ -116,41 +135,116 @@ class UsageReporter:
     # --- spool -> attribution
 
     async def _send_loop(self) -> None:
+        """Keep one stream open; whatever ends it is logged, counted and followed by a new one."""
         delay = self.backoff_s[0]
         while True:
             try:
                 await self._stream_once()
-            except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-                log.warning("usage stream to %s broke (%s); retrying in %.1fs", self.target, code, delay)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and await self._refused_whole(exc):
+                    delay = self.backoff_s[0]
+                    continue  # the refused batch is set aside: resend the rest at once
+                log.warning(
+                    "usage stream to %s broke (%s); retrying in %.1fs", self.target, exc.code().name, delay
+                )
+            except ConnectionError as exc:
+                log.warning("usage stream to %s broke (%s); retrying in %.1fs", self.target, exc, delay)
+            except Exception:
+                # A bug here must not silently end usage reporting for the life of the worker.
+                self.stats.send_errors += 1
+                log.exception("usage sender failed; restarting it in %.1fs", delay)
             self.stats.connected = False
             self.stats.reconnects += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_s[1])
 
     async def _stream_once(self) -> None:
+        self._unanswered.clear()
         async with open_channel(self.target) as channel:
             call = attribution_pb2_grpc.AttributionStub(channel).StreamUsage()
             writer = asyncio.create_task(self._write_pending(call))
+            # A writer that fails ends the call, or the read below would wait for acks forever.
+            writer.add_done_callback(
+                lambda task: task.cancelled() or task.exception() is None or call.cancel()
+            )
             try:
                 while (ack := await call.read()) is not grpc.aio.EOF:
                     assert isinstance(ack, attribution_pb2.RecordAck)
-                    self.stats.connected = True
-                    self.stats.acked_sequence = max(self.stats.acked_sequence, ack.acked_sequence)
-                    await asyncio.to_thread(self.spool.ack, ack.acked_sequence)
-                    self._acked.set()
+                    await self._on_ack(ack)
             finally:
                 writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                failure: Exception | None = None
+                try:
                     await writer
+                except (asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    pass  # the call ended under the writer (or just before a write): the read says why
+                except Exception as exc:
+                    failure = exc
+                if failure is not None:
+                    raise failure
             raise ConnectionError("attribution ended the usage stream")
+
+    async def _on_ack(self, ack: attribution_pb2.RecordAck) -> None:
+        self.stats.connected = True
+        answered = self._unanswered.popleft() if self._unanswered else ack.sequence
+        if ack.refused:
+            await self._dead_letter(ack.sequence or answered, list(ack.refused), "")
+        self.stats.acked_sequence = max(self.stats.acked_sequence, ack.acked_sequence)
+        await asyncio.to_thread(self.spool.ack, ack.acked_sequence)
+        self._emptied = {s for s in self._emptied if s > ack.acked_sequence}
+        self._dead_lettered = {s for s in self._dead_lettered if s > ack.acked_sequence}
+        self._acked.set()
+
+    async def _refused_whole(self, exc: grpc.aio.AioRpcError) -> bool:
+        """Attribution refused a whole batch (acks come in order: the first one unanswered). Its
+        records are dead-lettered and an empty batch takes its sequence, so the acks move on."""
+        if not self._unanswered:
+            return False
+        sequence = self._unanswered[0]
+        reason = exc.details() or "refused"
+        await self._dead_letter(sequence, None, reason)
+        self._emptied.add(sequence)
+        return True
+
+    async def _dead_letter(
+        self, sequence: int, refused: list[attribution_pb2.RefusedRecord] | None, reason: str
+    ) -> None:
+        """Write a batch's refused records (all of them when `refused` is None) to the dead letters."""
+        if sequence in self._dead_lettered:
+            return  # already written by this process: a resend refused again
+        batches = await asyncio.to_thread(self.spool.pending_after, sequence - 1, 1)
+        batch = batches[0] if batches and batches[0].sequence == sequence else None
+        records = list(batch.records) if batch is not None else []
+        if refused is None:
+            refused = [
+                attribution_pb2.RefusedRecord(sequence=sequence, index=i, field="batch", reason=reason)
+                for i in range(len(records))
+            ]
+        letters = [
+            DeadLetter(
+                sequence,
+                r.index,
+                r.field,
+                r.reason,
+                records[r.index] if r.index < len(records) else None,
+            )
+            for r in refused
+        ]
+        await asyncio.to_thread(self.dead_letters.write, letters)
+        self._dead_lettered.add(sequence)
 
     async def _write_pending(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
         sent = 0
         while True:
             self._spooled.clear()
-            for batch in self.spool.pending():
-                if batch.sequence > sent:
+            # The backlog lives on disk: read it in chunks, off the event loop.
+            while batches := await asyncio.to_thread(self.spool.pending_after, sent, 64):
+                for batch in batches:
+                    if batch.sequence in self._emptied:
+                        batch = attribution_pb2.UsageBatch(sequence=batch.sequence, worker_id=batch.worker_id)
+                    self._unanswered.append(batch.sequence)
                     await call.write(batch)
                     sent = batch.sequence
             await self._spooled.wait()

@@ -105,7 +105,9 @@ async def test_a_reused_request_id_bills_every_stream_to_its_own_tenant(cluster:
     one from another tenant, are five requests in the ledger, each billed every token it streamed."""
     stub = cluster.worker.stub
     first = stub.Generate(request([9, 8, 7], max_new_tokens=8, request_id="job-42", tenant="demo"))
-    first_ids = list((await first.read()).token_ids)
+    opening = await first.read()
+    assert isinstance(opening, inference_pb2.GenerateChunk)
+    first_ids = list(opening.token_ids)
     others = await asyncio.gather(
         *(
             collect(stub, request([9, 8, 7], max_new_tokens=8, request_id="job-42", tenant=tenant))
