@@ -60,8 +60,10 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
                 forwarded = inference_pb2.GenerateRequest()
                 forwarded.CopyFrom(request)
                 forwarded.tenant = tenant  # whatever the client put there is ignored
-                # One id across retries, so a worker's usage records of a failed attempt and the
-                # successful one share an idempotency key.
+                # One id across retries, so the attempts share a label in logs and in the ledger.
+                # It is not the ledger's key: each worker bills its own attempt under a usage id
+                # of its own (retries happen before any chunk reached the client, so at most a
+                # chunk lost in flight is billed twice).
                 forwarded.request_id = request.request_id or current_request_id() or uuid.uuid4().hex
                 async for chunk in self.relay.generate(forwarded, context, lease):
                     yield chunk
