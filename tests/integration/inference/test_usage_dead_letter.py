@@ -4,7 +4,9 @@ reporter and spool against a real attribution server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,19 @@ from services.inference.usage.spool import UsageSpool
 from tests.integration.attribution.wire import attribution_settings, request_tokens
 from tests.integration.inference.test_usage_reporter import ledger_count, wait_for
 from tests.kit.ports import free_port
+
+
+@contextlib.asynccontextmanager
+async def attribution_at(tmp_path: Path, **settings: object) -> AsyncIterator[tuple[str, str]]:
+    """A real attribution server on SQLite: (ledger url, address)."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    port = free_port()
+    attribution = build(attribution_settings(url, port=port, **settings))
+    await attribution.server.start()
+    try:
+        yield url, f"127.0.0.1:{port}"
+    finally:
+        await attribution.close()
 
 
 def served_requests(url: str) -> int:
@@ -33,79 +48,65 @@ def served_requests(url: str) -> int:
 async def test_a_poisoned_record_is_dead_lettered_and_the_next_1000_requests_are_billed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    port = free_port()
-    attribution = build(attribution_settings(url, port=port))
-    await attribution.server.start()
-    spool = UsageSpool(tmp_path / "spool")
-    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-p", flush_interval_s=0.01)
-    await reporter.start()
-    try:
+    async with attribution_at(tmp_path) as (url, address):
+        spool = UsageSpool(tmp_path / "spool")
+        reporter = UsageReporter(spool, address, "worker-p", flush_interval_s=0.01)
+        await reporter.start()
         # Past every check a request passes: as if a worker had a bug, or an old worker's spool.
-        poisoned = request_tokens("job 42", prompt=1, completion=0)
-        reporter.record(poisoned)
+        reporter.record(request_tokens("job 42", prompt=1, completion=0))
         for _ in range(1000):
             usage = RequestUsage(new_usage_id(), "acme", "worker-p", (("alpha", "v1", 1.0),))
             reporter.record(usage.prompt(3) + usage.completion(2))
-        await wait_for(lambda: ledger_count(url) == 5000 and spool.backlog_batches == 0, timeout=60)
-        assert served_requests(url) == 1000
-        (letter,) = reporter.dead_letters.read()
-        assert str(letter["field"]).endswith(".request_id") and letter["index"] == 0
-        assert letter["record"]["requestId"] == "job 42"  # type: ignore[index]
-        assert reporter.dead_letters.records == 1
-        assert any(
-            "refused by attribution" in r.message for r in caplog.records if r.levelno == logging.ERROR
-        )
-    finally:
-        await reporter.close()
-        await attribution.close()
+        try:
+            await wait_for(lambda: ledger_count(url) == 5000 and spool.backlog_batches == 0, timeout=60)
+        finally:
+            await reporter.close()
+    assert served_requests(url) == 1000
+    (letter,) = reporter.dead_letters.read()
+    assert str(letter["field"]).endswith(".request_id") and letter["index"] == 0
+    assert letter["record"]["requestId"] == "job 42"  # type: ignore[index]
+    assert reporter.dead_letters.records == 1
+    errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("refused by attribution" in message for message in errors)
 
 
 async def test_a_batch_refused_whole_is_dead_lettered_and_the_acks_move_past_it(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    port = free_port()
-    attribution = build(attribution_settings(url, port=port, max_batch_records=100))
-    await attribution.server.start()
-    spool = UsageSpool(tmp_path / "spool")
-    # A worker configured for larger batches than attribution takes: its first batch is refused whole.
-    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-q", max_batch_records=150)
-    reporter.record(request_tokens("big", prompt=60, completion=60))
-    await reporter._flush()
-    await reporter.start()
-    try:
-        for i in range(5):
-            reporter.record(request_tokens(f"small-{i}", prompt=10, completion=10))
-            await asyncio.sleep(0.1)
-        await wait_for(lambda: ledger_count(url) == 100 and spool.backlog_batches == 0, timeout=30)
-        letters = reporter.dead_letters.read()
-        assert len(letters) == 120 and {letter["sequence"] for letter in letters} == {1}
-        assert all("100 per batch" in str(letter["reason"]) for letter in letters)
-    finally:
-        await reporter.close()
-        await attribution.close()
+    async with attribution_at(tmp_path, max_batch_records=100) as (url, address):
+        spool = UsageSpool(tmp_path / "spool")
+        # A worker set up for larger batches than attribution takes: its first batch is refused whole.
+        reporter = UsageReporter(spool, address, "worker-q", max_batch_records=150)
+        reporter.record(request_tokens("big", prompt=60, completion=60))
+        await reporter._flush()
+        await reporter.start()
+        try:
+            for i in range(5):
+                reporter.record(request_tokens(f"small-{i}", prompt=10, completion=10))
+                await asyncio.sleep(0.1)
+            await wait_for(lambda: ledger_count(url) == 100 and spool.backlog_batches == 0, timeout=30)
+        finally:
+            await reporter.close()
+    letters = reporter.dead_letters.read()
+    assert len(letters) == 120 and {letter["sequence"] for letter in letters} == {1}
+    assert all("100 per batch" in str(letter["reason"]) for letter in letters)
 
 
 async def test_the_sender_survives_an_unexpected_error(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    port = free_port()
-    attribution = build(attribution_settings(url, port=port))
-    await attribution.server.start()
-    spool = UsageSpool(tmp_path / "spool")
-    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-r", backoff_s=(0.05, 0.1))
-    real_read = spool.pending_after
-    failures = iter([True])
+    async with attribution_at(tmp_path) as (url, address):
+        spool = UsageSpool(tmp_path / "spool")
+        reporter = UsageReporter(spool, address, "worker-r", backoff_s=(0.05, 0.1))
+        real_read = spool.pending_after
+        failures = iter([True])
 
-    def flaky_read(sequence: int, limit: int) -> list[object]:
-        if next(failures, False):
-            raise RuntimeError("injected")
-        return real_read(sequence, limit)  # type: ignore[return-value]
+        def flaky_read(sequence: int, limit: int) -> list[object]:
+            if next(failures, False):
+                raise RuntimeError("injected")
+            return real_read(sequence, limit)  # type: ignore[return-value]
 
-    spool.pending_after = flaky_read  # type: ignore[method-assign, assignment]
-    reporter.record(request_tokens("r", prompt=2, completion=2))
-    await reporter.start()
-    try:
-        await wait_for(lambda: ledger_count(url) == 4 and spool.backlog_batches == 0, timeout=30)
-        assert reporter.stats.send_errors == 1
-    finally:
-        await reporter.close()
-        await attribution.close()
+        spool.pending_after = flaky_read  # type: ignore[method-assign, assignment]
+        reporter.record(request_tokens("r", prompt=2, completion=2))
+        await reporter.start()
+        try:
+            await wait_for(lambda: ledger_count(url) == 4 and spool.backlog_batches == 0, timeout=30)
+        finally:
+            await reporter.close()
+    assert reporter.stats.send_errors == 1
