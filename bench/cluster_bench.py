@@ -1,0 +1,294 @@
+"""The served path (P8 of TARGETS.md): what a client gets through the cluster vs the engine in process.
+
+Starts the whole cluster as real processes with `openlora up`'s machinery (store, attribution, one
+worker per `--workers`, gateway; embedded defaults: local adapter directory, SQLite ledger), uploads
+the adapters, and replays the TARGETS workload through the gateway with an API key, arrivals honoured,
+one gRPC stream per request. Then, with the cluster stopped, the very same requests go through an
+`LLMEngine` in this process with the worker's engine settings. Every served output must equal the
+in-process one token for token (greedy). One JSON line per run:
+
+    .venv/bin/python bench/cluster_bench.py --model tiny --n 200 --rate inf --num-adapters 100 \\
+        --input-len 8,128 --output-len 8,64
+    .venv/bin/python bench/cluster_bench.py --model smollm2 --n 64 --rate inf --num-adapters 0 \\
+        --input-len 8,64 --output-len 8,32
+
+`--num-adapters 0` serves the base model only. Figures: served and in-process tok/s and their ratio
+(P8: ≥ 0.7 tiny, ≥ 0.9 SmolLM2), TTFT p50/p90 of both, and CPU-seconds per 1,000 generated tokens
+of each cluster process over the served replay, and of the benchmark's own gRPC client, which shares
+the cores (the worker's share outside the model is its CPU minus the in-process engine's). Run it on a
+quiet machine: it reads `os.getloadavg()` into the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from bench import workload
+from bench.engine_bench import model_dir, run_ours
+from bench.lora_bench import HostAdapter, adapter_name
+from services.adapter_store.client import adapter_files, upload
+from services.cluster.up import Cluster, ClusterConfig, start_cluster
+from services.common.grpc_client import open_channel
+from services.common.proto import adapter_store_pb2 as store_pb
+from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.synthetic_adapters import write_adapter
+from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
+
+Request = workload.WorkloadRequest
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings both paths use, as EngineConfig fields."""
+    return {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_cache_bytes": args.kv_cache_mib << 20,
+        "dtype": args.dtype,
+        "lora_slots": args.lora_slots if args.num_adapters else 0,
+        "lora_max_rank": args.rank,
+        "lora_target_modules": tuple(args.targets.split(",")),
+    }
+
+
+def worker_environment(settings: dict[str, Any]) -> dict[str, str]:
+    """The same settings for the worker processes (they read OPENLORA_WORKER_*; children inherit)."""
+    env = {f"OPENLORA_WORKER_{k.upper()}": str(v) for k, v in settings.items() if k != "lora_target_modules"}
+    env["OPENLORA_WORKER_LORA_TARGET_MODULES"] = json.dumps(list(settings["lora_target_modules"]))
+    return env
+
+
+async def upload_adapters(cluster: Cluster, folders: dict[int, Path]) -> None:
+    async with open_channel(cluster.store) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        for index, folder in folders.items():
+            # With provenance, so attribution computes rewards as it would in production.
+            provenance = store_pb.Provenance(
+                trainer=f"trainer-{index % 7}",
+                contributors=[
+                    store_pb.Contributor(id=f"trainer-{index % 7}", role=store_pb.TRAINER, share=1.0)
+                ],
+            )
+            header = store_pb.UploadHeader(
+                id=adapter_name(index),
+                owner=cluster.tenant,
+                base_model=cluster.base_model,
+                provenance=provenance,
+            )
+            await upload(stub, header, adapter_files(folder))
+
+
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
+    """User + system CPU of each cluster process so far."""
+    used = {}
+    for child in cluster.supervisor.children:
+        times = psutil.Process(child.process.pid).cpu_times()
+        used[child.spec.name] = times.user + times.system
+    return used
+
+
+async def replay_served(cluster: Cluster, requests: list[Request], with_adapters: bool) -> dict[str, Any]:
+    """Every request through the gateway at its arrival time; outputs, TTFTs and wall time."""
+    metadata = [("authorization", f"Bearer {cluster.api_key}")]
+    outputs: dict[str, list[int]] = {}
+    ttft: list[float] = []
+    async with open_channel(cluster.gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        start = time.perf_counter()
+
+        async def one(r: Request) -> None:
+            await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - start)))
+            message = inference_pb2.GenerateRequest(
+                request_id=r.request_id,
+                token_ids=inference_pb2.TokenIds(ids=r.prompt_token_ids),
+                sampling=common_pb2.SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True),
+            )
+            if with_adapters:
+                message.adapter_ref.id = adapter_name(r.adapter_index)
+            ids: list[int] = []
+            async for chunk in stub.Generate(message, metadata=metadata, timeout=3600):
+                if chunk.token_ids and not ids:
+                    ttft.append(time.perf_counter() - start - r.arrival_s)
+                ids.extend(chunk.token_ids)
+            outputs[r.request_id] = ids
+
+        await asyncio.gather(*(one(r) for r in requests))
+        elapsed = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in outputs.values())
+    return {
+        "elapsed_s": elapsed,
+        "tokens": tokens,
+        "tok_s": tokens / elapsed,
+        "ttft": ttft,
+        "outputs": outputs,
+    }
+
+
+async def serve_and_measure(
+    args: argparse.Namespace, requests: list[Request], folders: dict[int, Path], scratch: Path
+) -> dict[str, Any]:
+    config = ClusterConfig(
+        data_dir=scratch / "cluster",
+        model=args.model,
+        workers=args.workers,
+        gateway_port=0,
+        worker_dtype=args.dtype,
+    )
+    cluster = await start_cluster(config, lambda text: print(f"[cluster] {text}", file=sys.stderr))
+    try:
+        await upload_adapters(cluster, folders)
+        # Warm-up outside the timing: lazy initialisation, and every adapter fetched once from the store
+        # into the worker's host RAM, where the in-process engine holds them too.
+        await replay_served(cluster, [workload_warm(r) for r in requests], bool(args.num_adapters))
+        before = cpu_seconds(cluster)
+        client_before = time.process_time()
+        served = await replay_served(cluster, requests, bool(args.num_adapters))
+        after = cpu_seconds(cluster)
+        # The client shares the machine's cores with the cluster: its decoding counts too.
+        after["client"], before["client"] = time.process_time(), client_before
+    finally:
+        await cluster.supervisor.stop()
+    served["cpu_s"] = {name: after[name] - before[name] for name in after}
+    return served
+
+
+def workload_warm(r: Request) -> Request:
+    """A short request on the same adapter; its prompt is reversed so that no prefix it caches is one
+    the timed replay could reuse."""
+    return dataclasses.replace(
+        r,
+        request_id=f"warm-{r.request_id}",
+        prompt_token_ids=r.prompt_token_ids[::-1],
+        max_new_tokens=2,
+        arrival_s=0.0,
+    )
+
+
+def in_process(
+    args: argparse.Namespace, requests: list[Request], folders: dict[int, Path], path: Path
+) -> dict[str, Any]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
+    engine = LLMEngine(model, EngineConfig(**engine_settings(args)))
+    for index, folder in folders.items():
+        engine.add_adapter(adapter_name(index), HostAdapter(folder, args.rank))
+    adapter_of = (lambda r: adapter_name(r.adapter_index)) if args.num_adapters else (lambda r: None)
+    run_ours(engine, [workload_warm(r) for r in requests], adapter_of)
+    started = time.process_time()
+    result = run_ours(engine, requests, adapter_of)
+    result["cpu_s"] = time.process_time() - started
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--ranks", default="8,16", help="adapter ranks, assigned round-robin")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated modules")
+    parser.add_argument("--lora-slots", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--kv-cache-mib", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process engine")
+    workload.add_arguments(parser)
+    args = parser.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    args.rank = max([args.rank, *ranks])  # the slots' maximum rank
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    for key, value in worker_environment(engine_settings(args)).items():
+        os.environ[key] = value
+    # Every request may arrive at once: the tenant's stream limit must not turn the replay into retries.
+    os.environ["OPENLORA_GATEWAY_MAX_CONCURRENT_STREAMS"] = str(max(64, args.n))
+
+    scratch = Path(tempfile.mkdtemp(prefix="cluster-bench-"))
+    path = model_dir(args.model, scratch)
+    model_config = json.loads((path / "config.json").read_text())
+    num_adapters = args.num_adapters
+    args.num_adapters = max(num_adapters, 1)  # the workload needs an index range; 0 = base only below
+    spec = workload.spec_from_args(args, int(model_config["vocab_size"]))
+    args.num_adapters = num_adapters
+    requests = workload.generate(spec)
+    workload.write_jsonl(scratch / "workload.jsonl", spec, requests)
+    used = sorted({r.adapter_index for r in requests}) if num_adapters else []
+    folders = {
+        i: write_adapter(
+            scratch / "adapters" / adapter_name(i),
+            model_config,
+            rank=ranks[i % len(ranks)],
+            targets=args.targets.split(","),
+            seed=i,
+        )
+        for i in used
+    }
+
+    load_before = os.getloadavg()[0]
+    served = asyncio.run(serve_and_measure(args, requests, folders, scratch))
+    local = in_process(args, requests, folders, path)
+    same = sum(served["outputs"][r.request_id] == local["outputs"][r.request_id] for r in requests)
+    per_1k = 1000 / served["tokens"]
+    cpu = {name: round(seconds * per_1k, 3) for name, seconds in served["cpu_s"].items()}
+    worker_cpu = sum(s for name, s in served["cpu_s"].items() if name.startswith("worker"))
+    line = {
+        "bench": "cluster",
+        "model": args.model,
+        "dtype": args.dtype,
+        "workers": args.workers,
+        "num_adapters": num_adapters,
+        "distinct_adapters": len(used),
+        "ranks": ranks if num_adapters else [],
+        "n": spec.n,
+        "rate": "inf" if spec.rate == float("inf") else spec.rate,
+        "input_len": list(spec.input_len),
+        "output_len": list(spec.output_len),
+        "served_tok_s": round(served["tok_s"], 1),
+        "in_process_tok_s": round(local["tok_s"], 1),
+        "p8_served_over_in_process": round(served["tok_s"] / local["tok_s"], 3),
+        "served_ttft_p50_ms": round(1000 * statistics.median(served["ttft"]), 1),
+        "served_ttft_p90_ms": round(1000 * percentile(served["ttft"], 0.9), 1),
+        "in_process_ttft_p50_ms": round(1000 * local["ttft_p50_s"], 1),
+        "in_process_ttft_p90_ms": round(1000 * local["ttft_p90_s"], 1),
+        "tokens": served["tokens"],
+        "token_identical": f"{same}/{len(requests)}",
+        "cpu_s_per_1k_tokens": cpu,
+        "in_process_cpu_s_per_1k_tokens": round(local["cpu_s"] * 1000 / local["tokens"], 3),
+        "worker_cpu_outside_engine_us_per_token": round(
+            (worker_cpu - local["cpu_s"] * served["tokens"] / local["tokens"]) * 1e6 / served["tokens"], 1
+        ),
+        "loadavg_1m_before": round(load_before, 2),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    print(json.dumps(line), flush=True)
+    if same != len(requests):
+        sys.exit(f"{len(requests) - same} served output(s) differ from the in-process engine")
+
+
+if __name__ == "__main__":
+    main()
