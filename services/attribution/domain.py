@@ -74,6 +74,7 @@ class TokenRecord:
     worker_id: str
     ts_us: int  # epoch microseconds
     client_request_id: str = ""  # the id the client chose: a label, not unique (request_id is)
+    token_count: int = 1  # the record covers tokens [token_index, token_index + token_count)
 
     @property
     def key(self) -> tuple[str, int, int]:

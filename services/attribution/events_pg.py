@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 
 from services.attribution.domain import TokenRecord
 
-_COLUMNS = "request_id, token_index, kind, tenant, worker_id, ts_us, adapters, client_request_id"
+_COLUMNS = "request_id, token_index, kind, tenant, worker_id, ts_us, adapters, client_request_id, token_count"
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
@@ -24,7 +24,8 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
     worker_id varchar(128) NOT NULL,
     ts_us bigint NOT NULL,
     adapters text NOT NULL,
-    client_request_id varchar(128) NOT NULL
+    client_request_id varchar(128) NOT NULL,
+    token_count integer NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
@@ -59,6 +60,7 @@ def insert_events_pg(
                         r.ts_us,
                         adapters_text(r),
                         r.client_request_id,
+                        r.token_count,
                     )
                 )
         cursor.execute(_MOVE)

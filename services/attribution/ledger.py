@@ -175,6 +175,7 @@ class Ledger:
                     "ts_us": r.ts_us,
                     "adapters": adapters_text(r),
                     "client_request_id": r.client_request_id,
+                    "token_count": r.token_count,
                 }
                 for r in records
             ]

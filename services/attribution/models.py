@@ -42,6 +42,9 @@ class UsageEvent(Base):
     adapters: Mapped[str] = mapped_column(Text)
     # The id the client chose, for lookups; request_id (made unique by the worker) is the key.
     client_request_id: Mapped[str] = mapped_column(String(128), server_default="")
+    # The row covers tokens [token_index, token_index + token_count) of its kind; a worker sends one
+    # range per request per flush. Ranges of one request and kind never overlap.
+    token_count: Mapped[int] = mapped_column(Integer, server_default="1")
 
 
 class UsageSender(Base):

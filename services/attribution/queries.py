@@ -74,7 +74,9 @@ def usage_of_request(
     conditions = [UsageEvent.client_request_id == client_request_id, *window.where(minute)]
     if tenant:
         conditions.append(UsageEvent.tenant == tenant)
-    sums = tuple(func.sum(case((UsageEvent.kind == int(kind), 1), else_=0)) for kind in TokenKind)
+    sums = tuple(
+        func.sum(case((UsageEvent.kind == int(kind), UsageEvent.token_count), else_=0)) for kind in TokenKind
+    )
     return _usage_counts(engine, minute, sums, conditions, window)
 
 

@@ -30,11 +30,14 @@ Tally = Counter[TallyKey]
 
 
 def tally(records: Iterable[TokenRecord]) -> Tally:
-    """Count tokens by request, tenant, kind, minute and mix. The tokens of one request share all of
-    these, so everything after this step runs per group, not per token (Counter counts in C)."""
-    return Counter(
-        (r.request_id, r.tenant, r.kind, r.ts_us - r.ts_us % US_PER_MINUTE, r.adapters) for r in records
-    )
+    """Count tokens (each record covers `token_count`) by request, tenant, kind, minute and mix. The
+    tokens of one request share all of these, so everything after this step runs per group."""
+    counts: Tally = Counter()
+    for r in records:
+        counts[(r.request_id, r.tenant, r.kind, r.ts_us - r.ts_us % US_PER_MINUTE, r.adapters)] += (
+            r.token_count
+        )
+    return counts
 
 
 _NOBODY = (Contributor(contributor_id="", role=Role.UNATTRIBUTED, share_micros=MICROS_PER_UNIT),)

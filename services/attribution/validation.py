@@ -5,6 +5,7 @@ A batch is checked whole before anything is written, so a refused batch leaves n
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 
@@ -54,11 +55,15 @@ def usage_batch(
     now_us = now_us if now_us is not None else time.time_ns() // 1000
     checker = _BatchChecker(worker_id, max_token_index, now_us, now_us + max_future_us)
     records, refused = [], []
+    ranges = _Ranges()
     for i, r in enumerate(message.records):
         try:
-            records.append(checker.record(i, r))
+            record = checker.record(i, r)
+            ranges.check(i, record)
         except InvalidArgument as exc:
             refused.append(RefusedRecord(i, exc.field, exc.problem))
+            continue
+        records.append(record)
     return UsageBatch(
         sequence=message.sequence,
         worker_id=worker_id,
@@ -66,6 +71,40 @@ def usage_batch(
         refused=refused,
         clock_ahead=checker.clock_ahead,
     )
+
+
+class _Ranges:
+    """Token ranges of one batch per (request, kind): a range may repeat exactly (a resend is
+    deduplicated by its key) but never overlap another, which would count its tokens twice. Ranges
+    mostly arrive in order, so the common check is one comparison with the last one."""
+
+    def __init__(self) -> None:
+        # (request, kind) -> sorted starts, and each start's (end, record index)
+        self._starts: dict[tuple[str, int], list[int]] = {}
+        self._ranges: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
+
+    def check(self, index: int, record: TokenRecord) -> None:
+        key = (record.request_id, int(record.kind))
+        start, end = record.token_index, record.token_index + record.token_count
+        starts = self._starts.setdefault(key, [])
+        ranges = self._ranges.setdefault(key, {})
+        if not starts or start >= ranges[starts[-1]][0]:
+            starts.append(start)
+            ranges[start] = (end, index)
+            return
+        same = ranges.get(start)
+        if same is not None and same[0] == end:
+            return
+        at = bisect.bisect_left(starts, start)
+        for neighbour in starts[max(0, at - 1) : at + 1]:
+            other_end, other_index = ranges[neighbour]
+            if start < other_end and neighbour < end:
+                raise InvalidArgument(
+                    f"records[{index}].token_index",
+                    f"tokens [{start}, {end}) overlap records[{other_index}]'s [{neighbour}, {other_end})",
+                )
+        starts.insert(at, start)
+        ranges[start] = (end, index)
 
 
 # (id, version, weight) of each adapter of a token, as sent.
@@ -99,8 +138,12 @@ class _BatchChecker:
         kind = _KINDS.get(r.kind)
         if kind is None:
             raise InvalidArgument(f"{field}.kind", f"must be PROMPT or COMPLETION, got {r.kind}")
-        if r.token_index > self.max_token_index:
-            raise InvalidArgument(f"{field}.token_index", f"{r.token_index} exceeds {self.max_token_index}")
+        count = r.token_count or 1
+        if r.token_index + count - 1 > self.max_token_index:
+            raise InvalidArgument(
+                f"{field}.token_count" if r.token_count > 1 else f"{field}.token_index",
+                f"the range ends past {self.max_token_index}",
+            )
         if r.HasField("ts"):
             seconds, nanos = r.ts.seconds, r.ts.nanos
             if seconds < 0 or not 0 <= nanos < 1_000_000_000:
@@ -130,6 +173,7 @@ class _BatchChecker:
             worker_id=self._id(f"{field}.worker_id", r.worker_id) if r.worker_id else self.worker_id,
             ts_us=ts_us,
             client_request_id=self._id(f"{field}.client_request_id", r.client_request_id, check_request_id),
+            token_count=count,
         )
 
 

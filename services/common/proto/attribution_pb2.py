@@ -29,51 +29,51 @@ from services.common.proto import adapter_store_pb2 as openlora_dot_v1_dot_adapt
 from services.common.proto import common_pb2 as openlora_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dopenlora/v1/attribution.proto\x12\x0bopenlora.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fopenlora/v1/adapter_store.proto\x1a\x18openlora/v1/common.proto\"K\n\x0fWeightedAdapter\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x86\x02\n\nTokenUsage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_index\x18\x02 \x01(\r\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.openlora.v1.TokenKind\x12.\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1c.openlora.v1.WeightedAdapter\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12&\n\x02ts\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\t \x01(\t\"[\n\nUsageBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12(\n\x07records\x18\x03 \x03(\x0b\x32\x17.openlora.v1.TokenUsage\"\x97\x01\n\tRecordAck\x12\x16\n\x0e\x61\x63ked_sequence\x18\x01 \x01(\x04\x12\x18\n\x10inserted_records\x18\x02 \x01(\x04\x12\x19\n\x11\x64uplicate_records\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12+\n\x07refused\x18\x05 \x03(\x0b\x32\x1a.openlora.v1.RefusedRecord\"O\n\rRefusedRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc3\x01\n\nUsageQuery\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06\x62ucket\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"j\n\x0bUsageBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x04\"b\n\x0bUsageReport\x12(\n\x06totals\x18\x01 \x01(\x0b\x32\x18.openlora.v1.UsageBucket\x12)\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x18.openlora.v1.UsageBucket\"\xc9\x01\n\x0cRewardsQuery\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06\x62ucket\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"X\n\nRewardLine\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x04 \x01(\t\"I\n\x0cRewardBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\"\x84\x01\n\rRewardsReport\x12\r\n\x05total\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12&\n\x05lines\x18\x03 \x03(\x0b\x32\x17.openlora.v1.RewardLine\x12*\n\x07\x62uckets\x18\x04 \x03(\x0b\x32\x19.openlora.v1.RewardBucket\"A\n\x13WatchRewardsRequest\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\xab\x01\n\x0bRewardEvent\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12(\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x05 \x01(\t\x12&\n\x02ts\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x19RegisterProvenanceRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12+\n\nprovenance\x18\x02 \x01(\x0b\x32\x17.openlora.v1.Provenance\"-\n\x1aRegisterProvenanceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"U\n\x0fSetPriceRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_price\x18\x02 \x01(\t\x12\x18\n\x10\x63ompletion_price\x18\x03 \x01(\t\"$\n\x10SetPriceResponse\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t*C\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06PROMPT\x10\x01\x12\x0e\n\nCOMPLETION\x10\x02\x32\x95\x04\n\x0b\x41ttribution\x12@\n\x0bRecordUsage\x12\x17.openlora.v1.UsageBatch\x1a\x16.openlora.v1.RecordAck(\x01\x12=\n\x08GetUsage\x12\x17.openlora.v1.UsageQuery\x1a\x18.openlora.v1.UsageReport\x12\x43\n\nGetRewards\x12\x19.openlora.v1.RewardsQuery\x1a\x1a.openlora.v1.RewardsReport\x12L\n\x0cWatchRewards\x12 .openlora.v1.WatchRewardsRequest\x1a\x18.openlora.v1.RewardEvent0\x01\x12\x42\n\x0bStreamUsage\x12\x17.openlora.v1.UsageBatch\x1a\x16.openlora.v1.RecordAck(\x01\x30\x01\x12\x65\n\x12RegisterProvenance\x12&.openlora.v1.RegisterProvenanceRequest\x1a\'.openlora.v1.RegisterProvenanceResponse\x12G\n\x08SetPrice\x12\x1c.openlora.v1.SetPriceRequest\x1a\x1d.openlora.v1.SetPriceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dopenlora/v1/attribution.proto\x12\x0bopenlora.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fopenlora/v1/adapter_store.proto\x1a\x18openlora/v1/common.proto\"K\n\x0fWeightedAdapter\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x9b\x02\n\nTokenUsage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_index\x18\x02 \x01(\r\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.openlora.v1.TokenKind\x12.\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1c.openlora.v1.WeightedAdapter\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12&\n\x02ts\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\t \x01(\t\x12\x13\n\x0btoken_count\x18\n \x01(\r\"[\n\nUsageBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12(\n\x07records\x18\x03 \x03(\x0b\x32\x17.openlora.v1.TokenUsage\"\x97\x01\n\tRecordAck\x12\x16\n\x0e\x61\x63ked_sequence\x18\x01 \x01(\x04\x12\x18\n\x10inserted_records\x18\x02 \x01(\x04\x12\x19\n\x11\x64uplicate_records\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12+\n\x07refused\x18\x05 \x03(\x0b\x32\x1a.openlora.v1.RefusedRecord\"O\n\rRefusedRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc3\x01\n\nUsageQuery\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06\x62ucket\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"j\n\x0bUsageBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x04\"b\n\x0bUsageReport\x12(\n\x06totals\x18\x01 \x01(\x0b\x32\x18.openlora.v1.UsageBucket\x12)\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x18.openlora.v1.UsageBucket\"\xc9\x01\n\x0cRewardsQuery\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06\x62ucket\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"X\n\nRewardLine\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x04 \x01(\t\"I\n\x0cRewardBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\"\x84\x01\n\rRewardsReport\x12\r\n\x05total\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12&\n\x05lines\x18\x03 \x03(\x0b\x32\x17.openlora.v1.RewardLine\x12*\n\x07\x62uckets\x18\x04 \x03(\x0b\x32\x19.openlora.v1.RewardBucket\"A\n\x13WatchRewardsRequest\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\xab\x01\n\x0bRewardEvent\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12(\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x05 \x01(\t\x12&\n\x02ts\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x19RegisterProvenanceRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12+\n\nprovenance\x18\x02 \x01(\x0b\x32\x17.openlora.v1.Provenance\"-\n\x1aRegisterProvenanceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"U\n\x0fSetPriceRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_price\x18\x02 \x01(\t\x12\x18\n\x10\x63ompletion_price\x18\x03 \x01(\t\"$\n\x10SetPriceResponse\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t*C\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06PROMPT\x10\x01\x12\x0e\n\nCOMPLETION\x10\x02\x32\x95\x04\n\x0b\x41ttribution\x12@\n\x0bRecordUsage\x12\x17.openlora.v1.UsageBatch\x1a\x16.openlora.v1.RecordAck(\x01\x12=\n\x08GetUsage\x12\x17.openlora.v1.UsageQuery\x1a\x18.openlora.v1.UsageReport\x12\x43\n\nGetRewards\x12\x19.openlora.v1.RewardsQuery\x1a\x1a.openlora.v1.RewardsReport\x12L\n\x0cWatchRewards\x12 .openlora.v1.WatchRewardsRequest\x1a\x18.openlora.v1.RewardEvent0\x01\x12\x42\n\x0bStreamUsage\x12\x17.openlora.v1.UsageBatch\x1a\x16.openlora.v1.RecordAck(\x01\x30\x01\x12\x65\n\x12RegisterProvenance\x12&.openlora.v1.RegisterProvenanceRequest\x1a\'.openlora.v1.RegisterProvenanceResponse\x12G\n\x08SetPrice\x12\x1c.openlora.v1.SetPriceRequest\x1a\x1d.openlora.v1.SetPriceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.common.proto.attribution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENKIND']._serialized_start=2279
-  _globals['_TOKENKIND']._serialized_end=2346
+  _globals['_TOKENKIND']._serialized_start=2300
+  _globals['_TOKENKIND']._serialized_end=2367
   _globals['_WEIGHTEDADAPTER']._serialized_start=170
   _globals['_WEIGHTEDADAPTER']._serialized_end=245
   _globals['_TOKENUSAGE']._serialized_start=248
-  _globals['_TOKENUSAGE']._serialized_end=510
-  _globals['_USAGEBATCH']._serialized_start=512
-  _globals['_USAGEBATCH']._serialized_end=603
-  _globals['_RECORDACK']._serialized_start=606
-  _globals['_RECORDACK']._serialized_end=757
-  _globals['_REFUSEDRECORD']._serialized_start=759
-  _globals['_REFUSEDRECORD']._serialized_end=838
-  _globals['_USAGEQUERY']._serialized_start=841
-  _globals['_USAGEQUERY']._serialized_end=1036
-  _globals['_USAGEBUCKET']._serialized_start=1038
-  _globals['_USAGEBUCKET']._serialized_end=1144
-  _globals['_USAGEREPORT']._serialized_start=1146
-  _globals['_USAGEREPORT']._serialized_end=1244
-  _globals['_REWARDSQUERY']._serialized_start=1247
-  _globals['_REWARDSQUERY']._serialized_end=1448
-  _globals['_REWARDLINE']._serialized_start=1450
-  _globals['_REWARDLINE']._serialized_end=1538
-  _globals['_REWARDBUCKET']._serialized_start=1540
-  _globals['_REWARDBUCKET']._serialized_end=1613
-  _globals['_REWARDSREPORT']._serialized_start=1616
-  _globals['_REWARDSREPORT']._serialized_end=1748
-  _globals['_WATCHREWARDSREQUEST']._serialized_start=1750
-  _globals['_WATCHREWARDSREQUEST']._serialized_end=1815
-  _globals['_REWARDEVENT']._serialized_start=1818
-  _globals['_REWARDEVENT']._serialized_end=1989
-  _globals['_REGISTERPROVENANCEREQUEST']._serialized_start=1991
-  _globals['_REGISTERPROVENANCEREQUEST']._serialized_end=2105
-  _globals['_REGISTERPROVENANCERESPONSE']._serialized_start=2107
-  _globals['_REGISTERPROVENANCERESPONSE']._serialized_end=2152
-  _globals['_SETPRICEREQUEST']._serialized_start=2154
-  _globals['_SETPRICEREQUEST']._serialized_end=2239
-  _globals['_SETPRICERESPONSE']._serialized_start=2241
-  _globals['_SETPRICERESPONSE']._serialized_end=2277
-  _globals['_ATTRIBUTION']._serialized_start=2349
-  _globals['_ATTRIBUTION']._serialized_end=2882
+  _globals['_TOKENUSAGE']._serialized_end=531
+  _globals['_USAGEBATCH']._serialized_start=533
+  _globals['_USAGEBATCH']._serialized_end=624
+  _globals['_RECORDACK']._serialized_start=627
+  _globals['_RECORDACK']._serialized_end=778
+  _globals['_REFUSEDRECORD']._serialized_start=780
+  _globals['_REFUSEDRECORD']._serialized_end=859
+  _globals['_USAGEQUERY']._serialized_start=862
+  _globals['_USAGEQUERY']._serialized_end=1057
+  _globals['_USAGEBUCKET']._serialized_start=1059
+  _globals['_USAGEBUCKET']._serialized_end=1165
+  _globals['_USAGEREPORT']._serialized_start=1167
+  _globals['_USAGEREPORT']._serialized_end=1265
+  _globals['_REWARDSQUERY']._serialized_start=1268
+  _globals['_REWARDSQUERY']._serialized_end=1469
+  _globals['_REWARDLINE']._serialized_start=1471
+  _globals['_REWARDLINE']._serialized_end=1559
+  _globals['_REWARDBUCKET']._serialized_start=1561
+  _globals['_REWARDBUCKET']._serialized_end=1634
+  _globals['_REWARDSREPORT']._serialized_start=1637
+  _globals['_REWARDSREPORT']._serialized_end=1769
+  _globals['_WATCHREWARDSREQUEST']._serialized_start=1771
+  _globals['_WATCHREWARDSREQUEST']._serialized_end=1836
+  _globals['_REWARDEVENT']._serialized_start=1839
+  _globals['_REWARDEVENT']._serialized_end=2010
+  _globals['_REGISTERPROVENANCEREQUEST']._serialized_start=2012
+  _globals['_REGISTERPROVENANCEREQUEST']._serialized_end=2126
+  _globals['_REGISTERPROVENANCERESPONSE']._serialized_start=2128
+  _globals['_REGISTERPROVENANCERESPONSE']._serialized_end=2173
+  _globals['_SETPRICEREQUEST']._serialized_start=2175
+  _globals['_SETPRICEREQUEST']._serialized_end=2260
+  _globals['_SETPRICERESPONSE']._serialized_start=2262
+  _globals['_SETPRICERESPONSE']._serialized_end=2298
+  _globals['_ATTRIBUTION']._serialized_start=2370
+  _globals['_ATTRIBUTION']._serialized_end=2903
 # @@protoc_insertion_point(module_scope)

@@ -82,7 +82,7 @@ Global___WeightedAdapter: _TypeAlias = WeightedAdapter  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):
-    """One token read or produced for a request."""
+    """A range of tokens read or produced for a request (one token by default)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -95,6 +95,7 @@ class TokenUsage(_message.Message):
     TS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the served request, unique per request the worker accepted (the
     worker makes it): with `token_index` and `kind`, the idempotency key.
@@ -116,6 +117,11 @@ class TokenUsage(_message.Message):
     """The request id the client chose (empty when it chose none): a label for
     logs and lookups, not unique, since clients may reuse ids.
     """
+    token_count: _builtins.int
+    """How many consecutive tokens of `kind` this record covers, from
+    `token_index`: a record is the range [token_index, token_index +
+    token_count). 0 means 1 (senders of one record per token).
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightedAdapter]:
         """Adapters credited for the token; empty for the base model alone."""
@@ -136,10 +142,11 @@ class TokenUsage(_message.Message):
         ts: _timestamp_pb2.Timestamp | None = ...,
         traceparent: _builtins.str = ...,
         client_request_id: _builtins.str = ...,
+        token_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ts", b"ts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "client_request_id", b"client_request_id", "kind", b"kind", "request_id", b"request_id", "tenant", b"tenant", "token_index", b"token_index", "traceparent", b"traceparent", "ts", b"ts", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "client_request_id", b"client_request_id", "kind", b"kind", "request_id", b"request_id", "tenant", b"tenant", "token_count", b"token_count", "token_index", b"token_index", "traceparent", b"traceparent", "ts", b"ts", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
