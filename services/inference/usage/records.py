@@ -1,6 +1,7 @@
-"""The `TokenUsage` records of one request: one per prompt token, one per generated token.
+"""The `TokenUsage` records of one request: token ranges, one for the prompt and one per step's
+generated tokens (the reporter joins a request's consecutive ranges into one per flush).
 
-`(request_id, token_index, kind)` is attribution's idempotency key, so a request's records are
+`(request_id, token_index, kind)` is attribution's idempotency key, so a request's tokens are
 numbered from 0 within each kind and never renumbered: a resend after a lost ack counts once. The
 `request_id` there is the worker's own id for the served request (`new_usage_id`), not the client's:
 clients may reuse their ids, and every token streamed must be billed, once, to whoever streamed it.
@@ -51,34 +52,33 @@ class RequestUsage:
         self.completion_tokens = 0
 
     def prompt(self, count: int) -> list[attribution_pb2.TokenUsage]:
-        """Records of the whole prompt (once: when its prefill produced the first token)."""
-        if self.prompt_tokens:
+        """The record of the whole prompt (once: when its prefill produced the first token)."""
+        if self.prompt_tokens or not count:
             return []
         self.prompt_tokens = count
-        records = self._records(attribution_pb2.PROMPT, 0, count)
-        if records and self.traceparent:
-            records[0].traceparent = self.traceparent
-        return records
+        record = self._record(attribution_pb2.PROMPT, 0, count)
+        record.traceparent = self.traceparent
+        return [record]
 
     def completion(self, count: int) -> list[attribution_pb2.TokenUsage]:
-        """Records of the next `count` generated tokens."""
+        """The record of the next `count` generated tokens."""
+        if not count:
+            return []
         first = self.completion_tokens
         self.completion_tokens += count
-        return self._records(attribution_pb2.COMPLETION, first, count)
+        return [self._record(attribution_pb2.COMPLETION, first, count)]
 
-    def _records(self, kind: int, first: int, count: int) -> list[attribution_pb2.TokenUsage]:
+    def _record(self, kind: int, first: int, count: int) -> attribution_pb2.TokenUsage:
         now = timestamp_pb2.Timestamp()
         now.FromNanoseconds(time.time_ns())
-        return [
-            attribution_pb2.TokenUsage(
-                request_id=self.request_id,
-                token_index=index,
-                kind=kind,  # type: ignore[arg-type]
-                adapters=self.adapters,
-                tenant=self.tenant,
-                worker_id=self.worker_id,
-                ts=now,
-                client_request_id=self.client_request_id,
-            )
-            for index in range(first, first + count)
-        ]
+        return attribution_pb2.TokenUsage(
+            request_id=self.request_id,
+            token_index=first,
+            token_count=count,
+            kind=kind,  # type: ignore[arg-type]
+            adapters=self.adapters,
+            tenant=self.tenant,
+            worker_id=self.worker_id,
+            ts=now,
+            client_request_id=self.client_request_id,
+        )

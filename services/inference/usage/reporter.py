@@ -33,6 +33,32 @@ from services.inference.usage.spool import SpoolFull, UsageSpool
 log = logging.getLogger("openlora.usage")
 
 
+def join_ranges(records: list[attribution_pb2.TokenUsage]) -> list[attribution_pb2.TokenUsage]:
+    """One record per request and kind where its ranges follow each other: what a flush sends is one
+    range per request, however many steps produced it. Ranges join only within one minute of their
+    stamps, so the ledger's per-minute counts stay exact. Extends the records in place: the reporter
+    owns what `record()` was given."""
+    joined: list[attribution_pb2.TokenUsage] = []
+    last: dict[tuple[str, int], attribution_pb2.TokenUsage] = {}
+    for record in records:
+        key = (record.request_id, record.kind)
+        previous = last.get(key)
+        count = record.token_count or 1
+        if (
+            previous is not None
+            and previous.token_index + previous.token_count == record.token_index
+            and previous.ts.seconds // 60 == record.ts.seconds // 60
+            and previous.tenant == record.tenant
+            and previous.adapters == record.adapters
+        ):
+            previous.token_count += count
+            continue
+        record.token_count = count
+        joined.append(record)
+        last[key] = record
+    return joined
+
+
 @dataclass
 class ReporterStats:
     records_buffered: int = 0
@@ -75,7 +101,8 @@ class UsageReporter:
         self._dead_lettered: set[int] = set()  # sequences whose refusals this process has written
 
     def record(self, records: Iterable[attribution_pb2.TokenUsage]) -> None:
-        """Queue token records (thread-safe, never blocks: deque appends are atomic)."""
+        """Queue token records, which the reporter then owns (thread-safe, never blocks: deque
+        appends are atomic)."""
         self._buffer.extend(records)
 
     async def start(self) -> None:
@@ -114,7 +141,7 @@ class UsageReporter:
     async def _flush(self) -> None:
         while self._buffer:
             count = min(len(self._buffer), self.max_batch_records)
-            records = [self._buffer.popleft() for _ in range(count)]
+            records = join_ranges([self._buffer.popleft() for _ in range(count)])
             try:
                 await asyncio.to_thread(self.spool.append, self.worker_id, records)
             except SpoolFull as exc:

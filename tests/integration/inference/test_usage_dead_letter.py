@@ -75,8 +75,10 @@ async def test_a_batch_refused_whole_is_dead_lettered_and_the_acks_move_past_it(
         spool = UsageSpool(tmp_path / "spool")
         # A worker set up for larger batches than attribution takes: its first batch is refused whole.
         reporter = UsageReporter(spool, address, "worker-q", max_batch_records=150)
-        reporter.record(request_tokens("big", prompt=60, completion=60))
-        await reporter._flush()
+        # 120 one-token requests: still 120 records once the reporter joins each request's ranges.
+        for i in range(120):
+            reporter.record(request_tokens(f"big-{i}", prompt=0, completion=1))
+        await reporter._flush()  # one batch, spooled before the stream opens
         await reporter.start()
         try:
             for i in range(5):

@@ -161,14 +161,14 @@ def reference_outputs(
 
 
 def ledger_counts(url: str) -> dict[tuple[str, int], int]:
-    """Rows of the usage ledger per (client request id, kind). The ledger's own key is the worker's
+    """Tokens in the usage ledger per (client request id, kind). The ledger's own key is the worker's
     usage id; `served_requests` checks that each client id was one served request."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT client_request_id, kind, count(*) FROM usage_events "
+                    "SELECT client_request_id, kind, sum(token_count) FROM usage_events "
                     "GROUP BY client_request_id, kind"
                 )
             ).all()

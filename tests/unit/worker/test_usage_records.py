@@ -1,4 +1,4 @@
-"""`RequestUsage`: one record per token, numbered per kind, prompt counted once, shares carried."""
+"""`RequestUsage`: token ranges numbered per kind, the prompt counted once, shares carried."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ def test_records_are_numbered_per_kind_and_carry_the_request() -> None:
     prompt = usage.prompt(3)
     assert usage.prompt(3) == []  # a second call (a later chunk) adds nothing
     completion = usage.completion(1) + usage.completion(2)
-    assert [(r.kind, r.token_index) for r in prompt + completion] == [
-        (attribution_pb2.PROMPT, 0),
-        (attribution_pb2.PROMPT, 1),
-        (attribution_pb2.PROMPT, 2),
-        (attribution_pb2.COMPLETION, 0),
-        (attribution_pb2.COMPLETION, 1),
-        (attribution_pb2.COMPLETION, 2),
+    assert usage.completion(0) == []
+    assert [(r.kind, r.token_index, r.token_count) for r in prompt + completion] == [
+        (attribution_pb2.PROMPT, 0, 3),
+        (attribution_pb2.COMPLETION, 0, 1),
+        (attribution_pb2.COMPLETION, 1, 2),
     ]
     assert (usage.prompt_tokens, usage.completion_tokens) == (3, 3)
     record = completion[-1]
