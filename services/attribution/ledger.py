@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -272,8 +272,3 @@ def set_price(engine: Engine, adapter_id: str, prompt_picos: int, completion_pic
     )
     with engine.begin() as conn:
         conn.execute(statement)
-
-
-def count_events(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM usage_events")).scalar_one())
