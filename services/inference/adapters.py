@@ -4,23 +4,28 @@ The adapter is loaded (`await cache.get`) before the request reaches the engine,
 corrupt or unreachable adapter fails the call with its own status instead of leaving the request
 waiting in the engine. It is then checked against the LoRA slots (rank, target modules, shapes: an
 adapter trained for another base model does not fit) and pinned in host RAM until the request ends,
-so the engine never has to reload it (a mix could not be reloaded from the store at all).
+so the engine never has to reload it (a mix could not be reloaded from the store at all). Last,
+its weights are handed to the engine process as a mapped file (see `engine_process/handoff.py`),
+written once per adapter and kept while the adapter stays in host RAM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.proto import common_pb2
 from services.inference.adapter_cache import AdapterCache, LoadedAdapter
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.base_model_guard import BaseModelGuard
-from services.inference.engine.lora.pool import LoRAPool
+from services.inference.engine_process.handoff import HandoffWriter
+from services.inference.engine_process.protocol import AdapterHandle, PoolShape, SlotState
 from services.inference.usage.records import Component
 
 _PIN_ATTEMPTS = 3  # an adapter evicted between its load and its pin is loaded again
@@ -34,6 +39,7 @@ class ResolvedAdapter:
     components: tuple[Component, ...]  # what usage credits, with each component's share
     tier: str  # where it was found: device, host, disk, store (or mix)
     cache: AdapterCache
+    handle: AdapterHandle  # where the engine process reads its weights
 
     def release(self) -> None:
         self.cache.unpin(self.key)
@@ -43,14 +49,19 @@ class AdapterResolver:
     def __init__(
         self,
         cache: AdapterCache | None,
-        pool: LoRAPool | None,
+        pool: PoolShape | None,
         tracer: trace.Tracer,
         *,
+        handoff: HandoffWriter | None = None,
+        slots: Callable[[], SlotState] = SlotState,
         base_model_guard: BaseModelGuard | None = None,
     ) -> None:
+        """`pool` is the engine's LoRA slots' shape, `slots()` their state as last reported."""
         self.cache = cache
         self.pool = pool
         self.tracer = tracer
+        self.handoff = handoff
+        self.slots = slots
         self.base_model_guard = base_model_guard
         # adapter -> (the tier it was loaded from, the number of that load)
         self._loads: weakref.WeakKeyDictionary[LoadedAdapter, tuple[str, int]] = weakref.WeakKeyDictionary()
@@ -85,7 +96,7 @@ class AdapterResolver:
         if adapter_ref is None and mix is None:
             return None
         field = "adapter_ref" if adapter_ref is not None else "mix"
-        if self.cache is None or self.pool is None:
+        if self.cache is None or self.pool is None or self.handoff is None:
             raise FailedPrecondition(
                 f"{field}: this worker serves the base model only (no adapter store or no LoRA slots)"
             )
@@ -115,7 +126,30 @@ class AdapterResolver:
                     "openlora.adapter.load_seconds": time.perf_counter() - started,
                 }
             )
-        return ResolvedAdapter(loaded.key, loaded.components, tier, cache)
+        try:
+            handle = await self._hand_off(loaded)
+        except BaseException:
+            cache.unpin(loaded.key)
+            raise
+        return ResolvedAdapter(loaded.key, loaded.components, tier, cache, handle)
+
+    async def _hand_off(self, loaded: LoadedAdapter) -> AdapterHandle:
+        assert self.handoff is not None and self.cache is not None
+        handle = self.handoff.published(loaded.key)
+        if handle is not None:
+            return handle
+        try:
+            handle = await asyncio.to_thread(
+                self.handoff.publish, loaded.key, loaded.weights, loaded.rank, loaded.scaling
+            )
+        except OSError as exc:
+            raise Unavailable(
+                f"could not hand adapter {loaded.key} to the engine ({exc}); is the handoff directory full?",
+                retry_after_s=1.0,
+            ) from exc
+        host = self.cache.host
+        self.handoff.sweep(lambda key: key in host)  # files of adapters the host tier let go
+        return handle
 
     async def _mix(self, cache: AdapterCache, spec: MixSpec) -> LoadedAdapter:
         assert self.pool is not None
@@ -128,7 +162,7 @@ class AdapterResolver:
         if number > loads_before:
             return tier
         assert self.pool is not None
-        return "device" if self.pool.table.slot_of(loaded.key) is not None else "host"
+        return "device" if self.slots().slot_of(loaded.key) is not None else "host"
 
     def check(self, adapter: LoadedAdapter, field: str) -> None:
         """Refuse an adapter the LoRA slots cannot hold: too large a rank, other modules, other shapes."""
@@ -140,14 +174,14 @@ class AdapterResolver:
                 f"this worker serves ranks up to {self.pool.r_max}",
             )
         for path, (lora_a, lora_b) in adapter.weights.items():
-            layer = self.pool.layers.get(path)
-            if layer is None:
+            shape = self.pool.layers.get(path)
+            if shape is None:
                 raise InvalidArgument(
                     field,
                     f"adapter {adapter.key} targets {path}, which this worker's base model does not have "
                     f"or does not serve (LoRA targets: {', '.join(sorted(self.pool.target_modules))})",
                 )
-            d_in, d_out = layer.lora_a.shape[2], layer.lora_b.shape[1]
+            d_in, d_out = shape
             if lora_a.shape[1] != d_in or lora_b.shape[0] != d_out:
                 raise InvalidArgument(
                     field,

@@ -104,6 +104,35 @@ class WorkerSettings(ServiceSettings):
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     """Most tokens one request may ask for."""
 
+    engine_threads: int | None = Field(default=None, ge=1)
+    """Torch intra-op threads of the engine process. None: one per core this process may use (its CPU
+    affinity), the front's work being light enough to share them (see the threads study in
+    bench/RESULTS.md)."""
+
+    engine_omp_wait_policy: Literal["passive", "active"] = "passive"
+    """`OMP_WAIT_POLICY` of the engine process. `passive` threads sleep between parallel regions, so
+    the front and other processes on the same cores get them; `active` spins, a little faster on
+    cores of its own and many times slower when anything else wants those cores."""
+
+    engine_start_timeout_s: float = Field(default=600.0, gt=0)
+    """How long the engine process may take to load its model before the start counts as failed."""
+
+    engine_max_restarts: int = Field(default=5, ge=0)
+    """Engine process crashes tolerated within `engine_restart_window_s`; one more and the worker
+    exits non-zero (its orchestrator restarts or reschedules it)."""
+
+    engine_restart_window_s: float = Field(default=300.0, gt=0)
+    """The window over which `engine_max_restarts` is counted."""
+
+    engine_handoff_dir: Path | None = None
+    """Where adapter weights are written for the engine process to map (one file per adapter in
+    host RAM). None: `/dev/shm` when writable, else the temporary directory. In Kubernetes, mount an
+    `emptyDir` with `medium: Memory` there if the pod's `/dev/shm` is small."""
+
+    stream_buffer_tokens: int = Field(default=4096, ge=1)
+    """Generated tokens one stream may hold that its client has not read yet; past that the
+    request is cancelled with RESOURCE_EXHAUSTED, so a stalled client holds no engine time."""
+
     warmup: bool = True
     """Run one short generation before reporting SERVING, so the first real request does not pay
     for lazy initialisation."""

@@ -6,22 +6,39 @@ the hot paths keep plain integer counters; load times go into a real histogram a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.inference.adapter_cache import AdapterCache
-from services.inference.engine.lora.pool import LoRAPool
+
+
+class SlotView(Protocol):
+    """What the metrics read of the LoRA slots: a `SlotTable`, or the engine process's last report."""
+
+    @property
+    def evictions(self) -> int: ...
+
+    @property
+    def num_free(self) -> int: ...
+
+    def resident_keys(self) -> Sequence[Hashable]: ...
+
+    def is_pinned(self, key: Hashable) -> bool: ...
+
 
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class AdapterMetrics(Collector):
-    def __init__(self, cache: AdapterCache, pool: LoRAPool | None, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, cache: AdapterCache, slots: Callable[[], SlotView | None] | None, registry: CollectorRegistry
+    ) -> None:
         self.cache = cache
-        self.pool = pool
+        self.slots = slots
         self.load_seconds = Histogram(
             "openlora_adapter_load_seconds",
             "Time from a cache miss to the adapter being in host RAM, by the tier it came from.",
@@ -56,8 +73,9 @@ class AdapterMetrics(Collector):
             {"Get": s.store_gets, "Download": s.store_downloads, "Import": s.store_imports},
         )
         evictions = {"host": s.host_evictions, "disk": s.disk_evictions}
-        if self.pool is not None:
-            evictions["device"] = self.pool.table.evictions
+        table = self.slots() if self.slots is not None else None
+        if table is not None:
+            evictions["device"] = table.evictions
         yield _family(
             CounterMetricFamily, "openlora_adapter_evictions", "Adapters evicted, by tier.", "tier", evictions
         )
@@ -89,8 +107,7 @@ class AdapterMetrics(Collector):
         yield GaugeMetricFamily(
             "openlora_adapter_loads_in_flight", "Adapter loads in progress.", value=s.loading
         )
-        if self.pool is not None:
-            table = self.pool.table
+        if table is not None:
             keys = table.resident_keys()
             pinned = sum(1 for k in keys if table.is_pinned(k))
             yield _family(

@@ -2,16 +2,19 @@
 
 Start-up order matters to operators: the health service answers at once (NOT_SERVING, so probes and
 the gateway see a live but unready worker); the usage spool is opened and its backlog replayed
-before the model loads (it needs no model); the model is loaded off the event loop and warmed up
-with one short generation; only then does health report SERVING. On SIGTERM the server drains
-in-flight streams, then the engine stops and the usage reporter gets a last chance to have the
-spool acked (whatever stays unacked is replayed at the next start).
+before the model loads (it needs no model); the engine process is started, loads the model and
+warms up; only then does health report SERVING. If the engine process dies, health turns
+NOT_SERVING until its successor is up (too many crashes and the worker exits non-zero). On SIGTERM
+the server drains in-flight streams, then the engine stops and the usage reporter gets a last
+chance to have the spool acked (whatever stays unacked is replayed at the next start).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -32,9 +35,12 @@ from services.inference.adapter_cache import AdapterCache, CacheConfig
 from services.inference.adapters import AdapterResolver
 from services.inference.base_model_guard import BaseModelGuard
 from services.inference.config import WorkerSettings
-from services.inference.engine.async_engine import AsyncEngine
-from services.inference.engine.llm_engine import EngineConfig, EngineStats, LLMEngine
+from services.inference.engine.llm_engine import EngineConfig, EngineStats
 from services.inference.engine.sequence import SamplingParams
+from services.inference.engine_process.client import EngineClient, RestartPolicy
+from services.inference.engine_process.core import EngineSpec
+from services.inference.engine_process.handoff import HandoffWriter
+from services.inference.engine_process.protocol import EngineInfo
 from services.inference.metrics import AdapterMetrics
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer, binding
@@ -111,7 +117,8 @@ class Worker:
             tracer_provider=self.tracer_provider,
             ready_on_start=False,
         )
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
+        self.handoff: HandoffWriter | None = None
         self.reporter: UsageReporter | None = None
         self.cache: AdapterCache | None = None
         self.metrics = WorkerMetrics(self.registry, self._engine_stats, lambda: self.reporter)
@@ -120,10 +127,10 @@ class Worker:
         self._store_channel: grpc.aio.Channel | None = None
         self._startup: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
-        self._not_serving: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
 
     def _engine_stats(self) -> EngineStats | None:
-        return self.engine.engine.stats() if self.engine is not None else None
+        return self.engine.stats() if self.engine is not None else None
 
     async def run(self, on_ready: Callable[[int], None] | None = None) -> None:
         """Serve until a signal, then shut down; raises what made the start-up fail."""
@@ -225,49 +232,74 @@ class Worker:
                 import_schemes=s.adapter_import_schemes,
             )
             self.cache = AdapterCache(
-                adapter_store_pb2_grpc.AdapterStoreStub(self._store_channel),
-                cache_config,
-                on_resident=lambda adapter: self.engine.wake() if self.engine is not None else None,
+                adapter_store_pb2_grpc.AdapterStoreStub(self._store_channel), cache_config
             )
             await self.cache.start()
+            self.handoff = await asyncio.to_thread(HandoffWriter, s.engine_handoff_dir)
         cache = self.cache
-        engine = await asyncio.to_thread(
-            LLMEngine.from_pretrained,
-            folder,
-            config,
-            adapter_lookup=cache.resident if cache is not None else None,
-            request_adapter=cache.prefetch if cache is not None else None,
+        threads = s.engine_threads or len(os.sched_getaffinity(0))
+
+        def spec(inbox: str, outbox: str) -> EngineSpec:
+            return EngineSpec(
+                str(folder),
+                dataclasses.asdict(config),
+                inbox,
+                outbox,
+                torch_threads=threads,
+                warmup=s.warmup,
+                log_level=s.log_level,
+            )
+
+        engine = EngineClient(
+            spec,
+            env=engine_environment(s),
+            max_buffered_tokens=s.stream_buffer_tokens,
+            policy=RestartPolicy(
+                max_restarts=s.engine_max_restarts,
+                window_s=s.engine_restart_window_s,
+                start_timeout_s=s.engine_start_timeout_s,
+            ),
+            on_down=self._engine_down,
+            on_up=self._engine_up,
+            on_fatal=self._engine_failed,
         )
-        pool = engine.residency.pool if engine.residency is not None else None
+        self.engine = engine
+        tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, folder))
+        try:
+            info = await engine.start()
+        finally:
+            tokenizer = await tokenizer_task
         if cache is not None:
-            AdapterMetrics(cache, pool, self.registry)
-        loop = asyncio.get_running_loop()
-        self.engine = AsyncEngine(
-            engine, on_failure=lambda exc: loop.call_soon_threadsafe(self._engine_failed, exc)
-        )
-        self.engine.start()
+            AdapterMetrics(cache, lambda: engine.slots if info.pool is not None else None, self.registry)
         if s.warmup:
-            await self._warm_up(engine.vocab_size)
-        max_context = min(engine.max_model_len, engine.scheduler.capacity_tokens)
+            await self._warm_up(info.vocab_size)
+        max_context = min(info.max_model_len, info.capacity_tokens)
         if s.max_context is not None:
             max_context = min(max_context, s.max_context)
-        tokenizer = engine.tokenizer
         guard = None
         if cache is not None and s.store_base_model is not None:
             guard = BaseModelGuard(cache.fetcher, s.store_base_model)
         service = WorkerService(
-            engine=self.engine,
-            resolver=AdapterResolver(cache, pool, self.tracer, base_model_guard=guard),
+            engine=engine,
+            tokenizer=tokenizer,
+            resolver=AdapterResolver(
+                cache,
+                info.pool,
+                self.tracer,
+                handoff=self.handoff,
+                slots=lambda: engine.slots,
+                base_model_guard=guard,
+            ),
             reporter=self.reporter,
             metrics=self.metrics,
-            limits=Limits(max_context, s.default_max_new_tokens, s.max_new_tokens_limit, engine.vocab_size),
+            limits=Limits(max_context, s.default_max_new_tokens, s.max_new_tokens_limit, info.vocab_size),
             model=ModelDescription(
                 name=model_name(s),
                 dtype=s.dtype,
                 quantization=s.quantization,
                 max_context=max_context,
                 attention_backend=s.attention_backend,
-                lora_op=pool.op_name if pool is not None else "none",
+                lora_op=info.pool.op_name if info.pool is not None else "none",
             ),
             worker_id=s.worker_id,
             tracer=self.tracer,
@@ -275,20 +307,34 @@ class Worker:
         tokenize = (lambda text: list(tokenizer.encode(text))) if tokenizer is not None else None
         self.pending.target = InferenceServicer(service, tokenize)
         log.info(
-            "worker ready in %.1fs: model=%s context=%d lora_slots=%d",
+            "worker ready in %.1fs: model=%s context=%d lora_slots=%d engine_pid=%d torch_threads=%d",
             time.perf_counter() - started,
             service.model.name,
             max_context,
             s.lora_slots,
+            info.pid,
+            info.torch_threads,
         )
 
+    def _engine_down(self, reason: str) -> None:
+        # Out of the pool at once; the gateway retries elsewhere while the engine restarts.
+        log.error("the engine process ended (%s): NOT_SERVING until it is back", reason)
+        self._spawn_health(False)
+
+    def _engine_up(self, info: EngineInfo) -> None:
+        log.warning("the engine process is back (pid %d): SERVING", info.pid)
+        self._spawn_health(True)
+
+    def _spawn_health(self, ready: bool) -> None:
+        self._health_task = asyncio.get_running_loop().create_task(self.server.set_ready(ready))
+
     def _engine_failed(self, exc: BaseException) -> None:
-        # A worker whose engine died must leave the pool at once: NOT_SERVING now, then exit non-zero
-        # after the drain (`run` raises `failure`), so probes and the gateway stop sending here.
-        log.critical("the engine's step loop failed (%r): this worker stops serving and exits", exc)
+        # A worker that cannot keep an engine up must leave the pool: NOT_SERVING now, then exit
+        # non-zero after the drain (`run` raises `failure`), so its orchestrator steps in.
+        log.critical("the engine keeps failing (%s): this worker stops serving and exits", exc)
         if self.failure is None:
-            self.failure = RuntimeError(f"the engine's step loop failed: {exc!r}")
-        self._not_serving = asyncio.get_running_loop().create_task(self.server.set_ready(False))
+            self.failure = RuntimeError(f"the engine process keeps failing: {exc}")
+        self._spawn_health(False)
         self.server.stop()
 
     async def _warm_up(self, vocab_size: int) -> None:
@@ -303,13 +349,16 @@ class Worker:
             self._startup.cancel()
             await asyncio.gather(self._startup, return_exceptions=True)
         if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
+            await self.engine.stop()
         if self.reporter is not None:
             await self.reporter.close(self.settings.usage_drain_timeout_s)
             self.reporter = None
         if self.cache is not None:
             await self.cache.close()
             self.cache = None
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
         if self._store_channel is not None:
             await self._store_channel.close()
             self._store_channel = None
@@ -319,6 +368,24 @@ class Worker:
         if self.tracer_provider is not None and self._own_provider:
             self.tracer_provider.shutdown()  # flushes spans still batched for export
             self._own_provider = False
+
+
+def engine_environment(settings: WorkerSettings) -> dict[str, str]:
+    """The engine process's environment: ours, with the OpenMP wait policy the settings choose."""
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = settings.engine_omp_wait_policy.upper()
+    if settings.engine_omp_wait_policy == "passive":
+        env["GOMP_SPINCOUNT"] = "0"  # libgomp spins before sleeping even when passive, unless told
+    return env
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The model folder's tokenizer, or None when it has none (token ids only)."""
+    if not any(folder.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 async def serve(settings: WorkerSettings, on_ready: Callable[[int], None] | None = None) -> None:

@@ -1,29 +1,32 @@
 """The worker's domain: a checked request in, a stream of chunks out, usage recorded per token.
 
 No gRPC here: the servicer converts messages. A request's life: resolve its adapter (load, check,
-pin), hand it to the engine, stream each step's tokens and text, and record usage for every token
-that reached the stream (prompt tokens once the prefill produced the first token). A client that
-hangs up or runs out of deadline cancels the handler; the engine frees the request's KV blocks
-before its next step.
+pin, hand off), hand it to the engine process, turn what it streams into chunks with text (stop
+strings are found here, where the tokenizer is: the engine only sees token ids), and record usage
+for every token that reached the stream (prompt tokens once the prefill produced the first token).
+A chunk carries every token the engine produced since the last one was sent. A client that hangs
+up or runs out of deadline cancels the handler; the engine frees the request's KV blocks before its
+next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from services.common.errors import Unavailable
+from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapters import AdapterResolver, ResolvedAdapter
-from services.inference.engine.async_engine import AsyncEngine
-from services.inference.engine.llm_engine import StepOutput
+from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.sequence import FinishReason
+from services.inference.engine_process.client import EngineClient, EngineOutput, EngineUnavailable
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.validation import Limits, ParsedRequest
@@ -62,7 +65,8 @@ class Chunk:
 
 @dataclass
 class WorkerService:
-    engine: AsyncEngine
+    engine: EngineClient
+    tokenizer: Any  # None: token ids only (no text, no stop strings)
     resolver: AdapterResolver
     reporter: UsageReporter | None
     metrics: WorkerMetrics
@@ -129,45 +133,77 @@ class WorkerService:
     async def _stream(
         self, request: ParsedRequest, resolved: ResolvedAdapter | None, usage: RequestUsage, arrived: float
     ) -> AsyncGenerator[Chunk]:
+        sampling = request.sampling
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, sampling.stop)
+        elif sampling.stop:
+            raise InvalidArgument("sampling.stop", "stop strings need a worker started with a tokenizer")
         outputs = cast(
-            AsyncGenerator[StepOutput],  # declared an iterator; it is an async generator
+            AsyncGenerator[EngineOutput],  # declared an iterator; it is an async generator
             self.engine.generate(
                 usage.request_id,
                 request.prompt_token_ids,
-                request.sampling,
-                adapter_key=resolved.key if resolved else None,
+                dataclasses.replace(sampling, stop=()) if sampling.stop else sampling,
+                adapter=resolved.handle if resolved else None,
             ),
         )
         last = arrived
-        # aclosing: a stream that ends early aborts its engine request now, not when collected.
+        # aclosing: a stream that ends early (a stop string, a hang-up) aborts its engine request now.
         async with contextlib.aclosing(outputs):
             while True:
                 try:
                     out = await anext(outputs)
                 except StopAsyncIteration:
                     return
-                except RuntimeError as exc:  # the engine stopped or a step failed: not the request's fault
-                    raise Unavailable(f"this worker's engine failed: {exc}", retry_after_s=1.0) from None
+                except EngineUnavailable as exc:  # the engine is down or restarting: not the request's fault
+                    raise Unavailable(
+                        f"this worker's engine is not serving: {exc}", retry_after_s=1.0
+                    ) from None
+                token_ids, logprobs, finish = out.token_ids, out.logprobs, out.finish_reason
+                text = ""
+                if detokenizer is not None:
+                    token_ids, logprobs, finish, text = _detokenize(detokenizer, token_ids, logprobs, finish)
                 now = time.perf_counter()
                 records = []
-                if out.token_ids and not usage.prompt_tokens:
+                if token_ids and not usage.prompt_tokens:
                     records = usage.prompt(len(request.prompt_token_ids))
                     self.metrics.ttft.observe(now - arrived)
                     self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
-                elif out.token_ids:
+                elif token_ids:
                     self.metrics.inter_token.observe(now - last)
                 last = now
-                records += usage.completion(len(out.token_ids))
-                chunk = Chunk(
-                    list(out.token_ids),
-                    out.text,
-                    list(out.logprobs),
-                    out.finish_reason,
-                    usage.prompt_tokens if out.finished else 0,
-                    usage.completion_tokens if out.finished else 0,
+                records += usage.completion(len(token_ids))
+                done = finish is not None
+                yield Chunk(
+                    token_ids,
+                    text,
+                    logprobs,
+                    finish,
+                    usage.prompt_tokens if done else 0,
+                    usage.completion_tokens if done else 0,
                 )
-                yield chunk
                 # Only tokens handed to the stream are billed: a cancellation at the yield drops them.
-                self.metrics.tokens.labels("completion").inc(len(out.token_ids))
+                self.metrics.tokens.labels("completion").inc(len(token_ids))
                 if self.reporter is not None and records:
                     self.reporter.record(records)
+                if done:
+                    return  # a stop string ended it before the engine knew: aclosing aborts the rest
+
+
+def _detokenize(
+    detokenizer: IncrementalDetokenizer,
+    token_ids: list[int],
+    logprobs: list[float],
+    finish: FinishReason | None,
+) -> tuple[list[int], list[float], FinishReason | None, str]:
+    """The chunk's text; a stop string found in it ends the chunk (and the request) at its token."""
+    parts = []
+    for i, token_id in enumerate(token_ids):
+        parts.append(detokenizer.add(token_id))
+        if detokenizer.stopped:
+            # Tokens the engine produced past the stop are neither sent nor billed.
+            return token_ids[: i + 1], logprobs[: i + 1], FinishReason.STOP, "".join(parts)
+    if finish is not None:
+        parts.append(detokenizer.flush())
+    return token_ids, logprobs, finish, "".join(parts)

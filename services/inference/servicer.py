@@ -29,7 +29,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.tokenize = tokenize
         self.resolver = service.resolver
         self.cache = service.resolver.cache
-        self.pool = service.resolver.pool
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Any
@@ -61,18 +60,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             lora_op=model.lora_op,
             worker_id=self.service.worker_id,
         )
-        stats = self.service.engine.engine.stats()  # a torn read at worst: counts, for operators
-        reply.stats.running_requests = stats.num_running
-        reply.stats.waiting_requests = stats.num_waiting
-        reply.stats.kv_blocks_total = stats.num_kv_blocks
-        reply.stats.kv_blocks_used = stats.num_kv_blocks - stats.num_free_kv_blocks
+        stats = self.service.engine.stats()  # as the engine process last reported; None while it restarts
+        if stats is not None:
+            reply.stats.running_requests = stats.num_running
+            reply.stats.waiting_requests = stats.num_waiting
+            reply.stats.kv_blocks_total = stats.num_kv_blocks
+            reply.stats.kv_blocks_used = stats.num_kv_blocks - stats.num_free_kv_blocks
         reply.adapters.extend(self._cached_adapters())
         return reply
 
     def _cached_adapters(self) -> list[inference_pb2.CachedAdapter]:
         if self.cache is None:
             return []
-        in_slots = set(self.pool.table.resident_keys()) if self.pool is not None else set()
+        in_slots = set(self.service.engine.slots.resident_keys())
         listed = []
         for key in reversed(self.cache.host.keys()):  # most recently used first
             # Not cache.resident(): a lookup would count as a use and reorder the LRU.

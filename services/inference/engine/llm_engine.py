@@ -290,6 +290,10 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         """One iteration: schedule → run → postprocess. Sets `last_step_tokens` (0: nothing ran)."""
+        if self.residency is not None:
+            # Release the slots of requests that finished or were aborted since the last step first:
+            # otherwise their pins would keep a waiting request's adapter out when nothing else runs.
+            self.residency.sync(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         self.last_step_tokens = scheduled.num_batched_tokens
         if scheduled.is_empty:

@@ -98,3 +98,23 @@ def test_unknown_adapters_and_base_only_engines_refuse(tiny_llama_dir: Path) -> 
     base_only = LLMEngine.from_pretrained(tiny_llama_dir, EngineConfig(kv_cache_bytes=1 << 20))
     with pytest.raises(InvalidArgument, match="base model only"):
         base_only.add_request("y", [5, 6, 7], adapter_key="a0")
+
+
+def test_requests_waiting_for_a_slot_start_once_the_batch_before_them_finished(
+    tiny_llama_dir: Path, adapters: dict[str, tuple[Path, int, int]]
+) -> None:
+    # Two slots, three adapters, all arriving together: the third adapter's requests can only start
+    # after the others finished; the finished requests' slots must be released although nothing runs.
+    engine = LLMEngine.from_pretrained(
+        tiny_llama_dir, EngineConfig(kv_cache_bytes=1 << 22, lora_slots=2, lora_max_rank=16)
+    )
+    for name in ("a0", "a1", "a2"):
+        folder, rank, alpha = adapters[name]
+        engine.add_adapter(name, Adapter(folder, rank, alpha))
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    seqs = [engine.add_request(f"r{i}", [9 + i, 8, 7], sampling, adapter_key=f"a{i % 3}") for i in range(6)]
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert all(len(s.output_token_ids) == 6 for s in seqs), "requests were left waiting for a slot"

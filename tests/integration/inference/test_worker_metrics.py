@@ -28,7 +28,7 @@ async def test_metrics_follow_cache_and_slots(tmp_path: Path, tiny_llama_dir: Pa
     cache = await open_cache(store, tmp_path / "cache")
     pool = LoRAPool(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), num_slots=1, r_max=8)
     registry = CollectorRegistry()
-    AdapterMetrics(cache, pool, registry)
+    AdapterMetrics(cache, lambda: pool.table, registry)
     try:
         for i in range(2):
             await store.upload(small_adapter(tiny_llama_dir, tmp_path / f"a{i}", seed=i), f"a{i}")
