@@ -101,11 +101,17 @@ async def upload_adapters(cluster: Cluster, folders: dict[int, Path]) -> None:
 
 
 def cpu_seconds(cluster: Cluster) -> dict[str, float]:
-    """User + system CPU of each cluster process so far."""
+    """User + system CPU of each cluster process so far; a worker's engine process apart (`.engine`)."""
     used = {}
     for child in cluster.supervisor.children:
-        times = psutil.Process(child.process.pid).cpu_times()
+        process = psutil.Process(child.process.pid)
+        times = process.cpu_times()
         used[child.spec.name] = times.user + times.system
+        engines = process.children()
+        if engines:
+            used[child.spec.name + ".engine"] = sum(
+                e.cpu_times().user + e.cpu_times().system for e in engines
+            )
     return used
 
 
@@ -114,6 +120,7 @@ async def replay_served(cluster: Cluster, requests: list[Request], with_adapters
     metadata = [("authorization", f"Bearer {cluster.api_key}")]
     outputs: dict[str, list[int]] = {}
     ttft: list[float] = []
+    chunks = 0
     async with open_channel(cluster.gateway) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         start = time.perf_counter()
@@ -127,8 +134,10 @@ async def replay_served(cluster: Cluster, requests: list[Request], with_adapters
             )
             if with_adapters:
                 message.adapter_ref.id = adapter_name(r.adapter_index)
+            nonlocal chunks
             ids: list[int] = []
             async for chunk in stub.Generate(message, metadata=metadata, timeout=3600):
+                chunks += 1
                 if chunk.token_ids and not ids:
                     ttft.append(time.perf_counter() - start - r.arrival_s)
                 ids.extend(chunk.token_ids)
@@ -141,6 +150,7 @@ async def replay_served(cluster: Cluster, requests: list[Request], with_adapters
         "elapsed_s": elapsed,
         "tokens": tokens,
         "tok_s": tokens / elapsed,
+        "chunks": chunks,
         "ttft": ttft,
         "outputs": outputs,
     }
@@ -255,7 +265,11 @@ def main() -> None:
     same = sum(served["outputs"][r.request_id] == local["outputs"][r.request_id] for r in requests)
     per_1k = 1000 / served["tokens"]
     cpu = {name: round(seconds * per_1k, 3) for name, seconds in served["cpu_s"].items()}
-    worker_cpu = sum(s for name, s in served["cpu_s"].items() if name.startswith("worker"))
+    front_cpu = sum(
+        s for name, s in served["cpu_s"].items() if name.startswith("worker") and not name.endswith(".engine")
+    )
+    us_per_token = 1e6 / served["tokens"]
+    usage_tokens = served["tokens"] + sum(len(r.prompt_token_ids) for r in requests)  # what is billed
     line = {
         "bench": "cluster",
         "model": args.model,
@@ -279,9 +293,13 @@ def main() -> None:
         "token_identical": f"{same}/{len(requests)}",
         "cpu_s_per_1k_tokens": cpu,
         "in_process_cpu_s_per_1k_tokens": round(local["cpu_s"] * 1000 / local["tokens"], 3),
-        "worker_cpu_outside_engine_us_per_token": round(
-            (worker_cpu - local["cpu_s"] * served["tokens"] / local["tokens"]) * 1e6 / served["tokens"], 1
+        "chunks": served["chunks"],
+        # The worker's CPU outside its engine process: the gRPC front (text, usage, streaming).
+        "worker_cpu_outside_engine_us_per_token": round(front_cpu * us_per_token, 1),
+        "attribution_cpu_us_per_usage_token": round(
+            served["cpu_s"].get("attribution", 0.0) * 1e6 / usage_tokens, 1
         ),
+        "gateway_cpu_us_per_chunk": round(served["cpu_s"].get("gateway", 0.0) * 1e6 / served["chunks"], 1),
         "loadavg_1m_before": round(load_before, 2),
         "cpu": platform.processor() or platform.machine(),
     }
