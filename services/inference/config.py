@@ -106,8 +106,7 @@ class WorkerSettings(ServiceSettings):
 
     engine_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads of the engine process. None: one per core this process may use (its CPU
-    affinity), the front's work being light enough to share them (see the threads study in
-    bench/RESULTS.md)."""
+    affinity); the front's threads then share those cores, which the passive wait policy keeps cheap."""
 
     engine_omp_wait_policy: Literal["passive", "active"] = "passive"
     """`OMP_WAIT_POLICY` of the engine process. `passive` threads sleep between parallel regions, so

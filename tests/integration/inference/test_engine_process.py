@@ -11,8 +11,9 @@ import contextlib
 import dataclasses
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_asyncio
@@ -115,7 +116,8 @@ async def test_a_slow_consumer_gets_every_token_since_its_last_read_in_one_outpu
 
 async def test_a_consumer_that_stops_reading_frees_its_request(client: EngineClient) -> None:
     sampling = SamplingParams(max_new_tokens=200, ignore_eos=True)
-    async with contextlib.aclosing(client.generate("leaver", [4, 5, 6], sampling)) as outs:
+    leaver = cast(AsyncGenerator[EngineOutput], client.generate("leaver", [4, 5, 6], sampling))
+    async with contextlib.aclosing(leaver) as outs:
         async for _ in outs:
             break
     await wait_idle(client)
