@@ -2,7 +2,7 @@
 
 The engine's view: `resident(ref)` (non-blocking, for the scheduler's adapter_ready hook), `pin`/`unpin`
 around the running batch, `prefetch(ref)` when a request is enqueued (callable from any thread), and
-`on_resident` to wake the step loop when a load lands. Request handlers `await get(ref)`.
+`on_resident` to hear when a load lands. Request handlers `await get(ref)`.
 
 State other than the host tier lives on the event loop that called `start()`; file work runs in
 worker threads. N concurrent misses of one adapter share one load task (so one download), and each

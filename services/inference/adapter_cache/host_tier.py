@@ -1,8 +1,8 @@
 """The host RAM tier: parsed adapters under a byte budget, least recently used evicted first.
 
-Thread-safe: the engine's step thread looks adapters up and pins the running batch's adapters while
-the event loop inserts freshly loaded ones. A pinned adapter is never evicted, even when the pins
-alone exceed the budget; the tier then runs over budget until an unpin lets it shrink back.
+Thread-safe: lookups and pins may come from any thread while the event loop inserts freshly loaded
+ones. A pinned adapter is never evicted, even when the pins alone exceed the budget; the tier then
+runs over budget until an unpin lets it shrink back.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ that cannot keep an engine up should leave the pool and let its orchestrator dec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import tempfile
@@ -347,11 +346,3 @@ class EngineClient:
             if self._on_up is not None:
                 self._on_up(info)
             return
-
-    async def __aenter__(self) -> EngineClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            await self.stop()
