@@ -171,7 +171,7 @@ class WorkerService:
                     self.metrics.ttft.observe(now - arrived)
                     self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
                 elif token_ids:
-                    self.metrics.inter_token.observe(now - last)
+                    self.metrics.inter_token.observe((now - last) / len(token_ids))
                 last = now
                 records += usage.completion(len(token_ids))
                 done = finish is not None
@@ -198,6 +198,11 @@ def _detokenize(
     finish: FinishReason | None,
 ) -> tuple[list[int], list[float], FinishReason | None, str]:
     """The chunk's text; a stop string found in it ends the chunk (and the request) at its token."""
+    if not detokenizer.stop:
+        text = detokenizer.add_many(token_ids)
+        if finish is not None:
+            text += detokenizer.flush()
+        return token_ids, logprobs, finish, text
     parts = []
     for i, token_id in enumerate(token_ids):
         parts.append(detokenizer.add(token_id))

@@ -37,7 +37,8 @@ class WorkerMetrics(Collector):
         )
         self.inter_token = Histogram(
             "openlora_inter_token_latency_seconds",
-            "Between two consecutive tokens of one stream.",
+            "Between two consecutive tokens of one stream: a chunk's gap since the previous chunk over its "
+            "tokens, observed once per chunk.",
             buckets=ITL_BUCKETS,
             registry=registry,
         )

@@ -43,6 +43,20 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
+        return self._render()
+
+    def add_many(self, token_ids: list[int]) -> str:
+        """Take several output tokens at once (two decodes, not two per token). Without stop strings
+        only: a stop string must be found at its token, so that the tokens after it are neither sent
+        nor billed; with stop strings, call `add` per token."""
+        if self.stop:
+            raise ValueError("add_many cannot place a stop string at its token: call add per token")
+        if not token_ids:
+            return ""
+        self._ids += token_ids
+        return self._render()
+
+    def _render(self) -> str:
         before = self._decode(self._ids[self._prefix_offset : self._read_offset])
         after = self._decode(self._ids[self._prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):

@@ -2,8 +2,11 @@
 
 Commands are batched: every `generate` and abort of one event-loop turn leaves in one message.
 Each step message is spread over the streams it names: a stream's new tokens are appended to its
-buffer and its consumer woken, and the consumer takes everything buffered since it last looked, so a
-busy front sends one chunk per read, not one per token. A consumer that does not keep up lets its
+buffer, and the consumer takes everything buffered since it last looked. A consumer is woken at once
+for its first tokens, its end or an error, but otherwise at most once per `stream_interval_s`: on a
+small model the engine steps every few milliseconds, and every chunk costs the front, the gateway
+and the client far more CPU than a token does, so chunks carry several tokens each while the time to
+first token stays what the engine makes it. A consumer that does not keep up lets its
 buffer grow to `max_buffered_tokens`; past that, its request is aborted and the stream fails with
 RESOURCE_EXHAUSTED, so one slow client costs neither the step loop's time nor unbounded memory.
 
@@ -55,7 +58,7 @@ class EngineOutput:
 
 
 class _Stream:
-    __slots__ = ("error", "finish", "logprobs", "news", "tokens")
+    __slots__ = ("due", "error", "finish", "logprobs", "news", "timer", "tokens")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
@@ -63,11 +66,30 @@ class _Stream:
         self.finish: FinishReason | None = None
         self.error: BaseException | None = None
         self.news = asyncio.Event()
+        self.due = 0.0  # loop time from which new tokens wake the consumer: the first ones at once
+        self.timer: asyncio.TimerHandle | None = None
 
     def take(self) -> EngineOutput:
         out = EngineOutput(self.tokens, self.logprobs, self.finish)
         self.tokens, self.logprobs = [], []
         return out
+
+    def wake(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.news.set()
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        self.news.set()
+
+    def wake_by(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """New tokens: wake the consumer now if it is due, else once it is."""
+        if now >= self.due:
+            self.wake()
+        elif self.timer is None:
+            self.timer = loop.call_at(self.due, self._timer_fired)
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,7 @@ class EngineClient:
         *,
         env: dict[str, str],
         max_buffered_tokens: int = 4096,
+        stream_interval_s: float = 0.0,
         policy: RestartPolicy | None = None,
         on_down: Callable[[str], object] | None = None,
         on_up: Callable[[EngineInfo], object] | None = None,
@@ -94,6 +117,7 @@ class EngineClient:
         self._spec = spec
         self._env = env
         self.max_buffered_tokens = max_buffered_tokens
+        self.stream_interval_s = stream_interval_s
         self.policy = policy or RestartPolicy()
         self._on_down = on_down
         self._on_up = on_up
@@ -195,6 +219,8 @@ class EngineClient:
         self._streams[request_id] = stream
         self._queue(add=NewRequest(request_id, prompt_token_ids, sampling, adapter).encode())
         generation = self._generation
+        loop = asyncio.get_running_loop()
+        interval = self.stream_interval_s
         finished = False
         try:
             while True:
@@ -206,10 +232,13 @@ class EngineClient:
                 out = stream.take()
                 finished = out.finished
                 if out.token_ids or finished:
+                    stream.due = loop.time() + interval
                     yield out
                 if finished:
                     return
         finally:
+            if stream.timer is not None:
+                stream.timer.cancel()
             if not finished and self._streams.get(request_id) is stream:
                 del self._streams[request_id]
                 if generation == self._generation and self.alive:
@@ -249,7 +278,7 @@ class EngineClient:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.error = InvalidArgument(field or "request", problem)
-                stream.news.set()
+                stream.wake()
         elif kind == protocol.READY:
             info = EngineInfo.decode(message[1])
             if self._ready is not None and not self._ready.done():
@@ -263,6 +292,8 @@ class EngineClient:
     def _on_step(self, outputs: list[list[Any]], stats: list[Any] | None, slots: list[Any] | None) -> None:
         streams = self._streams
         limit = self.max_buffered_tokens
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for request_id, token_ids, logprobs, finish in outputs:
             stream = streams.get(request_id)
             if stream is None:
@@ -273,6 +304,7 @@ class EngineClient:
             if finish:
                 stream.finish = protocol.finish_reason(finish)
                 del streams[request_id]
+                stream.wake()
             elif len(stream.tokens) > limit:
                 del streams[request_id]
                 self._queue(abort=request_id)
@@ -280,7 +312,9 @@ class EngineClient:
                     f"the client read too slowly: {len(stream.tokens)} generated tokens were waiting to be "
                     f"sent (the limit is {limit}), so the request was cancelled"
                 )
-            stream.news.set()
+                stream.wake()
+            elif token_ids:
+                stream.wake_by(loop, now)
         if stats is not None:
             self._stats = protocol.decode_stats(stats)
         if slots is not None:
@@ -290,7 +324,7 @@ class EngineClient:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.error = EngineUnavailable(str(error))  # one object per consumer: tracebacks stay apart
-            stream.news.set()
+            stream.wake()
         self._adds.clear()
         self._aborts.clear()
 

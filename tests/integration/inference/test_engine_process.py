@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -111,6 +112,35 @@ async def test_a_slow_consumer_gets_every_token_since_its_last_read_in_one_outpu
         await asyncio.sleep(0.05)  # several steps pass between two reads
     assert sum(len(o.token_ids) for o in outs) == 40
     assert len(outs) < 40 and max(len(o.token_ids) for o in outs) > 1, "outputs were not coalesced"
+    await wait_idle(client)
+
+
+async def test_a_stream_interval_spaces_chunks_but_not_the_first_or_the_last(client: EngineClient) -> None:
+    sampling = SamplingParams(max_new_tokens=150, ignore_eos=True)
+    client.stream_interval_s = 0.1
+    try:
+        loop = asyncio.get_running_loop()
+        arrivals, outs = [], []
+        async for out in client.generate("paced", [7, 8, 9], sampling):
+            arrivals.append(loop.time())
+            outs.append(out)
+        # Only the engine's speed decides when the first token leaves; then at most one chunk per 100 ms.
+        assert sum(len(o.token_ids) for o in outs) == 150
+        gaps = [b - a for a, b in itertools.pairwise(arrivals[:-1])]  # the last may come sooner
+        assert all(gap >= 0.099 for gap in gaps), gaps
+        assert len(outs[0].token_ids) <= 2, "the first chunk waited for the interval"
+
+        # The end is sent when it happens, not at the next interval.
+        client.stream_interval_s = 30.0
+        started = loop.time()
+        short = [
+            o
+            async for o in client.generate("ends", [7, 8], SamplingParams(max_new_tokens=20, ignore_eos=True))
+        ]
+        assert loop.time() - started < 30.0
+        assert len(short) == 2 and short[-1].finished and sum(len(o.token_ids) for o in short) == 20
+    finally:
+        client.stream_interval_s = 0.0
     await wait_idle(client)
 
 
