@@ -106,12 +106,24 @@ class WorkerSettings(ServiceSettings):
 
     engine_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads of the engine process. None: one per core this process may use (its CPU
-    affinity); the front's threads then share those cores, which the passive wait policy keeps cheap."""
+    affinity); the front's threads then share those cores, which the passive wait policy keeps cheap.
+    Measured on 2 cores (`bench/RESULTS.md`): one thread served the tiny model as fast as two (its
+    matrices are too small to split well), but a model the size of SmolLM2 needs every core; give a
+    worker whole cores and leave this unset."""
 
     engine_omp_wait_policy: Literal["passive", "active"] = "passive"
     """`OMP_WAIT_POLICY` of the engine process. `passive` threads sleep between parallel regions, so
     the front and other processes on the same cores get them; `active` spins, a little faster on
-    cores of its own and many times slower when anything else wants those cores."""
+    cores of its own and many times slower when anything else wants those cores (on 2 shared cores
+    the served tiny model lost a quarter of its throughput with `active`)."""
+
+    engine_omp_spin_count: int | None = Field(default=None, ge=0)
+    """How long a waiting OpenMP thread of the engine spins before it sleeps (`GOMP_SPINCOUNT`, loop
+    iterations). None: 0 with `passive`, libgomp's own with `active`. Spinning bridges the Python
+    between two operators of a step: on 2 shared cores, 100000 (about a tenth of a millisecond)
+    served SmolLM2 at 0.91 of its in-process rate against 0.77 without, but cost the tiny model a
+    quarter of its rate and starved a busy front (its spinning thread takes the front's core). Set it
+    when the engine's cores are its own, or the model's steps are long (`bench/RESULTS.md`)."""
 
     engine_start_timeout_s: float = Field(default=600.0, gt=0)
     """How long the engine process may take to load its model before the start counts as failed."""
@@ -127,6 +139,13 @@ class WorkerSettings(ServiceSettings):
     """Where adapter weights are written for the engine process to map (one file per adapter in
     host RAM). None: `/dev/shm` when writable, else the temporary directory. In Kubernetes, mount an
     `emptyDir` with `medium: Memory` there if the pod's `/dev/shm` is small."""
+
+    stream_interval_s: float = Field(default=0.1, ge=0)
+    """Shortest time between two chunks of one stream after its first (which leaves at once, as do
+    its last and any error): the tokens of the steps in between travel as one chunk. Every chunk
+    costs CPU in the worker, the gateway and the client, far more than a token does, so on a small
+    model that steps every few milliseconds this sets the served throughput (measured in
+    `bench/RESULTS.md`); ten chunks a second still read as a smooth stream. 0 sends a chunk per step."""
 
     stream_buffer_tokens: int = Field(default=4096, ge=1)
     """Generated tokens one stream may hold that its client has not read yet; past that the
@@ -172,8 +191,11 @@ class WorkerSettings(ServiceSettings):
     spool_max_bytes: int = Field(default=1 * GiB, ge=4096)
     """Spool size at which new usage waits in memory and an alarm is raised (metric and log)."""
 
-    usage_flush_interval_s: float = Field(default=0.05, gt=0)
-    """How often buffered usage records are written (and fsynced) to the spool as one batch."""
+    usage_flush_interval_s: float = Field(default=0.5, gt=0)
+    """How often buffered usage records are written (and fsynced) to the spool as one batch, which is
+    also one ledger transaction at attribution: usage reaches the ledger this much later at most, and
+    each flush joins a request's tokens into one range. Attribution's CPU is mostly per batch, so a
+    shorter interval costs it (and the worker's fsyncs) in proportion (`bench/RESULTS.md`)."""
 
     usage_backoff_max_s: float = Field(default=5.0, gt=0)
     """Longest wait between reconnection attempts to attribution (doubling from 0.1 s)."""

@@ -254,6 +254,7 @@ class Worker:
             spec,
             env=engine_environment(s),
             max_buffered_tokens=s.stream_buffer_tokens,
+            stream_interval_s=s.stream_interval_s,
             policy=RestartPolicy(
                 max_restarts=s.engine_max_restarts,
                 window_s=s.engine_restart_window_s,
@@ -374,7 +375,9 @@ def engine_environment(settings: WorkerSettings) -> dict[str, str]:
     """The engine process's environment: ours, with the OpenMP wait policy the settings choose."""
     env = dict(os.environ)
     env["OMP_WAIT_POLICY"] = settings.engine_omp_wait_policy.upper()
-    if settings.engine_omp_wait_policy == "passive":
+    if settings.engine_omp_spin_count is not None:
+        env["GOMP_SPINCOUNT"] = str(settings.engine_omp_spin_count)
+    elif settings.engine_omp_wait_policy == "passive":
         env["GOMP_SPINCOUNT"] = "0"  # libgomp spins before sleeping even when passive, unless told
     return env
 
