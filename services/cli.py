@@ -29,6 +29,7 @@ from services.attribution.cli import rewards_app, usage_app
 from services.attribution.config import AttributionSettings
 from services.client.cli import generate
 from services.common.config import ServiceSettings, describe
+from services.common.parent_death import die_with_parent_if_asked
 from services.gateway.config import GatewaySettings
 from services.inference.config import WorkerSettings
 
@@ -262,6 +263,7 @@ def version() -> None:
 
 
 def main() -> None:
+    die_with_parent_if_asked()  # a service started by `openlora up` ends with it
     app()
 
 

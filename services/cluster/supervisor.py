@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from services.common.grpc_client import health_status, open_channel
+from services.common.parent_death import PARENT_PID_ENV
 
 COLOURS = ("36", "35", "33", "32", "34", "31")
 
@@ -52,7 +53,8 @@ class Supervisor:
         """Start a child and return once it reports SERVING; raise ChildFailed if it exits or times out."""
         process = await asyncio.create_subprocess_exec(
             *spec.argv,
-            env={**os.environ, **spec.env},
+            # The child ends with us even if we are killed before we can stop it.
+            env={**os.environ, **spec.env, PARENT_PID_ENV: str(os.getpid())},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -66,9 +68,15 @@ class Supervisor:
 
     async def _pump(self, process: asyncio.subprocess.Process, prefix: str) -> None:
         assert process.stdout is not None
+        writing = True
         async for line in process.stdout:
-            self.out.write(prefix + line.decode(errors="replace"))
-            self.out.flush()
+            if not writing:
+                continue  # still read: a child blocked on a full pipe would stall
+            try:
+                self.out.write(prefix + line.decode(errors="replace"))
+                self.out.flush()
+            except (OSError, ValueError):  # our output was closed (a pipe reader left): keep serving
+                writing = False
         await process.wait()
         self._died.set()
 

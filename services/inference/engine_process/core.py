@@ -11,7 +11,6 @@ longer be trusted, and the front restarts a fresh one. The process also ends whe
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Any
 import zmq
 
 from services.common.errors import InvalidArgument
+from services.common.parent_death import die_with_parent
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
 from services.inference.engine_process import protocol
@@ -201,18 +201,11 @@ def engine_info(engine: LLMEngine, torch_threads: int) -> EngineInfo:
     )
 
 
-def _die_with_parent() -> None:
-    # Linux only: the kernel kills this process when the thread that forked it ends.
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = EngineSpec.from_json(args[0])
     parent = os.getppid()
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     # Ctrl-C reaches the whole process group: the worker decides when its engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
