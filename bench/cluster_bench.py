@@ -27,7 +27,9 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +55,16 @@ from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 
 Request = workload.WorkloadRequest
+
+
+def cpu_flags() -> str:
+    """The vector extensions of this CPU that matter to torch's kernels (figures depend on them)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return ""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "fma")
+    return " ".join(f for f in wanted if f in flags)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -115,6 +127,36 @@ def cpu_seconds(cluster: Cluster) -> dict[str, float]:
     return used
 
 
+# --native: most of a service's time per chunk is in grpc's Cython and C core, invisible otherwise.
+PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250", "--format", "raw"]
+PY_SPY += ["--native"]
+
+
+def start_profilers(cluster: Cluster, folder: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy on every cluster process (engines too), writing collapsed stacks to `folder/NAME.txt`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pids = {}
+    for child in cluster.supervisor.children:
+        pids[child.spec.name] = child.process.pid
+        for engine in psutil.Process(child.process.pid).children():
+            pids[child.spec.name + ".engine"] = engine.pid
+    return [
+        subprocess.Popen(
+            [*PY_SPY, "--nonblocking", "--pid", str(pid), "--output", str(folder / f"{name}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
+def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for profiler in profilers:
+        profiler.wait(timeout=60)
+
+
 async def replay_served(cluster: Cluster, requests: list[Request], with_adapters: bool) -> dict[str, Any]:
     """Every request through the gateway at its arrival time; outputs, TTFTs and wall time."""
     metadata = [("authorization", f"Bearer {cluster.api_key}")]
@@ -157,8 +199,9 @@ async def replay_served(cluster: Cluster, requests: list[Request], with_adapters
 
 
 async def serve_and_measure(
-    args: argparse.Namespace, requests: list[Request], folders: dict[int, Path], scratch: Path
-) -> dict[str, Any]:
+    args: argparse.Namespace, rounds: list[list[Request]], folders: dict[int, Path], scratch: Path
+) -> list[dict[str, Any]]:
+    """Each round replayed through the cluster in turn; per round its outputs, rates and CPU."""
     config = ClusterConfig(
         data_dir=scratch / "cluster",
         model=args.model,
@@ -167,21 +210,42 @@ async def serve_and_measure(
         worker_dtype=args.dtype,
     )
     cluster = await start_cluster(config, lambda text: print(f"[cluster] {text}", file=sys.stderr))
+    results = []
     try:
         await upload_adapters(cluster, folders)
         # Warm-up outside the timing: lazy initialisation, and every adapter fetched once from the store
         # into the worker's host RAM, where the in-process engine holds them too.
-        await replay_served(cluster, [workload_warm(r) for r in requests], bool(args.num_adapters))
-        before = cpu_seconds(cluster)
-        client_before = time.process_time()
-        served = await replay_served(cluster, requests, bool(args.num_adapters))
-        after = cpu_seconds(cluster)
-        # The client shares the machine's cores with the cluster: its decoding counts too.
-        after["client"], before["client"] = time.process_time(), client_before
+        await replay_served(cluster, [workload_warm(r) for r in rounds[0]], bool(args.num_adapters))
+        for index, requests in enumerate(rounds):
+            folder = args.profile / f"round-{index}" if args.profile else None
+            profilers = start_profilers(cluster, folder) if folder else []
+            before = cpu_seconds(cluster)
+            client_before = time.process_time()
+            served = await replay_served(cluster, requests, bool(args.num_adapters))
+            after = cpu_seconds(cluster)
+            stop_profilers(profilers)
+            # The client shares the machine's cores with the cluster: its decoding counts too.
+            after["client"], before["client"] = time.process_time(), client_before
+            served["cpu_s"] = {name: after[name] - before[name] for name in after}
+            results.append(served)
     finally:
         await cluster.supervisor.stop()
-    served["cpu_s"] = {name: after[name] - before[name] for name in after}
-    return served
+    return results
+
+
+def round_of(requests: list[Request], index: int, vocab_size: int) -> list[Request]:
+    """The workload again with every prompt token shifted, so that a later round reuses no prefix an
+    earlier one cached; round 0 is the workload itself."""
+    if index == 0:
+        return requests
+    return [
+        dataclasses.replace(
+            r,
+            request_id=f"{r.request_id}-r{index}",
+            prompt_token_ids=[(t + 7919 * index) % vocab_size for t in r.prompt_token_ids],
+        )
+        for r in requests
+    ]
 
 
 def workload_warm(r: Request) -> Request:
@@ -197,18 +261,21 @@ def workload_warm(r: Request) -> Request:
 
 
 def in_process(
-    args: argparse.Namespace, requests: list[Request], folders: dict[int, Path], path: Path
-) -> dict[str, Any]:
+    args: argparse.Namespace, rounds: list[list[Request]], folders: dict[int, Path], path: Path
+) -> list[dict[str, Any]]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
     engine = LLMEngine(model, EngineConfig(**engine_settings(args)))
     for index, folder in folders.items():
         engine.add_adapter(adapter_name(index), HostAdapter(folder, args.rank))
     adapter_of = (lambda r: adapter_name(r.adapter_index)) if args.num_adapters else (lambda r: None)
-    run_ours(engine, [workload_warm(r) for r in requests], adapter_of)
-    started = time.process_time()
-    result = run_ours(engine, requests, adapter_of)
-    result["cpu_s"] = time.process_time() - started
-    return result
+    run_ours(engine, [workload_warm(r) for r in rounds[0]], adapter_of)
+    results = []
+    for requests in rounds:
+        started = time.process_time()
+        result = run_ours(engine, requests, adapter_of)
+        result["cpu_s"] = time.process_time() - started
+        results.append(result)
+    return results
 
 
 def main() -> None:
@@ -226,6 +293,19 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process engine")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="replay rounds on each path (later rounds shift prompt tokens so no prefix is reused); "
+        "rates are medians over the rounds",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample every cluster process with py-spy during the timed replay into this folder "
+        "(collapsed stacks; the sampling costs CPU, so figures from such a run are not comparable)",
+    )
     workload.add_arguments(parser)
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -259,17 +339,34 @@ def main() -> None:
         for i in used
     }
 
+    rounds = [round_of(requests, k, int(model_config["vocab_size"])) for k in range(args.repeats)]
     load_before = os.getloadavg()[0]
-    served = asyncio.run(serve_and_measure(args, requests, folders, scratch))
-    local = in_process(args, requests, folders, path)
-    same = sum(served["outputs"][r.request_id] == local["outputs"][r.request_id] for r in requests)
-    per_1k = 1000 / served["tokens"]
-    cpu = {name: round(seconds * per_1k, 3) for name, seconds in served["cpu_s"].items()}
-    front_cpu = sum(
-        s for name, s in served["cpu_s"].items() if name.startswith("worker") and not name.endswith(".engine")
+    served_rounds = asyncio.run(serve_and_measure(args, rounds, folders, scratch))
+    local_rounds = in_process(args, rounds, folders, path)
+    same = sum(
+        served["outputs"][r.request_id] == local["outputs"][r.request_id]
+        for served, local, round_requests in zip(served_rounds, local_rounds, rounds, strict=True)
+        for r in round_requests
     )
-    us_per_token = 1e6 / served["tokens"]
-    usage_tokens = served["tokens"] + sum(len(r.prompt_token_ids) for r in requests)  # what is billed
+    total = args.repeats * len(requests)
+    served_rates = [s["tok_s"] for s in served_rounds]
+    local_rates = [x["tok_s"] for x in local_rounds]
+    tokens = sum(s["tokens"] for s in served_rounds)
+    chunks = sum(s["chunks"] for s in served_rounds)
+    cpu_s: dict[str, float] = {}
+    for served in served_rounds:
+        for name, seconds in served["cpu_s"].items():
+            cpu_s[name] = cpu_s.get(name, 0.0) + seconds
+    per_1k = 1000 / tokens
+    cpu = {name: round(seconds * per_1k, 3) for name, seconds in cpu_s.items()}
+    front_cpu = sum(
+        seconds
+        for name, seconds in cpu_s.items()
+        if name.startswith("worker") and not name.endswith(".engine")
+    )
+    ttft = [t for s in served_rounds for t in s["ttft"]]
+    # What is billed: prompt and completion tokens.
+    usage_tokens = tokens + args.repeats * sum(len(r.prompt_token_ids) for r in requests)
     line = {
         "bench": "cluster",
         "model": args.model,
@@ -282,30 +379,38 @@ def main() -> None:
         "rate": "inf" if spec.rate == float("inf") else spec.rate,
         "input_len": list(spec.input_len),
         "output_len": list(spec.output_len),
-        "served_tok_s": round(served["tok_s"], 1),
-        "in_process_tok_s": round(local["tok_s"], 1),
-        "p8_served_over_in_process": round(served["tok_s"] / local["tok_s"], 3),
-        "served_ttft_p50_ms": round(1000 * statistics.median(served["ttft"]), 1),
-        "served_ttft_p90_ms": round(1000 * percentile(served["ttft"], 0.9), 1),
-        "in_process_ttft_p50_ms": round(1000 * local["ttft_p50_s"], 1),
-        "in_process_ttft_p90_ms": round(1000 * local["ttft_p90_s"], 1),
-        "tokens": served["tokens"],
-        "token_identical": f"{same}/{len(requests)}",
-        "cpu_s_per_1k_tokens": cpu,
-        "in_process_cpu_s_per_1k_tokens": round(local["cpu_s"] * 1000 / local["tokens"], 3),
-        "chunks": served["chunks"],
-        # The worker's CPU outside its engine process: the gRPC front (text, usage, streaming).
-        "worker_cpu_outside_engine_us_per_token": round(front_cpu * us_per_token, 1),
-        "attribution_cpu_us_per_usage_token": round(
-            served["cpu_s"].get("attribution", 0.0) * 1e6 / usage_tokens, 1
+        "repeats": args.repeats,
+        "served_tok_s": round(statistics.median(served_rates), 1),
+        "in_process_tok_s": round(statistics.median(local_rates), 1),
+        "p8_served_over_in_process": round(
+            statistics.median(served_rates) / statistics.median(local_rates), 3
         ),
-        "gateway_cpu_us_per_chunk": round(served["cpu_s"].get("gateway", 0.0) * 1e6 / served["chunks"], 1),
+        "served_tok_s_rounds": [round(x, 1) for x in served_rates],
+        "in_process_tok_s_rounds": [round(x, 1) for x in local_rates],
+        "served_ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
+        "served_ttft_p90_ms": round(1000 * percentile(ttft, 0.9), 1),
+        "in_process_ttft_p50_ms": round(1000 * statistics.median(x["ttft_p50_s"] for x in local_rounds), 1),
+        "in_process_ttft_p90_ms": round(1000 * statistics.median(x["ttft_p90_s"] for x in local_rounds), 1),
+        "tokens": tokens,
+        "token_identical": f"{same}/{total}",
+        "cpu_s_per_1k_tokens": cpu,
+        "in_process_cpu_s_per_1k_tokens": round(
+            sum(x["cpu_s"] for x in local_rounds) * 1000 / sum(x["tokens"] for x in local_rounds), 3
+        ),
+        "chunks": chunks,
+        "tokens_per_chunk": round(tokens / chunks, 2),
+        # The worker's CPU outside its engine process: the gRPC front (text, usage, streaming).
+        "worker_cpu_outside_engine_us_per_token": round(front_cpu * 1e6 / tokens, 1),
+        "attribution_cpu_us_per_usage_token": round(cpu_s.get("attribution", 0.0) * 1e6 / usage_tokens, 1),
+        "gateway_cpu_us_per_chunk": round(cpu_s.get("gateway", 0.0) * 1e6 / chunks, 1),
         "loadavg_1m_before": round(load_before, 2),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_flags": cpu_flags(),
+        "worker_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OPENLORA_WORKER_")},
     }
     print(json.dumps(line), flush=True)
-    if same != len(requests):
-        sys.exit(f"{len(requests) - same} served output(s) differ from the in-process engine")
+    if same != total:
+        sys.exit(f"{total - same} served output(s) differ from the in-process engine")
 
 
 if __name__ == "__main__":
