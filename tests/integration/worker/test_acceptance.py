@@ -5,7 +5,9 @@ SeaweedFS, attribution on PostgreSQL.
   each request's prompt and completion tokens;
 - attribution killed for 30 s under load, then restarted: the ledger ends equal to the tokens
   streamed, nothing lost, nothing doubled;
-- the worker SIGKILLed with usage still in its spool, then restarted: the same.
+- the worker SIGKILLed with usage still in its spool, then restarted: the same;
+- the worker's engine process SIGKILLed under streaming load: every stream ends UNAVAILABLE at once,
+  a new engine serves, and the ledger holds, to the token, what each client received before the error.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import psutil
 import pytest
 
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import health_status, open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, attribution_pb2, inference_pb2_grpc
 from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
@@ -30,6 +34,7 @@ from tests.integration.worker.kit import (
     ledger_counts,
     reference_outputs,
     request,
+    served_requests,
     wait_until,
 )
 from tests.integration.worker.processes import (
@@ -46,6 +51,8 @@ pytestmark = pytest.mark.slow
 NUM_ADAPTERS = 20
 PROMPT, COMPLETION = attribution_pb2.PROMPT, attribution_pb2.COMPLETION
 OUTAGE_S = 30.0
+ENGINE_MODULE = "services.inference.engine_process.core"  # what a worker's engine child runs
+LONG = 3000  # tokens: far more than a stream produces before its engine is killed
 
 
 @dataclass
@@ -250,3 +257,85 @@ async def test_a_worker_killed_with_a_full_spool_replays_it_after_restart(cluste
     await wait_until(lambda: ledger_counts(cluster.database_url) == want, timeout=60, what="an exact ledger")
     with contextlib.suppress(FileNotFoundError):
         await wait_until(lambda: not any(spool.glob("seg-*")), timeout=10, what="an acked spool")
+
+
+def engine_pids(worker: ServiceProcess) -> list[int]:
+    """The live engine processes of a worker process: its children running the engine core."""
+    assert worker.process is not None
+    pids = []
+    for child in psutil.Process(worker.process.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and ENGINE_MODULE in child.cmdline():
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass  # the one just killed, reaped meanwhile
+    return pids
+
+
+async def stream_until_error(
+    stub: inference_pb2_grpc.InferenceAsyncStub, plan: Plan, received: dict[str, list[int]]
+) -> tuple[grpc.StatusCode | None, float]:
+    """Append each chunk's token count to `received`; the status the stream ended with (None: OK), and
+    when."""
+    message = request(
+        plan.prompt, adapter=plan.adapter, max_new_tokens=plan.max_new_tokens, request_id=plan.request_id
+    )
+    try:
+        async for chunk in stub.Generate(message, timeout=120):
+            received[plan.request_id].append(len(chunk.token_ids))
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), asyncio.get_running_loop().time()
+    return None, asyncio.get_running_loop().time()
+
+
+async def test_a_killed_engine_ends_every_stream_unavailable_and_bills_exactly_what_each_client_got(
+    cluster: Cluster,
+) -> None:
+    loop = asyncio.get_running_loop()
+    adapters = cluster.adapter_ids[:3]
+    batch = [
+        Plan(f"engine-kill-{i}", [5 + i, 17, 29 + i, 41], adapters[i % 4] if i % 4 < 3 else None, LONG)
+        for i in range(8)
+    ]
+    # The adapters made resident first, so that the long streams all start at once.
+    warm = [Plan(f"warm-{a}", [3, 4], a, 2) for a in adapters]
+    received: dict[str, list[int]] = {plan.request_id: [] for plan in batch}  # tokens per chunk
+    async with open_channel(f"127.0.0.1:{cluster.worker.port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        warmed = await asyncio.gather(*(run(stub, p) for p in warm))
+        streamed = {p.request_id: s for p, s in zip(warm, warmed, strict=True)}
+        streams = [asyncio.create_task(stream_until_error(stub, plan, received)) for plan in batch]
+        # A few chunks and tokens each, so that what must be billed is more than the first token.
+        await wait_until(
+            lambda: (
+                all(len(c) >= 3 and sum(c) >= 10 for c in received.values()) or any(s.done() for s in streams)
+            ),
+            60,
+            "chunks on every stream",
+        )
+        assert not any(s.done() for s in streams), [s.result() for s in streams if s.done()]
+        [engine_pid] = engine_pids(cluster.worker)
+        psutil.Process(engine_pid).kill()
+        killed = loop.time()
+        ends = await asyncio.wait_for(asyncio.gather(*streams), 30)
+        for plan, (code, ended) in zip(batch, ends, strict=True):
+            assert code == grpc.StatusCode.UNAVAILABLE, (plan.request_id, code)
+            assert ended - killed < 5.0, (plan.request_id, ended - killed)
+            assert 0 < sum(received[plan.request_id]) < LONG, plan.request_id
+
+        while engine_pids(cluster.worker) in ([], [engine_pid]) or await health_status(channel) != "SERVING":
+            assert loop.time() - killed < 30.0, "not SERVING on a new engine 30 s after the kill"
+            await asyncio.sleep(0.1)
+        [new_pid] = engine_pids(cluster.worker)
+        assert new_pid != engine_pid
+        after = Plan("after-restart", [9, 8, 7], adapters[0], 6)
+        streamed[after.request_id] = served = await run(stub, after)
+        assert (served.prompt_tokens, served.completion_tokens, len(served.token_ids)) == (3, 6, 6)
+
+    for plan in batch:  # the prompt is billed with the first token; every token sent is billed, no more
+        got = sum(received[plan.request_id])
+        streamed[plan.request_id] = Streamed([], "", 0, len(plan.prompt) if got else 0, got)
+    want = {key: count for key, count in expected_ledger(streamed).items() if count}
+    await wait_until(lambda: ledger_counts(cluster.database_url) == want, timeout=60, what="an exact ledger")
+    served_ids = served_requests(cluster.database_url)
+    assert all(len(served_ids[plan.request_id]) == 1 for plan in batch), served_ids
