@@ -70,6 +70,7 @@ async def test_attribution_down_neither_slows_nor_stops_generation_and_a_full_sp
         attribution_address=f"127.0.0.1:{free_port()}",  # nothing listens there
         spool_max_bytes=16384,  # a few hundred records
         usage_flush_interval_s=0.01,
+        stream_interval_s=0.0,  # a chunk, and so a usage record, per step: the spool fills quickly
     )
     worker = await WorkerUnderTest.start(settings)
     try:
