@@ -120,10 +120,11 @@ class WorkerSettings(ServiceSettings):
     engine_omp_spin_count: int | None = Field(default=None, ge=0)
     """How long a waiting OpenMP thread of the engine spins before it sleeps (`GOMP_SPINCOUNT`, loop
     iterations). None: 0 with `passive`, libgomp's own with `active`. Spinning bridges the Python
-    between two operators of a step: on 2 shared cores, 100000 (about a tenth of a millisecond)
-    served SmolLM2 at 0.91 of its in-process rate against 0.77 without, but cost the tiny model a
-    quarter of its rate and starved a busy front (its spinning thread takes the front's core). Set it
-    when the engine's cores are its own, or the model's steps are long (`bench/RESULTS.md`)."""
+    between two operators of a step. On 2 shared cores, 100000 (about a tenth of a millisecond)
+    served SmolLM2 with 100 adapters at 0.91 of its in-process rate against 0.77-0.80 without, but
+    base-only at 0.82 against 0.84 (no gain), cost the tiny model a quarter of its rate and starved a
+    busy front (the spinning thread takes the front's core). Try it when the engine's cores are its
+    own and its steps are long (`bench/RESULTS.md`)."""
 
     engine_start_timeout_s: float = Field(default=600.0, gt=0)
     """How long the engine process may take to load its model before the start counts as failed."""
