@@ -127,7 +127,8 @@ def cpu_seconds(cluster: Cluster) -> dict[str, float]:
     return used
 
 
-# --native: most of a service's time per chunk is in grpc's Cython and C core, invisible otherwise.
+# --native: most of a service's time per chunk is in grpc's Cython and C core, invisible otherwise;
+# py-spy then pauses each process per sample (it cannot unwind native frames of a running one).
 PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250", "--format", "raw"]
 PY_SPY += ["--native"]
 
@@ -142,7 +143,7 @@ def start_profilers(cluster: Cluster, folder: Path) -> list[subprocess.Popen[byt
             pids[child.spec.name + ".engine"] = engine.pid
     return [
         subprocess.Popen(
-            [*PY_SPY, "--nonblocking", "--pid", str(pid), "--output", str(folder / f"{name}.txt")],
+            [*PY_SPY, "--pid", str(pid), "--output", str(folder / f"{name}.txt")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
