@@ -8,6 +8,7 @@ suite run). Below that range only listeners live, and this process never hands o
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 from pathlib import Path
@@ -16,6 +17,7 @@ _LOWEST = 20000
 _handed_out: set[int] = set()
 
 
+@functools.cache  # the kernel's range does not change during a test run
 def _candidate_range() -> tuple[int, int] | None:
     """Ports below the ephemeral range, or None where it cannot be read or leaves too few."""
     try:
