@@ -13,6 +13,8 @@ from services.common.proto import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
 )
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "common_pb2",
     "inference_pb2",
     "inference_pb2_grpc",
+    "relay_pb2",
+    "relay_pb2_grpc",
 ]
 
 #: Fully qualified names of the services defined by the contracts, for health and reflection.
@@ -30,4 +34,5 @@ SERVICE_NAMES = {
     "inference": inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     "adapter_store": adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name,
     "attribution": attribution_pb2.DESCRIPTOR.services_by_name["Attribution"].full_name,
+    "relay": relay_pb2.DESCRIPTOR.services_by_name["WorkerRelay"].full_name,
 }

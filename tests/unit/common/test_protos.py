@@ -59,11 +59,19 @@ CONTRACT = {
     "attribution_pb2": {
         "TokenUsage": {"request_id", "token_index", "kind", "adapters", "tenant", "worker_id", "ts"},
     },
+    "relay_pb2": {
+        "RelayUp": {"starts", "cancels"},
+        "RelayStart": {"stream_id", "request", "timeout_s", "trace_headers"},
+        "RelayDown": {"events"},
+        "RelayEvent": {"stream_id", "chunk", "completion_tokens", "prompt_tokens", "end"},
+        "RelayEnd": {"code", "message", "status_details"},
+    },
 }
 SERVICES = {
     "inference_pb2": ("Inference", {"Generate", "ListModels"}),
     "adapter_store_pb2": ("AdapterStore", {"Upload", "Import", "Get", "List", "Delete", "Download"}),
     "attribution_pb2": ("Attribution", {"RecordUsage", "GetUsage", "GetRewards", "WatchRewards"}),
+    "relay_pb2": ("WorkerRelay", {"Relay"}),
 }
 
 
@@ -74,6 +82,7 @@ def test_every_stub_imports_from_the_package() -> None:
         "openlora.v1.Inference",
         "openlora.v1.AdapterStore",
         "openlora.v1.Attribution",
+        "openlora.v1.WorkerRelay",
     }
 
 
