@@ -43,7 +43,8 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message sent or received. Adapter transfers stream in chunks far below this."""
 
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
-    """Calls served at once; beyond this new calls get RESOURCE_EXHAUSTED. None means unbounded."""
+    """Calls served at once (on a worker, streams relayed from gateways count too); beyond this new
+    calls get RESOURCE_EXHAUSTED. None means unbounded."""
 
     keepalive_time_s: float = Field(default=30.0, gt=0)
     """Interval of HTTP/2 keepalive pings, so dead peers and idle-killing proxies are noticed."""

@@ -8,7 +8,8 @@ For each application call it
 - writes one access-log record (method, code, duration, responses streamed);
 - refuses new calls with `UNAVAILABLE` once the server drains for shutdown, and counts calls in
   flight so the drain can wait for them.
-Health and reflection calls are served but neither counted nor logged at INFO.
+Health and reflection calls are served but neither counted nor logged at INFO; nor is the gateway's
+relay call, which carries many streams and counts and logs each of them itself.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ log = logging.getLogger("openlora.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-_INFRA_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+_INFRA_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/openlora.v1.WorkerRelay/")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -70,6 +71,26 @@ def _incoming_request_id(context: Context) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and is_valid_id(value):
             return value
     return uuid.uuid4().hex
+
+
+def log_call(
+    method: str,
+    code: grpc.StatusCode,
+    started: float,
+    responses: int,
+    *,
+    level: int = logging.INFO,
+    relayed: bool = False,
+) -> None:
+    """The access-log record of one call (or one stream on the gateway's relay call)."""
+    extra: dict[str, object] = {
+        "code": code.name,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        "responses": responses,
+    }
+    if relayed:
+        extra["relayed"] = True
+    log.log(level, "rpc %s %s", method, code.name, extra=extra)
 
 
 class _Call:
@@ -126,13 +147,12 @@ class _Call:
     def end(self) -> None:
         if self._counted:
             self.inflight.exit()
-        elapsed_ms = (time.perf_counter() - self.started) * 1000
-        log.log(
-            logging.DEBUG if self.infra else logging.INFO,
-            "rpc %s %s",
+        log_call(
             self.method,
-            self.code.name,
-            extra={"code": self.code.name, "duration_ms": round(elapsed_ms, 2), "responses": self.responses},
+            self.code,
+            self.started,
+            self.responses,
+            level=logging.DEBUG if self.infra else logging.INFO,
         )
         # ValueError: finalised from another context (an abandoned stream); nothing to restore there.
         with contextlib.suppress(ValueError):

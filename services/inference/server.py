@@ -42,6 +42,7 @@ from services.inference.engine_process.core import EngineSpec
 from services.inference.engine_process.handoff import HandoffWriter
 from services.inference.engine_process.protocol import EngineInfo
 from services.inference.metrics import AdapterMetrics
+from services.inference.relay_server import relay_binding
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer, binding
 from services.inference.usage.reporter import UsageReporter
@@ -116,6 +117,10 @@ class Worker:
             component="worker",
             tracer_provider=self.tracer_provider,
             ready_on_start=False,
+        )
+        # The gateway's streams arrive over its relay call, counted in the same drain as calls.
+        self.server.services.append(
+            relay_binding(self.pending.Generate, self.server.inflight, settings.max_concurrent_rpcs)
         )
         self.engine: EngineClient | None = None
         self.handoff: HandoffWriter | None = None

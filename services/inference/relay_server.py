@@ -1,0 +1,254 @@
+"""The worker's end of the gateway's link (`openlora.v1.WorkerRelay`): many Generate streams, one call.
+
+Each stream started on the link runs the worker's own `Generate` handler, as a call of its own would,
+with what the server kit's interceptor gives a call: the request id made current for logs, errors
+mapped (a `ServiceError` becomes its status and details; anything else INTERNAL naming the request
+id, its traceback to the log), an access-log record, the client's deadline, and draining (a stream
+started once the server drains is refused UNAVAILABLE; those running are counted, so the drain waits
+for them).
+
+Chunks of every stream go down together, one message per write. A stream hands over its next chunk
+only once the previous one was written, so a gateway that stops reading stops the streams (their
+engine buffers fill and cancel them, as for a slow client of `Generate` itself) and a busy link
+carries fewer, fuller messages. When the call ends, every stream still running on it is cancelled,
+as a client hanging up would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.common.grpc_server import ServiceBinding
+from services.common.interceptors import REQUEST_ID_KEY, InflightCalls, log_call
+from services.common.log import request_id_var
+from services.common.proto import SERVICE_NAMES, inference_pb2, relay_pb2, relay_pb2_grpc
+from services.common.request_checks import is_valid_id
+
+log = logging.getLogger("openlora.rpc")
+
+GENERATE_METHOD = "/openlora.v1.Inference/Generate"
+# A write well under any message limit; what does not fit goes in the next one.
+MAX_BATCH_BYTES = 1 << 20
+_EVENT_OVERHEAD_BYTES = 16
+
+# A `Generate` handler: (request, context) -> async iterator of chunks.
+GenerateHandler = Callable[[inference_pb2.GenerateRequest, Any], AsyncIterator[inference_pb2.GenerateChunk]]
+
+
+class StreamContext:
+    """What a `Generate` handler may ask of its call, for a stream on the link."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], deadline: float | None) -> None:
+        self._metadata = metadata
+        self._deadline = deadline
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+
+def _end_event(stream_id: int, code: grpc.StatusCode, message: str = "", details: bytes = b"") -> Any:
+    return relay_pb2.RelayEvent(
+        stream_id=stream_id,
+        end=relay_pb2.RelayEnd(code=code.value[0], message=message, status_details=details),
+    )
+
+
+class _Link:
+    """The streams of one Relay call and the events waiting to go down."""
+
+    def __init__(self, generate: GenerateHandler, inflight: InflightCalls, max_calls: int | None) -> None:
+        self.generate = generate
+        self.inflight = inflight
+        self.max_calls = max_calls
+        self.streams: dict[int, asyncio.Task[None]] = {}
+        self.events: list[Any] = []
+        self.written = asyncio.Event()  # set once the events gathered so far were written
+        self.wakeup = asyncio.Event()
+        self.reading = True
+
+    async def read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for up in requests:
+                for start in up.starts:
+                    self._start(start)
+                for stream_id in up.cancels:
+                    task = self.streams.get(stream_id)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            self.reading = False
+            self.wakeup.set()
+
+    async def batches(self) -> AsyncIterator[Any]:
+        """One RelayDown per write, until the gateway stopped sending and every stream ended."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            if self.events:
+                events, written = self._take(), self.written
+                self.written = asyncio.Event()
+                yield relay_pb2.RelayDown(events=events)
+                written.set()
+            elif not self.reading and not self.streams:
+                return
+
+    def _take(self) -> list[Any]:
+        size, count = 0, 0
+        for event in self.events:
+            size += len(event.chunk) + _EVENT_OVERHEAD_BYTES
+            if count and size > MAX_BATCH_BYTES:
+                break
+            count += 1
+        taken, self.events = self.events[:count], self.events[count:]
+        if self.events:
+            self.wakeup.set()  # the rest goes in the next write
+        return taken
+
+    def _push(self, event: Any) -> None:
+        self.events.append(event)
+        self.wakeup.set()
+
+    def _start(self, start: Any) -> None:
+        if start.stream_id in self.streams:
+            self._push(_end_event(start.stream_id, grpc.StatusCode.INTERNAL, "stream id already open"))
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(start))
+        self.streams[start.stream_id] = task
+        task.add_done_callback(lambda _: self._finished(start.stream_id))
+
+    def _finished(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        self.wakeup.set()
+
+    async def _serve(self, start: Any) -> None:
+        """Run one stream to its end event (none when cancelled: the gateway no longer listens)."""
+        request = start.request
+        request_id = request.request_id if is_valid_id(request.request_id) else uuid.uuid4().hex
+        request_id_var.set(request_id)  # this task's own context: it ends with the task
+        if start.trace_headers:  # the worker's spans join the gateway's trace
+            otel_context.attach(propagate.extract(dict(start.trace_headers)))
+        started = time.perf_counter()
+        code, responses = grpc.StatusCode.OK, 0
+        refusal = self._refusal()
+        if refusal is not None:
+            code = self._fail(start.stream_id, refusal)
+            log_call(GENERATE_METHOD, code, started, responses, relayed=True)
+            return
+        self.inflight.enter()
+        metadata = ((REQUEST_ID_KEY, request_id), *start.trace_headers.items())
+        deadline = time.monotonic() + start.timeout_s if start.timeout_s > 0 else None
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)) as timeout:
+                chunks = self.generate(request, StreamContext(metadata, deadline))
+                async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                    async for chunk in chunks:
+                        await self._send(start.stream_id, chunk)
+                        responses += 1
+            self._push(_end_event(start.stream_id, code))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except TimeoutError:
+            if not timeout.expired():
+                code = self._fail(start.stream_id, RuntimeError("a timeout inside the handler"), request_id)
+            else:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                self._push(_end_event(start.stream_id, code, "Deadline Exceeded"))
+        except Exception as exc:
+            code = self._fail(start.stream_id, exc, request_id)
+        finally:
+            self.inflight.exit()
+            log_call(GENERATE_METHOD, code, started, responses, relayed=True)
+
+    def _refusal(self) -> ServiceError | None:
+        """Why a new stream is refused, as a new call would be by the server."""
+        if self.inflight.draining:
+            return Unavailable("server is shutting down; retry on another instance")
+        if self.max_calls is not None and self.inflight.count >= self.max_calls:
+            return ResourceExhausted(
+                f"the worker serves {self.max_calls} calls at once (max_concurrent_rpcs)"
+            )
+        return None
+
+    async def _send(self, stream_id: int, chunk: inference_pb2.GenerateChunk) -> None:
+        self._push(
+            relay_pb2.RelayEvent(
+                stream_id=stream_id,
+                chunk=chunk.SerializeToString(),
+                completion_tokens=len(chunk.token_ids),
+                prompt_tokens=chunk.usage.prompt_tokens,
+            )
+        )
+        await self.written.wait()
+
+    def _fail(self, stream_id: int, exc: Exception, request_id: str = "") -> grpc.StatusCode:
+        if isinstance(exc, ServiceError):
+            status = exc.to_status()
+            self._push(_end_event(stream_id, exc.code, exc.message, status.SerializeToString()))
+            return exc.code
+        log.error("unhandled error in %s", GENERATE_METHOD, exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        self._push(_end_event(stream_id, code, f"internal error (request id {request_id})"))
+        return code
+
+    async def close(self) -> None:
+        """Cancel every stream still running (the call ended) and wait for them."""
+        tasks = list(self.streams.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _loop_time(deadline: float | None) -> float | None:
+    """A `time.monotonic()` deadline on the event loop's clock (the one `asyncio.timeout_at` reads)."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+class RelayServicer(relay_pb2_grpc.WorkerRelayServicer):
+    """Serves `generate` (a servicer's `Generate`) to the gateway over one call per gateway."""
+
+    def __init__(self, generate: GenerateHandler, inflight: InflightCalls, max_calls: int | None) -> None:
+        self.generate = generate
+        self.inflight = inflight
+        self.max_calls = max_calls
+
+    async def Relay(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        # At once: the gateway writes only once it knows the call was accepted (see worker_link).
+        await context.send_initial_metadata(())
+        link = _Link(self.generate, self.inflight, self.max_calls)
+        reader = asyncio.get_running_loop().create_task(link.read(request_iterator))
+        try:
+            async for message in link.batches():
+                yield message
+        finally:
+            reader.cancel()
+            await link.close()
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await reader
+
+
+def relay_binding(
+    generate: GenerateHandler, inflight: InflightCalls, max_calls: int | None = None
+) -> ServiceBinding:
+    """`max_calls`: the server's `max_concurrent_rpcs`, which relayed streams count against too."""
+    servicer = RelayServicer(generate, inflight, max_calls)
+    return ServiceBinding(
+        name=SERVICE_NAMES["relay"],
+        attach=lambda server: relay_pb2_grpc.add_WorkerRelayServicer_to_server(servicer, server),
+    )
