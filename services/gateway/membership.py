@@ -22,15 +22,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.grpc_server import channel_options
-from services.common.proto import SERVICE_NAMES, inference_pb2_grpc
+from services.common.proto import SERVICE_NAMES, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import client_interceptors
 from services.gateway.config import GatewaySettings
 from services.gateway.routing import WorkerLoad
+from services.gateway.worker_link import WorkerLink
 
 log = logging.getLogger("openlora.gateway.workers")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 INFERENCE = SERVICE_NAMES["inference"]
+GENERATE_METHOD = f"/{INFERENCE}/Generate"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,13 @@ class WorkerEndpoint:
         self.address = address
         self.channel = channel
         self.stub = inference_pb2_grpc.InferenceStub(channel)
+        self.link = WorkerLink(channel, address)
+        # Generate for a worker without the relay, its chunks left serialized for the client.
+        self.generate_call: grpc.aio.UnaryStreamMultiCallable[Any, bytes] = channel.unary_stream(
+            GENERATE_METHOD,
+            request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self.settings = settings
         self.on_change = on_change
         self.in_flight = 0
@@ -199,6 +208,7 @@ class WorkerEndpoint:
             task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
+        await self.link.close()
         await self.channel.close()
 
 

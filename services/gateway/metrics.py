@@ -55,7 +55,18 @@ class GatewayMetrics(Collector):
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
+        self._token_counters: dict[str, tuple[Counter, Counter]] = {}
         registry.register(self)
+
+    def token_counters(self, tenant: str) -> tuple[Counter, Counter]:
+        """The tenant's (completion, prompt) token counters: looked up once, bumped per chunk."""
+        counters = self._token_counters.get(tenant)
+        if counters is None:
+            counters = self._token_counters[tenant] = (
+                self.tokens.labels(tenant, "completion"),
+                self.tokens.labels(tenant, "prompt"),
+            )
+        return counters
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(

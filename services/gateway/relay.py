@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
 
 from services.common.errors import Unavailable
 from services.common.interceptors import REQUEST_ID_KEY
@@ -27,6 +28,7 @@ from services.gateway.membership import WorkerEndpoint, WorkerPool
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routing import route
 from services.gateway.upstream import UpstreamError
+from services.gateway.worker_link import Relayed, RelayUnsupported
 
 log = logging.getLogger("openlora.gateway.relay")
 
@@ -74,27 +76,37 @@ class Relay:
         self.max_attempts = max_attempts
         self.forward_trace_headers = forward_trace_headers
 
+    def _forwarded(self, context: Any) -> dict[str, str]:
+        return {
+            k: v for k, v in context.invocation_metadata() or () if k in _TRACE_HEADERS and isinstance(v, str)
+        }
+
+    def _trace_headers(self, context: Any) -> dict[str, str]:
+        """The trace context the worker's spans join: the client's, or this gateway's own span."""
+        if self.forward_trace_headers:
+            return self._forwarded(context)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier
+
     def _metadata(self, context: Any, request_id: str) -> list[tuple[str, str]]:
+        """A Generate call's metadata (tracing interceptors, when on, add their own context)."""
         metadata = [(REQUEST_ID_KEY, request_id)]
         if self.forward_trace_headers:
-            metadata += [
-                (k, v)
-                for k, v in context.invocation_metadata() or ()
-                if k in _TRACE_HEADERS and isinstance(v, str)
-            ]
+            metadata += self._forwarded(context).items()
         return metadata
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, context: Any, lease: Lease
-    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        """Stream `request` (tenant and request id already stamped) from the workers."""
+    ) -> AsyncIterator[bytes]:
+        """Stream `request` (tenant and request id already stamped) from the workers: each chunk
+        serialized as the worker sent it."""
         started = time.perf_counter()
         loads = self.pool.healthy_loads()
         if not loads:
             raise Unavailable("no inference worker is available", retry_after_s=NO_WORKER_RETRY_S)
         plan = route(routing_key(request), loads, self.load_factor)
         self.metrics.routing.labels(plan.decision).inc()
-        metadata = self._metadata(context, request.request_id)
         failures: list[str] = []
         for address in plan.order[: self.max_attempts]:
             endpoint = self.pool.get(address)
@@ -103,14 +115,14 @@ class Relay:
             relayed = 0
             try:
                 # aclosing: when the client leaves mid-stream the worker call is cancelled now, not at GC.
-                async with contextlib.aclosing(self._attempt(endpoint, request, context, metadata)) as chunks:
+                async with contextlib.aclosing(self._attempt(endpoint, request, context)) as chunks:
                     async for chunk in chunks:
                         if relayed == 0:
                             self.metrics.ttft.observe(time.perf_counter() - started)
                         relayed += 1
-                        lease.charge(len(chunk.token_ids) + chunk.usage.prompt_tokens)
+                        lease.charge(chunk.completion_tokens + chunk.prompt_tokens)
                         self._count_tokens(lease.tenant, chunk)
-                        yield chunk
+                        yield chunk.data
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -138,24 +150,38 @@ class Relay:
             retry_after_s=NO_WORKER_RETRY_S,
         )
 
-    def _count_tokens(self, tenant: str, chunk: inference_pb2.GenerateChunk) -> None:
-        if chunk.token_ids:
-            self.metrics.tokens.labels(tenant, "completion").inc(len(chunk.token_ids))
-        if chunk.usage.prompt_tokens:
-            self.metrics.tokens.labels(tenant, "prompt").inc(chunk.usage.prompt_tokens)
+    def _count_tokens(self, tenant: str, chunk: Relayed) -> None:
+        completion, prompt = self.metrics.token_counters(tenant)
+        if chunk.completion_tokens:
+            completion.inc(chunk.completion_tokens)
+        if chunk.prompt_tokens:
+            prompt.inc(chunk.prompt_tokens)
 
     async def _attempt(
         self,
         endpoint: WorkerEndpoint,
         request: inference_pb2.GenerateRequest,
         context: Any,
-        metadata: list[tuple[str, str]],
-    ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
-        call = endpoint.stub.Generate(request, timeout=context.time_remaining(), metadata=metadata)
+    ) -> AsyncGenerator[Relayed]:
         endpoint.enter()
         try:
-            async for chunk in call:
-                yield chunk
+            if endpoint.link.supported:
+                try:
+                    stream = endpoint.link.stream(
+                        request, context.time_remaining(), self._trace_headers(context)
+                    )
+                    async with contextlib.aclosing(stream) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+                    return
+                except RelayUnsupported:
+                    log.info("worker %s has no relay service: one call per stream", endpoint.address)
+            metadata = self._metadata(context, request.request_id)
+            call = endpoint.generate_call(request, timeout=context.time_remaining(), metadata=metadata)
+            try:
+                async for data in call:
+                    yield Relayed.parse(data)
+            finally:
+                call.cancel()  # a no-op once finished; otherwise the client left, so free the worker
         finally:
             endpoint.leave()
-            call.cancel()  # a no-op once finished; otherwise the client left, so free the worker

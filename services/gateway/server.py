@@ -22,7 +22,6 @@ from services.common.proto import (
     SERVICE_NAMES,
     adapter_store_pb2_grpc,
     common_pb2,
-    inference_pb2_grpc,
 )
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.gateway.access import AdapterAccess
@@ -33,7 +32,7 @@ from services.gateway.limits import TenantLimiter
 from services.gateway.membership import WorkerPool, upstream_channel
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.relay import Relay
-from services.gateway.servicer import GatewayInference
+from services.gateway.servicer import GatewayInference, binding
 from services.gateway.store_proxy import StoreProxy
 
 log = logging.getLogger("openlora.gateway")
@@ -112,13 +111,7 @@ class Gateway:
             pool=self.pool,
             metrics=self.metrics,
         )
-        bindings.insert(
-            0,
-            ServiceBinding(
-                SERVICE_NAMES["inference"],
-                lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(inference, server),
-            ),
-        )
+        bindings.insert(0, binding(inference))
         self.server = GrpcServer(
             settings, bindings, component="gateway", tracer_provider=tracer_provider, ready_on_start=False
         )

@@ -9,8 +9,9 @@ from typing import Any
 import grpc
 
 from services.common.errors import Unavailable
+from services.common.grpc_server import ServiceBinding
 from services.common.log import current_request_id
-from services.common.proto import inference_pb2, inference_pb2_grpc
+from services.common.proto import SERVICE_NAMES, inference_pb2, inference_pb2_grpc
 from services.common.request_checks import check_generate_request
 from services.gateway.access import AdapterAccess
 from services.gateway.auth import Authenticator
@@ -45,9 +46,9 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
         self.pool = pool
         self.metrics = metrics
 
-    async def Generate(
+    async def Generate(  # type: ignore[override]  # chunks go out as the worker serialized them
         self, request: inference_pb2.GenerateRequest, context: Any
-    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    ) -> AsyncIterator[bytes]:
         with CallOutcome(self.metrics, "Generate", context) as call:
             tenant = call.tenant = self.authenticate(context).tenant
             # Refused here what a worker or attribution would refuse later: once a worker streams a
@@ -98,3 +99,27 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
                 response.worker_id = ""
                 return response
             raise Unavailable("no inference worker is available", retry_after_s=NO_WORKER_RETRY_S)
+
+
+def binding(servicer: GatewayInference) -> ServiceBinding:
+    """The public `Inference` service. Generate's chunks are sent as the worker serialized them, so
+    its handler yields bytes and the service is registered with a pass-through serializer."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=inference_pb2.GenerateRequest.FromString,
+            response_serializer=None,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=inference_pb2.ListModelsRequest.FromString,
+            response_serializer=inference_pb2.ListModelsResponse.SerializeToString,
+        ),
+    }
+    name = SERVICE_NAMES["inference"]
+
+    def attach(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        server.add_registered_method_handlers(name, handlers)
+
+    return ServiceBinding(name=name, attach=attach)

@@ -22,6 +22,7 @@ from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.log import configure_logging
 from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2, inference_pb2_grpc
+from services.inference.relay_server import StreamContext, relay_binding
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Seen:
     request_id: str
     metadata: dict[str, str]
     time_remaining: float | None
+    relayed: bool  # came over the gateway's relay call, not a Generate call of its own
 
 
 @dataclass
@@ -44,7 +46,10 @@ class FakeWorker(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        self.seen.append(Seen(request.tenant, request.request_id, metadata, context.time_remaining()))
+        relayed = isinstance(context, StreamContext)
+        self.seen.append(
+            Seen(request.tenant, request.request_id, metadata, context.time_remaining(), relayed)
+        )
         if request.text == "invalid":
             raise InvalidArgument("text", "refused by the worker")
         if request.text == "unavailable":  # alive, but a dependency is down
@@ -78,14 +83,18 @@ class FakeWorker(inference_pb2_grpc.InferenceServicer):
 
 
 def fake_worker_server(
-    worker: FakeWorker, port: int = 0, grace_s: float = 1.0, **settings: Any
+    worker: FakeWorker, port: int = 0, grace_s: float = 1.0, *, relay: bool = True, **settings: Any
 ) -> GrpcServer:
     binding = ServiceBinding(
         SERVICE_NAMES["inference"],
         lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(worker, server),
     )
     server_settings = ServiceSettings(port=port, grace_period_s=grace_s, log_level="WARNING", **settings)
-    return GrpcServer(server_settings, [binding], component=f"fake-{worker.name}")
+    server = GrpcServer(server_settings, [binding], component=f"fake-{worker.name}")
+    if relay:  # as a real worker serves the gateway's streams
+        limit = server_settings.max_concurrent_rpcs
+        server.services.append(relay_binding(worker.Generate, server.inflight, limit))
+    return server
 
 
 def main() -> None:
@@ -94,9 +103,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--first-delay", type=float, default=0.0)
+    parser.add_argument("--no-relay", action="store_true", help="serve Generate calls only (an older worker)")
     args = parser.parse_args()
     configure_logging(f"fake-{args.name}", level="WARNING", fmt="json")
-    server = fake_worker_server(FakeWorker(args.name, args.delay, args.first_delay), args.port)
+    worker = FakeWorker(args.name, args.delay, args.first_delay)
+    server = fake_worker_server(worker, args.port, relay=not args.no_relay)
     asyncio.run(server.serve_until_signal(on_started=lambda port: print(f"PORT {port}", flush=True)))
 
 

@@ -8,8 +8,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.common.grpc_client import open_channel
 from services.common.proto import inference_pb2
+from services.gateway.worker_link import WorkerLink
 from tests.integration.gateway.conftest import PRIVATE_ADAPTER, PUBLIC_ADAPTER, StoreUnderTest
+from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
 from tests.integration.gateway.kit import (
     ACME_KEY,
     GLOBEX_KEY,
@@ -20,6 +23,7 @@ from tests.integration.gateway.kit import (
     generate,
     generate_request,
     retry_delay_s,
+    trailer,
     wait_until,
 )
 
@@ -53,6 +57,7 @@ async def test_the_tenant_is_stamped_and_request_context_forwarded(
         assert seen.metadata["traceparent"] == traceparent
         assert "authorization" not in seen.metadata  # the key stays at the gateway
         assert seen.time_remaining is not None and 15 < seen.time_remaining <= 20  # the deadline travels
+        assert seen.relayed  # over the worker's relay call, not a call of its own
 
         await generate(gateway.stub, generate_request(adapter=PUBLIC_ADAPTER), key=GLOBEX_KEY)
         (unnamed,) = [s for w in fake_workers.workers for s in w.seen if s.request_id != "req-42"]
@@ -131,6 +136,9 @@ async def test_200_concurrent_streams_finish_without_errors(
         errors = [r for r in results if isinstance(r, BaseException)]
         assert errors == []
         assert all(r.tokens == 16 for r in results if not isinstance(r, BaseException))
+        # Every stream rode its worker's one relay call.
+        assert all(s.relayed for w in fake_workers.workers for s in w.seen)
+        assert [e.link.calls_opened for e in gateway.gateway.pool.endpoints.values()] == [1, 1, 1]
         assert (
             gateway.counter("openlora_gateway_requests_total", tenant="acme", method="Generate", code="OK")
             == 200
@@ -152,3 +160,71 @@ async def test_a_worker_answering_unavailable_is_retried_elsewhere_but_kept_in_r
         assert len(gateway.gateway.pool.healthy_loads()) == 3  # alive workers are not taken out
     finally:
         await gateway.stop()
+
+
+async def test_a_worker_without_the_relay_serves_one_call_per_stream(
+    tmp_path: Path, store: StoreUnderTest
+) -> None:
+    worker = FakeWorker("old")
+    server = fake_worker_server(worker, relay=False)
+    port = await server.start()
+    settings = gateway_settings(tmp_path, [f"127.0.0.1:{port}"], store_address=store.address)
+    gateway = await GatewayUnderTest.start(settings, wait_workers=1)
+    try:
+        results = await asyncio.gather(*(generate(gateway.stub, generate_request()) for _ in range(3)))
+        assert [r.tokens for r in results] == [4, 4, 4]
+        assert [s.relayed for s in worker.seen] == [False, False, False]
+        (endpoint,) = gateway.gateway.pool.endpoints.values()
+        assert not endpoint.link.supported
+        error = await refused(gateway, text="invalid")  # refusals pass through the same either way
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_field(error) == "text"
+    finally:
+        await gateway.stop()
+        await server.stop()
+
+
+async def test_a_draining_worker_finishes_relayed_streams_and_refuses_new_ones() -> None:
+    worker = FakeWorker("draining", delay_s=0.1)
+    server = fake_worker_server(worker, grace_s=10)
+    port = await server.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    link = WorkerLink(channel, f"127.0.0.1:{port}")
+    try:
+        running = link.stream(generate_request(max_new_tokens=10, request_id="old"), 30.0, {})
+        first = await anext(running)
+        assert first.completion_tokens == 1
+        stopping = server.stop()
+        await wait_until(lambda: server.inflight.draining, 5, "the worker draining")
+        with pytest.raises(grpc.aio.AioRpcError) as refusal:
+            async for _ in link.stream(generate_request(request_id="new"), 30.0, {}):
+                pass
+        assert refusal.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert trailer(refusal.value, "x-request-id") == "new"  # answered: the gateway keeps it in rotation
+        rest = [chunk async for chunk in running]  # the stream in flight runs to its end
+        assert sum(c.completion_tokens for c in rest) == 9
+        await stopping
+        assert [s.request_id for s in worker.seen] == ["old"]
+    finally:
+        await link.close()
+        await channel.close()
+        await server.stop()
+
+
+async def test_relayed_streams_count_against_the_workers_call_limit() -> None:
+    worker = FakeWorker("small", delay_s=0.05)
+    server = fake_worker_server(worker, max_concurrent_rpcs=1)
+    port = await server.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    link = WorkerLink(channel, f"127.0.0.1:{port}")
+    try:
+        running = link.stream(generate_request(max_new_tokens=5), 30.0, {})
+        await anext(running)
+        with pytest.raises(grpc.aio.AioRpcError) as refusal:
+            await anext(link.stream(generate_request(request_id="second"), 30.0, {}))
+        assert refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrent_rpcs" in (refusal.value.details() or "")
+        assert sum([c.completion_tokens async for c in running]) == 4
+    finally:
+        await link.close()
+        await channel.close()
+        await server.stop()
