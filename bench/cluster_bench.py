@@ -16,7 +16,8 @@ in-process one token for token (greedy). One JSON line per run:
 (P8: ≥ 0.7 tiny, ≥ 0.9 SmolLM2), TTFT p50/p90 of both, and CPU-seconds per 1,000 generated tokens
 of each cluster process over the served replay, and of the benchmark's own gRPC client, which shares
 the cores (the worker's share outside the model is its CPU minus the in-process engine's). Run it on a
-quiet machine: it reads `os.getloadavg()` into the line.
+quiet machine: it reads `os.getloadavg()` into the line, and the CPU time the hypervisor took away
+during each path's rounds (steal), which makes a run's ratio meaningless when large.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from transformers import AutoModelForCausalLM
 from bench import workload
 from bench.engine_bench import model_dir, run_ours
 from bench.lora_bench import HostAdapter, adapter_name
+from bench.machine import cpu_flags, steal_seconds
 from services.adapter_store.client import adapter_files, upload
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.grpc_client import open_channel
@@ -55,16 +57,6 @@ from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 
 Request = workload.WorkloadRequest
-
-
-def cpu_flags() -> str:
-    """The vector extensions of this CPU that matter to torch's kernels (figures depend on them)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return ""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "fma")
-    return " ".join(f for f in wanted if f in flags)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -221,9 +213,10 @@ async def serve_and_measure(
             folder = args.profile / f"round-{index}" if args.profile else None
             profilers = start_profilers(cluster, folder) if folder else []
             before = cpu_seconds(cluster)
-            client_before = time.process_time()
+            client_before, steal_before = time.process_time(), steal_seconds()
             served = await replay_served(cluster, requests, bool(args.num_adapters))
             after = cpu_seconds(cluster)
+            served["steal_s"] = steal_seconds() - steal_before
             stop_profilers(profilers)
             # The client shares the machine's cores with the cluster: its decoding counts too.
             after["client"], before["client"] = time.process_time(), client_before
@@ -272,9 +265,10 @@ def in_process(
     run_ours(engine, [workload_warm(r) for r in rounds[0]], adapter_of)
     results = []
     for requests in rounds:
-        started = time.process_time()
+        started, steal_before = time.process_time(), steal_seconds()
         result = run_ours(engine, requests, adapter_of)
         result["cpu_s"] = time.process_time() - started
+        result["steal_s"] = steal_seconds() - steal_before
         results.append(result)
     return results
 
@@ -405,6 +399,8 @@ def main() -> None:
         "attribution_cpu_us_per_usage_token": round(cpu_s.get("attribution", 0.0) * 1e6 / usage_tokens, 1),
         "gateway_cpu_us_per_chunk": round(cpu_s.get("gateway", 0.0) * 1e6 / chunks, 1),
         "loadavg_1m_before": round(load_before, 2),
+        "steal_s_served": round(sum(x["steal_s"] for x in served_rounds), 2),
+        "steal_s_in_process": round(sum(x["steal_s"] for x in local_rounds), 2),
         "cpu": platform.processor() or platform.machine(),
         "cpu_flags": cpu_flags(),
         "worker_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OPENLORA_WORKER_")},

@@ -1,0 +1,149 @@
+"""The gateway hop's own CPU: per request and per chunk, over the worker relay vs one call per stream.
+
+Starts `openlora gateway serve` in front of one stand-in worker process (the gateway tests' fake
+worker: real gRPC, no engine, so no model's noise in the figures), then streams `--requests` requests
+of `--chunks` token chunks each through the gateway, `--concurrency` at a time, from a gRPC client in
+this process. Each round runs once with the worker serving the relay (every stream on one call, the
+default) and once without it (the gateway falls back to a Generate call per stream), alternating.
+Figures: CPU-microseconds per request and per relayed chunk of the gateway, the worker and the client,
+medians over `--rounds`; the issue's target is the gateway's ≤ 50 µs per relayed chunk.
+
+    .venv/bin/python bench/relay_bench.py [--requests 1000] [--chunks 8] [--concurrency 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+
+from bench.gateway_bench import OPENLORA, start, wait_serving
+from bench.machine import cpu_flags, steal_seconds
+from services.common.grpc_client import open_channel
+from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
+from services.gateway.keys import hash_key, new_key
+from tests.kit.ports import free_ports
+
+WARMUP_REQUESTS = 100
+
+
+def cpu_of(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def one_round(args: argparse.Namespace, relay: bool, scratch: Path) -> dict[str, Any]:
+    worker_port, gateway_port = free_ports(2)
+    key = new_key()
+    keys = json.dumps({"keys": [{"sha256": hash_key(key), "tenant": "bench"}]})
+    worker_argv = [sys.executable, "-m", "tests.integration.gateway.fake_worker", "--name", "w"]
+    worker_argv += ["--port", str(worker_port), "--delay", str(args.delay_s)]
+    if not relay:
+        worker_argv.append("--no-relay")
+    gateway_argv = [OPENLORA, "gateway", "serve", "--port", str(gateway_port)]
+    gateway_argv += ["--workers", f"127.0.0.1:{worker_port}"]
+    gateway_env = {
+        "OPENLORA_GATEWAY_API_KEYS": keys,
+        "OPENLORA_GATEWAY_LOG_LEVEL": "WARNING",
+        "OPENLORA_GATEWAY_MAX_CONCURRENT_STREAMS": str(args.concurrency),
+    }
+    worker = start(worker_argv, {}, scratch / "worker.log")
+    gateway = start(gateway_argv, gateway_env, scratch / "gateway.log")
+    try:
+        await wait_serving(worker_port, worker, scratch / "worker.log")
+        await wait_serving(gateway_port, gateway, scratch / "gateway.log")
+        metadata = [("authorization", f"Bearer {key}")]
+        request = inference_pb2.GenerateRequest(
+            text="a b c", sampling=common_pb2.SamplingParams(max_new_tokens=args.chunks)
+        )
+        async with open_channel(f"127.0.0.1:{gateway_port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            slots = asyncio.Semaphore(args.concurrency)
+            chunks = 0
+
+            async def one() -> None:
+                nonlocal chunks
+                async with slots:
+                    async for _ in stub.Generate(request, metadata=metadata, timeout=120):
+                        chunks += 1
+
+            await asyncio.gather(*(one() for _ in range(WARMUP_REQUESTS)))
+            processes = {"gateway": psutil.Process(gateway.pid), "worker": psutil.Process(worker.pid)}
+            before = {name: cpu_of(p) for name, p in processes.items()}
+            client_before, steal_before, started = time.process_time(), steal_seconds(), time.perf_counter()
+            chunks = 0
+            await asyncio.gather(*(one() for _ in range(args.requests)))
+            elapsed = time.perf_counter() - started
+            used = {name: cpu_of(p) - before[name] for name, p in processes.items()}
+            used["client"] = time.process_time() - client_before
+            steal = steal_seconds() - steal_before
+    finally:
+        for process in (gateway, worker):
+            process.terminate()
+        for process in (gateway, worker):
+            process.wait(timeout=30)
+    return {
+        "us_per_request": {name: round(s * 1e6 / args.requests, 1) for name, s in used.items()},
+        "us_per_chunk": {name: round(s * 1e6 / chunks, 1) for name, s in used.items()},
+        "chunks_per_request": chunks / args.requests,
+        "requests_per_s": round(args.requests / elapsed, 1),
+        "steal_s": round(steal, 2),
+    }
+
+
+def medians(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
+    return {name: statistics.median(r[key][name] for r in rounds) for name in rounds[0][key]}
+
+
+async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    results: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for index in range(args.rounds):
+        order = (True, False) if index % 2 == 0 else (False, True)  # which goes first alternates
+        for relay in order:
+            results[relay].append(await one_round(args, relay, scratch))
+    line: dict[str, Any] = {
+        "bench": "relay",
+        "requests": args.requests,
+        "chunks_per_request": results[True][0]["chunks_per_request"],
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+    }
+    for relay, name in ((True, "relay"), (False, "call_per_stream")):
+        line[name] = {
+            "us_per_request": medians(results[relay], "us_per_request"),
+            "us_per_chunk": medians(results[relay], "us_per_chunk"),
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in results[relay]),
+            "steal_s": sum(r["steal_s"] for r in results[relay]),
+        }
+    line["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    line["cpu_flags"] = cpu_flags()
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--chunks", type=int, default=8, help="token chunks per request (plus the last)")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--delay-s", type=float, default=0.02, help="between a stream's chunks")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
+        print(json.dumps(asyncio.run(bench(args, Path(scratch)))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
