@@ -106,10 +106,12 @@ class WorkerSettings(ServiceSettings):
 
     engine_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads of the engine process. None: one per core this process may use (its CPU
-    affinity); the front's threads then share those cores, which the passive wait policy keeps cheap.
-    Measured on 2 cores (`bench/RESULTS.md`): one thread served the tiny model as fast as two (its
-    matrices are too small to split well), but a model the size of SmolLM2 needs every core; give a
-    worker whole cores and leave this unset."""
+    affinity) but one, left to the front (gRPC, text, usage) and whatever shares the machine; at
+    least one. An engine thread that has to share its core with the front stalls the others at
+    every parallel region: on 2 shared cores (`bench/RESULTS.md`, 2026-12-03) one engine thread
+    served the tiny model with 100 adapters at 2,755 tok/s against 1,993 with two, and SmolLM2 at
+    65.8 against 58.0 tok/s, spending 30% less CPU per token. Set it to the core count when the
+    front has little to do (few, long requests) and nothing else runs on the worker's cores."""
 
     engine_omp_wait_policy: Literal["passive", "active"] = "passive"
     """`OMP_WAIT_POLICY` of the engine process. `passive` threads sleep between parallel regions, so

@@ -77,6 +77,11 @@ class _Pending(inference_pb2_grpc.InferenceServicer):
         return await self._ready().ListModels(request, context)
 
 
+def default_engine_threads() -> int:
+    """Every core this process may use but one, which the front keeps (see `engine_threads`)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def model_folder(model: str) -> Path:
     """The folder of `--model`: a local folder, or SmolLM2 prepared into the user cache."""
     if model == SMOLLM2:
@@ -242,7 +247,7 @@ class Worker:
             await self.cache.start()
             self.handoff = await asyncio.to_thread(HandoffWriter, s.engine_handoff_dir)
         cache = self.cache
-        threads = s.engine_threads or len(os.sched_getaffinity(0))
+        threads = s.engine_threads or default_engine_threads()
 
         def spec(inbox: str, outbox: str) -> EngineSpec:
             return EngineSpec(
