@@ -108,10 +108,11 @@ class WorkerSettings(ServiceSettings):
     """Torch intra-op threads of the engine process. None: one per core this process may use (its CPU
     affinity) but one, left to the front (gRPC, text, usage) and whatever shares the machine; at
     least one. An engine thread that has to share its core with the front stalls the others at
-    every parallel region: on 2 shared cores (`bench/RESULTS.md`, 2026-12-03) one engine thread
-    served the tiny model with 100 adapters at 2,755 tok/s against 1,993 with two, and SmolLM2 at
-    65.8 against 58.0 tok/s, spending 30% less CPU per token. Set it to the core count when the
-    front has little to do (few, long requests) and nothing else runs on the worker's cores."""
+    every parallel region. On 2 shared cores (`bench/RESULTS.md`, 2026-12-03), one engine thread
+    against two: the tiny model served 3,577 against 1,993 tok/s with 100 adapters and 7,771 against
+    5,665 base-only; SmolLM2 with 100 adapters 65.8 against 58.0 tok/s; but SmolLM2 base-only, whose
+    front has least to do, 73.7 against 84.8. Set it to the core count when the model is large and
+    the front's work small next to a step (few adapters, long outputs)."""
 
     engine_omp_wait_policy: Literal["passive", "active"] = "passive"
     """`OMP_WAIT_POLICY` of the engine process. `passive` threads sleep between parallel regions, so
