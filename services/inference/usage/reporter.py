@@ -205,7 +205,11 @@ class UsageReporter:
                 failure: Exception | None = None
                 try:
                     await writer
-                except (asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # close() cancelled this task while it waited: swallowed, it never ends
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     pass  # the call ended under the writer (or just before a write): the read says why
                 except Exception as exc:
                     failure = exc
