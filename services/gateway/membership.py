@@ -153,6 +153,8 @@ class WorkerEndpoint:
     def _set(self, *, serving: bool | None = None, suspended: bool | None = None) -> None:
         before = self.healthy
         if serving is not None:
+            if serving and not self.watch_serving:
+                self.link.supported = True  # back after a restart: maybe a release with the relay
             self.watch_serving = serving
         if suspended is not None:
             self.suspended = suspended
