@@ -149,7 +149,8 @@ class WorkerSettings(ServiceSettings):
     its last and any error): the tokens of the steps in between travel as one chunk. Every chunk
     costs CPU in the worker, the gateway and the client, far more than a token does, so on a small
     model that steps every few milliseconds this sets the served throughput (measured in
-    `bench/RESULTS.md`); ten chunks a second still read as a smooth stream. 0 sends a chunk per step."""
+    `bench/RESULTS.md`); ten chunks a second still read as a smooth stream. 0 sends a chunk per step.
+    A chunk also leaves early when more than `stream_buffer_tokens` wait for it."""
 
     stream_buffer_tokens: int = Field(default=4096, ge=1)
     """Generated tokens one stream may hold that its client has not read yet; past that the

@@ -58,7 +58,7 @@ class EngineOutput:
 
 
 class _Stream:
-    __slots__ = ("due", "error", "finish", "logprobs", "news", "timer", "tokens")
+    __slots__ = ("due", "error", "finish", "logprobs", "news", "timer", "tokens", "waiting")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
@@ -68,6 +68,7 @@ class _Stream:
         self.news = asyncio.Event()
         self.due = 0.0  # loop time from which new tokens wake the consumer: the first ones at once
         self.timer: asyncio.TimerHandle | None = None
+        self.waiting = False  # the consumer waits for news: tokens held back are ours, not its
 
     def take(self) -> EngineOutput:
         out = EngineOutput(self.tokens, self.logprobs, self.finish)
@@ -224,7 +225,9 @@ class EngineClient:
         finished = False
         try:
             while True:
+                stream.waiting = True
                 await stream.news.wait()
+                stream.waiting = False
                 stream.news.clear()
                 if stream.error is not None:
                     finished = True
@@ -305,6 +308,8 @@ class EngineClient:
                 stream.finish = protocol.finish_reason(finish)
                 del streams[request_id]
                 stream.wake()
+            elif len(stream.tokens) > limit and stream.waiting:
+                stream.wake()  # held back by the stream interval, not by the reader: send them now
             elif len(stream.tokens) > limit:
                 del streams[request_id]
                 self._queue(abort=request_id)

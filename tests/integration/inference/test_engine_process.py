@@ -127,7 +127,9 @@ async def test_a_stream_interval_spaces_chunks_but_not_the_first_or_the_last(cli
         # Only the engine's speed decides when the first token leaves; then at most one chunk per 100 ms.
         assert sum(len(o.token_ids) for o in outs) == 150
         gaps = [b - a for a, b in itertools.pairwise(arrivals[:-1])]  # the last may come sooner
-        assert all(gap >= 0.099 for gap in gaps), gaps
+        # A chunk leaves sooner only when more tokens than the buffer holds were waiting for it.
+        early = [out for gap, out in zip(gaps, outs[1:], strict=False) if gap < 0.099]
+        assert all(len(out.token_ids) > 64 for out in early), gaps
         assert len(outs[0].token_ids) <= 2, "the first chunk waited for the interval"
 
         # The end is sent when it happens, not at the next interval.
@@ -141,6 +143,22 @@ async def test_a_stream_interval_spaces_chunks_but_not_the_first_or_the_last(cli
         assert len(short) == 2 and short[-1].finished and sum(len(o.token_ids) for o in short) == 20
     finally:
         client.stream_interval_s = 0.0
+    await wait_idle(client)
+
+
+async def test_tokens_held_back_by_the_interval_leave_early_when_they_fill_the_buffer(
+    client: EngineClient,
+) -> None:
+    client.stream_interval_s = 30.0  # far longer than the request: only a full buffer sends early
+    try:
+        sampling = SamplingParams(max_new_tokens=200, ignore_eos=True)  # 3 buffers' worth
+        outs = [out async for out in client.generate("held", [3, 4, 5], sampling)]
+    finally:
+        client.stream_interval_s = 0.0
+    # The reader was waiting all along: nothing is cancelled, and no chunk holds more than a
+    # buffer's worth plus the step that overflowed it.
+    assert sum(len(o.token_ids) for o in outs) == 200 and outs[-1].finished
+    assert len(outs) >= 200 // 65
     await wait_idle(client)
 
 
