@@ -32,7 +32,7 @@ from services.common.request_checks import is_valid_id
 log = logging.getLogger("openlora.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _INFRA_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/openlora.v1.WorkerRelay/")
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -71,6 +71,21 @@ def _incoming_request_id(context: Context) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and is_valid_id(value):
             return value
     return uuid.uuid4().hex
+
+
+def draining_refusal() -> Unavailable:
+    """What a new call (or relayed stream) gets once the server drains for shutdown."""
+    return Unavailable("server is shutting down; retry on another instance")
+
+
+def error_status(exc: BaseException, method: str, request_id: str) -> tuple[grpc.StatusCode, str, bytes]:
+    """What a handler's exception tells its caller: a `ServiceError` its code, message and serialized
+    google.rpc status (with its details); anything else INTERNAL naming the request id, with the
+    traceback going to the log and never to the caller."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message, exc.to_status().SerializeToString()
+    log.error("unhandled error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})", b""
 
 
 def log_call(
@@ -113,35 +128,22 @@ class _Call:
         if self.infra:
             return
         if self.inflight.draining:
-            raise Unavailable("server is shutting down; retry on another instance")
+            raise draining_refusal()
         self.inflight.enter()
         self._counted = True
 
     async def fail(self, exc: BaseException) -> NoReturn:
-        if isinstance(exc, ServiceError):
-            self.code = exc.code
-            status = exc.to_status()
-            await self.context.abort(
-                exc.code,
-                exc.message,
-                trailing_metadata=(
-                    (REQUEST_ID_KEY, self.request_id),
-                    (_STATUS_DETAILS_KEY, status.SerializeToString()),
-                ),
-            )
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             self.code = grpc.StatusCode.CANCELLED
             raise exc
         if isinstance(exc, grpc.aio.AbortError):
             self.code = self.context.code() or grpc.StatusCode.UNKNOWN
             raise exc
-        self.code = grpc.StatusCode.INTERNAL
-        log.error("unhandled error in %s", self.method, exc_info=exc)
-        await self.context.abort(
-            grpc.StatusCode.INTERNAL,
-            f"internal error (request id {self.request_id})",
-            trailing_metadata=((REQUEST_ID_KEY, self.request_id),),
-        )
+        self.code, message, details = error_status(exc, self.method, self.request_id)
+        trailing: tuple[tuple[str, str | bytes], ...] = ((REQUEST_ID_KEY, self.request_id),)
+        if details:
+            trailing += ((STATUS_DETAILS_KEY, details),)
+        await self.context.abort(self.code, message, trailing_metadata=trailing)
         raise AssertionError("abort returned")  # abort always raises
 
     def end(self) -> None:

@@ -7,14 +7,13 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 from services.common.errors import ServiceError
-
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from services.common.interceptors import STATUS_DETAILS_KEY
 
 
 def status_details(exc: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
     """The google.rpc details (BadRequest, RetryInfo, ...) an upstream error carried."""
     for key, value in exc.trailing_metadata() or ():
-        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             try:
                 return list(status_pb2.Status.FromString(value).details)
             except ValueError:

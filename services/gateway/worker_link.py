@@ -25,12 +25,10 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 
-from services.common.interceptors import REQUEST_ID_KEY
+from services.common.interceptors import REQUEST_ID_KEY, STATUS_DETAILS_KEY
 from services.common.proto import inference_pb2, relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("openlora.gateway.link")
-
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class RelayUnsupported(Exception):
@@ -78,7 +76,7 @@ def _status(
     if request_id:
         trailing.append((REQUEST_ID_KEY, request_id))
     if details:
-        trailing.append((_STATUS_DETAILS_KEY, details))
+        trailing.append((STATUS_DETAILS_KEY, details))
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details=message)
 
 
@@ -237,15 +235,10 @@ class WorkerLink:
             stream_id=stream_id, request=request, timeout_s=timeout_s or 0.0, trace_headers=trace_headers
         )
         inbox = call.start(stream_id, start)
-        done = False
+        done = False  # the stream ended by itself, rather than its consumer leaving
         try:
             while True:
-                try:
-                    events = await inbox.take()
-                except RelayUnsupported:
-                    self.supported = False
-                    done = True
-                    raise
+                events = await inbox.take()
                 chunks = [e for e in events if e.chunk]
                 if chunks:
                     yield merge(chunks)
@@ -260,6 +253,10 @@ class WorkerLink:
                             details=end.end.status_details,
                         )
                     return
+        except RelayUnsupported:
+            self.supported = False
+            done = True
+            raise
         except grpc.aio.AioRpcError:
             done = True
             raise

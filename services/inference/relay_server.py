@@ -28,16 +28,22 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from services.common.errors import ResourceExhausted, ServiceError, Unavailable
-from services.common.grpc_server import ServiceBinding
-from services.common.interceptors import REQUEST_ID_KEY, InflightCalls, log_call
+from services.common.errors import ResourceExhausted, ServiceError
+from services.common.grpc_server import GrpcServer, ServiceBinding
+from services.common.interceptors import (
+    REQUEST_ID_KEY,
+    InflightCalls,
+    draining_refusal,
+    error_status,
+    log_call,
+)
 from services.common.log import request_id_var
 from services.common.proto import SERVICE_NAMES, inference_pb2, relay_pb2, relay_pb2_grpc
 from services.common.request_checks import is_valid_id
 
 log = logging.getLogger("openlora.rpc")
 
-GENERATE_METHOD = "/openlora.v1.Inference/Generate"
+GENERATE_METHOD = f"/{SERVICE_NAMES['inference']}/Generate"
 # A write well under any message limit; what does not fit goes in the next one.
 MAX_BATCH_BYTES = 1 << 20
 _EVENT_OVERHEAD_BYTES = 16
@@ -145,7 +151,7 @@ class _Link:
         code, responses = grpc.StatusCode.OK, 0
         refusal = self._refusal()
         if refusal is not None:
-            code = self._fail(start.stream_id, refusal)
+            code = self._fail(start.stream_id, refusal, request_id)
             log_call(GENERATE_METHOD, code, started, responses, relayed=True)
             return
         self.inflight.enter()
@@ -162,9 +168,9 @@ class _Link:
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
-        except TimeoutError:
-            if not timeout.expired():
-                code = self._fail(start.stream_id, RuntimeError("a timeout inside the handler"), request_id)
+        except TimeoutError as exc:
+            if not timeout.expired():  # the handler's own, not the client's deadline
+                code = self._fail(start.stream_id, exc, request_id)
             else:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 self._push(_end_event(start.stream_id, code, "Deadline Exceeded"))
@@ -177,7 +183,7 @@ class _Link:
     def _refusal(self) -> ServiceError | None:
         """Why a new stream is refused, as a new call would be by the server."""
         if self.inflight.draining:
-            return Unavailable("server is shutting down; retry on another instance")
+            return draining_refusal()
         if self.max_calls is not None and self.inflight.count >= self.max_calls:
             return ResourceExhausted(
                 f"the worker serves {self.max_calls} calls at once (max_concurrent_rpcs)"
@@ -195,14 +201,9 @@ class _Link:
         )
         await self.written.wait()
 
-    def _fail(self, stream_id: int, exc: Exception, request_id: str = "") -> grpc.StatusCode:
-        if isinstance(exc, ServiceError):
-            status = exc.to_status()
-            self._push(_end_event(stream_id, exc.code, exc.message, status.SerializeToString()))
-            return exc.code
-        log.error("unhandled error in %s", GENERATE_METHOD, exc_info=exc)
-        code = grpc.StatusCode.INTERNAL
-        self._push(_end_event(stream_id, code, f"internal error (request id {request_id})"))
+    def _fail(self, stream_id: int, exc: Exception, request_id: str) -> grpc.StatusCode:
+        code, message, details = error_status(exc, GENERATE_METHOD, request_id)
+        self._push(_end_event(stream_id, code, message, details))
         return code
 
     async def close(self) -> None:
@@ -243,12 +244,11 @@ class RelayServicer(relay_pb2_grpc.WorkerRelayServicer):
                 await reader
 
 
-def relay_binding(
-    generate: GenerateHandler, inflight: InflightCalls, max_calls: int | None = None
-) -> ServiceBinding:
-    """`max_calls`: the server's `max_concurrent_rpcs`, which relayed streams count against too."""
-    servicer = RelayServicer(generate, inflight, max_calls)
+def relay_binding(generate: GenerateHandler, server: GrpcServer) -> ServiceBinding:
+    """The relay served beside `server`'s other services: its streams count in the server's drain and
+    against its `max_concurrent_rpcs`, as calls do."""
+    servicer = RelayServicer(generate, server.inflight, server.settings.max_concurrent_rpcs)
     return ServiceBinding(
         name=SERVICE_NAMES["relay"],
-        attach=lambda server: relay_pb2_grpc.add_WorkerRelayServicer_to_server(servicer, server),
+        attach=lambda grpc_server: relay_pb2_grpc.add_WorkerRelayServicer_to_server(servicer, grpc_server),
     )

@@ -124,9 +124,7 @@ class Worker:
             ready_on_start=False,
         )
         # The gateway's streams arrive over its relay call, counted in the same drain as calls.
-        self.server.services.append(
-            relay_binding(self.pending.Generate, self.server.inflight, settings.max_concurrent_rpcs)
-        )
+        self.server.services.append(relay_binding(self.pending.Generate, self.server))
         self.engine: EngineClient | None = None
         self.handoff: HandoffWriter | None = None
         self.reporter: UsageReporter | None = None

@@ -92,8 +92,7 @@ def fake_worker_server(
     server_settings = ServiceSettings(port=port, grace_period_s=grace_s, log_level="WARNING", **settings)
     server = GrpcServer(server_settings, [binding], component=f"fake-{worker.name}")
     if relay:  # as a real worker serves the gateway's streams
-        limit = server_settings.max_concurrent_rpcs
-        server.services.append(relay_binding(worker.Generate, server.inflight, limit))
+        server.services.append(relay_binding(worker.Generate, server))
     return server
 
 
