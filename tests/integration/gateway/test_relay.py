@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from services.common.grpc_client import open_channel
+from services.common.grpc_server import GrpcServer
 from services.common.proto import inference_pb2
 from services.gateway.worker_link import WorkerLink
 from tests.integration.gateway.conftest import PRIVATE_ADAPTER, PUBLIC_ADAPTER, StoreUnderTest
@@ -183,13 +187,24 @@ async def test_a_worker_without_the_relay_serves_one_call_per_stream(
         await server.stop()
 
 
-async def test_a_draining_worker_finishes_relayed_streams_and_refuses_new_ones() -> None:
-    worker = FakeWorker("draining", delay_s=0.1)
-    server = fake_worker_server(worker, grace_s=10)
+@contextlib.asynccontextmanager
+async def linked(worker: FakeWorker, **settings: Any) -> AsyncIterator[tuple[GrpcServer, WorkerLink]]:
+    """`worker` served, and a gateway's link to it."""
+    server = fake_worker_server(worker, **settings)
     port = await server.start()
     channel = open_channel(f"127.0.0.1:{port}")
     link = WorkerLink(channel, f"127.0.0.1:{port}")
     try:
+        yield server, link
+    finally:
+        await link.close()
+        await channel.close()
+        await server.stop()
+
+
+async def test_a_draining_worker_finishes_relayed_streams_and_refuses_new_ones() -> None:
+    worker = FakeWorker("draining", delay_s=0.1)
+    async with linked(worker, grace_s=10) as (server, link):
         running = link.stream(generate_request(max_new_tokens=10, request_id="old"), 30.0, {})
         first = await anext(running)
         assert first.completion_tokens == 1
@@ -204,19 +219,11 @@ async def test_a_draining_worker_finishes_relayed_streams_and_refuses_new_ones()
         assert sum(c.completion_tokens for c in rest) == 9
         await stopping
         assert [s.request_id for s in worker.seen] == ["old"]
-    finally:
-        await link.close()
-        await channel.close()
-        await server.stop()
 
 
 async def test_relayed_streams_count_against_the_workers_call_limit() -> None:
     worker = FakeWorker("small", delay_s=0.05)
-    server = fake_worker_server(worker, max_concurrent_rpcs=1)
-    port = await server.start()
-    channel = open_channel(f"127.0.0.1:{port}")
-    link = WorkerLink(channel, f"127.0.0.1:{port}")
-    try:
+    async with linked(worker, max_concurrent_rpcs=1) as (_, link):
         running = link.stream(generate_request(max_new_tokens=5), 30.0, {})
         await anext(running)
         with pytest.raises(grpc.aio.AioRpcError) as refusal:
@@ -224,7 +231,3 @@ async def test_relayed_streams_count_against_the_workers_call_limit() -> None:
         assert refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_concurrent_rpcs" in (refusal.value.details() or "")
         assert sum([c.completion_tokens async for c in running]) == 4
-    finally:
-        await link.close()
-        await channel.close()
-        await server.stop()
