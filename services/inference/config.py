@@ -105,14 +105,14 @@ class WorkerSettings(ServiceSettings):
     """Most tokens one request may ask for."""
 
     engine_threads: int | None = Field(default=None, ge=1)
-    """Torch intra-op threads of the engine process. None: one per core this process may use (its CPU
-    affinity) but one, left to the front (gRPC, text, usage) and whatever shares the machine; at
-    least one. An engine thread that has to share its core with the front stalls the others at
-    every parallel region. On 2 shared cores (`bench/RESULTS.md`, 2026-12-03), one engine thread
-    against two: the tiny model served 3,577 against 1,993 tok/s with 100 adapters and 7,771 against
-    5,665 base-only; SmolLM2 with 100 adapters 65.8 against 58.0 tok/s; but SmolLM2 base-only, whose
-    front has least to do, 73.7 against 84.8. Set it to the core count when the model is large and
-    the front's work small next to a step (few adapters, long outputs)."""
+    """Torch intra-op threads of the engine process. None: for a model of 100 MiB of weights or more,
+    every core this process may use (its CPU affinity), its steps being long next to the front's
+    work per token; for a smaller one, every core but one, left to the front (gRPC, text, usage) and
+    whatever shares the machine, since an engine thread that has to share its core with a busy front
+    stalls the others at every parallel region. On 2 shared cores (`bench/RESULTS.md`, 2026-12-03),
+    served SmolLM2-135M fp32 ran at 75-86 tok/s with 100 adapters and 100-138 base-only on two
+    threads against 57-68 and 86-93 on one; the tiny test model ran at 1,720-2,030 tok/s on two
+    threads against 2,520-2,960 on one."""
 
     engine_omp_wait_policy: Literal["passive", "active"] = "passive"
     """`OMP_WAIT_POLICY` of the engine process. `passive` threads sleep between parallel regions, so
@@ -122,12 +122,10 @@ class WorkerSettings(ServiceSettings):
 
     engine_omp_spin_count: int | None = Field(default=None, ge=0)
     """How long a waiting OpenMP thread of the engine spins before it sleeps (`GOMP_SPINCOUNT`, loop
-    iterations). None: 0 with `passive`, libgomp's own with `active`. Spinning bridges the Python
-    between two operators of a step. On 2 shared cores, 100000 (about a tenth of a millisecond)
-    served SmolLM2 with 100 adapters at 0.91 of its in-process rate against 0.77-0.80 without, but
-    base-only at 0.82 against 0.84 (no gain), cost the tiny model a quarter of its rate and starved a
-    busy front (the spinning thread takes the front's core). Try it when the engine's cores are its
-    own and its steps are long (`bench/RESULTS.md`)."""
+    iterations). None with `passive`: 100000 (about a tenth of a millisecond) when the engine has
+    every core, which bridges the Python between two operators of a step without a wake-up, and 0
+    when it shares a core with the front, which a spinning thread would starve (it cost the tiny
+    model a quarter of its rate). None with `active`: libgomp's own."""
 
     engine_start_timeout_s: float = Field(default=600.0, gt=0)
     """How long the engine process may take to load its model before the start counts as failed."""

@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from services.common.config import MiB
 from services.common.errors import Unavailable
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
@@ -77,9 +78,26 @@ class _Pending(inference_pb2_grpc.InferenceServicer):
         return await self._ready().ListModels(request, context)
 
 
-def default_engine_threads() -> int:
-    """Every core this process may use but one, which the front keeps (see `engine_threads`)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+# Weights from which a model's steps dwarf the front's work per token (`engine_threads`).
+LARGE_MODEL_BYTES = 100 * MiB
+# Loop iterations an engine thread that has every core spins before it sleeps (~0.1 ms here).
+ALL_CORES_SPIN_COUNT = 100_000
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity)."""
+    return len(os.sched_getaffinity(0))
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def default_engine_threads(folder: Path) -> int:
+    """Every core for a large model, every core but one (the front's) otherwise: see `engine_threads`."""
+    if weights_bytes(folder) >= LARGE_MODEL_BYTES:
+        return cores()
+    return max(1, cores() - 1)
 
 
 def model_folder(model: str) -> Path:
@@ -245,7 +263,7 @@ class Worker:
             await self.cache.start()
             self.handoff = await asyncio.to_thread(HandoffWriter, s.engine_handoff_dir)
         cache = self.cache
-        threads = s.engine_threads or default_engine_threads()
+        threads = s.engine_threads or default_engine_threads(folder)
 
         def spec(inbox: str, outbox: str) -> EngineSpec:
             return EngineSpec(
@@ -260,7 +278,7 @@ class Worker:
 
         engine = EngineClient(
             spec,
-            env=engine_environment(s),
+            env=engine_environment(s, threads),
             max_buffered_tokens=s.stream_buffer_tokens,
             stream_interval_s=s.stream_interval_s,
             policy=RestartPolicy(
@@ -379,14 +397,17 @@ class Worker:
             self._own_provider = False
 
 
-def engine_environment(settings: WorkerSettings) -> dict[str, str]:
-    """The engine process's environment: ours, with the OpenMP wait policy the settings choose."""
+def engine_environment(settings: WorkerSettings, threads: int) -> dict[str, str]:
+    """The engine process's environment: ours, with the OpenMP wait policy the settings choose for an
+    engine of `threads` threads."""
     env = dict(os.environ)
     env["OMP_WAIT_POLICY"] = settings.engine_omp_wait_policy.upper()
     if settings.engine_omp_spin_count is not None:
         env["GOMP_SPINCOUNT"] = str(settings.engine_omp_spin_count)
     elif settings.engine_omp_wait_policy == "passive":
-        env["GOMP_SPINCOUNT"] = "0"  # libgomp spins before sleeping even when passive, unless told
+        # libgomp spins before sleeping even when passive, unless told; an engine with every core
+        # spins briefly, so that its threads need no wake-up between two operators of a step.
+        env["GOMP_SPINCOUNT"] = str(ALL_CORES_SPIN_COUNT if threads >= cores() else 0)
     return env
 
 
