@@ -60,6 +60,25 @@ def test_admission_loads_pins_and_defers(pool: LoRAPool) -> None:
     assert residency.adapter_ready(seq("b")) and pool.table.slot_of("a") is None
 
 
+def test_no_adapter_is_looked_up_while_every_slot_serves_the_batch(pool: LoRAPool) -> None:
+    host = {"a": HostAdapter(pool, 1), "b": HostAdapter(pool, 2)}
+    looked_up: list[str] = []
+
+    def lookup(key: str) -> HostAdapter | None:
+        looked_up.append(key)  # in the engine process: a handoff file mapped and parsed
+        return host.get(key)
+
+    residency = AdapterResidency(pool, lookup, lambda key: None)
+    a = seq("a")
+    assert residency.adapter_ready(a)
+    residency.sync([a])
+    for _ in range(3):  # scheduling passes while "a" runs in the only slot
+        assert not residency.adapter_ready(seq("b"))
+    assert looked_up == ["a"]
+    residency.sync([])
+    assert residency.adapter_ready(seq("b")) and looked_up == ["a", "b"]
+
+
 def test_sync_pins_once_per_running_sequence(tiny_llama_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 

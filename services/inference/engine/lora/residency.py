@@ -1,9 +1,10 @@
 """Ties the scheduler, the device slot pool and the host adapter cache together on the engine thread.
 
 - `adapter_ready(seq)` is the scheduler's admission hook: a sequence whose adapter sits in a device slot
-  is ready; one whose adapter is in host RAM is written into a slot now (evicting the least recently
-  used slot no running request needs) and is ready; otherwise a background load is requested and the
-  sequence waits in LOADING while the batch runs on.
+  is ready; while every slot serves the running batch, any other waits; one whose adapter is in host
+  RAM is written into a slot now (evicting the least recently used slot no running request needs)
+  and is ready; otherwise a background load is requested and the sequence waits in LOADING while the
+  batch runs on.
 - `sync(running)` pins exactly the adapters of the running sequences, after each scheduling pass, so a
   slot is never taken from a request mid-generation, and admitted-then-deferred sequences hold nothing.
 - `step_for(chunks)` orders the step's sequences by slot, so each adapter's tokens are one contiguous
@@ -19,7 +20,7 @@ from typing import Protocol
 import torch
 
 from services.inference.engine.lora.pool import LoRAPool, LoRAStep
-from services.inference.engine.lora.slots import EMPTY, NoFreeSlot
+from services.inference.engine.lora.slots import EMPTY
 from services.inference.engine.scheduler import ScheduledChunk
 from services.inference.engine.sequence import Sequence as Seq
 
@@ -55,14 +56,16 @@ class AdapterResidency:
             if key is not None:
                 self._pin(key)  # held until the next sync(), so this pass cannot evict it
             return True
+        if not self.pool.table.has_room:
+            # Every slot serves the running batch: wait for one to finish. Asked again at every
+            # scheduling pass, so the adapter is not looked up before it can go somewhere (in the
+            # engine process a lookup maps the adapter's handoff file).
+            return False
         adapter = self.lookup(key)
         if adapter is None:
             self.request_load(key)
             return False
-        try:
-            self.pool.load(key, adapter.weights, adapter.rank, adapter.scaling)
-        except NoFreeSlot:
-            return False  # every slot serves the running batch: wait for one to finish
+        self.pool.load(key, adapter.weights, adapter.rank, adapter.scaling)
         self._pin(key)
         return True
 

@@ -45,6 +45,11 @@ class SlotTable:
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def has_room(self) -> bool:
+        """A key without a slot could get one now: a slot is free, or one holds an unpinned key."""
+        return bool(self._free) or len(self._pins) < len(self._slot_of)  # only resident keys are pinned
+
     def acquire(self, key: Hashable) -> Acquired:
         """The key's slot, assigning one (free first, else evicting the LRU unpinned key) if needed."""
         slot = self._slot_of.get(key)

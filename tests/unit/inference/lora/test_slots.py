@@ -37,6 +37,25 @@ def test_pinned_adapters_are_never_evicted() -> None:
         table.unpin("a")
 
 
+def test_room_is_a_free_slot_or_an_unpinned_one() -> None:
+    table = SlotTable(2)
+    table.acquire("a")
+    table.pin("a")
+    assert table.has_room  # a free slot
+    table.acquire("b")
+    assert table.has_room  # "b" may be evicted
+    table.pin("b")
+    table.pin("b")
+    assert not table.has_room
+    table.unpin("b")
+    assert not table.has_room  # still pinned once
+    table.unpin("b")
+    assert table.has_room
+    table.unpin("a")
+    table.release("a")
+    assert table.has_room and table.num_free == 1
+
+
 def test_random_churn_keeps_the_table_consistent() -> None:
     rng = random.Random(0)
     table = SlotTable(4)
@@ -45,10 +64,12 @@ def test_random_churn_keeps_the_table_consistent() -> None:
         key = f"k{rng.randrange(12)}"
         action = rng.random()
         if action < 0.6:
+            room = table.has_room or table.slot_of(key) is not None
             try:
                 table.acquire(key)
+                assert room
             except NoFreeSlot:
-                assert len(pinned) == 4
+                assert len(pinned) == 4 and not room
         elif action < 0.8 and table.slot_of(key) is not None:
             table.pin(key)
             pinned[key] = pinned.get(key, 0) + 1
