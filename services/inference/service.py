@@ -175,6 +175,12 @@ class WorkerService:
                 last = now
                 records += usage.completion(len(token_ids))
                 done = finish is not None
+                # Billed as the chunk is handed to the transport, which sends it: a stream cancelled
+                # while its chunk is being written (a hang-up, the relay's batch write) still bills
+                # what went out. Tokens the engine made but never handed over are not billed.
+                self.metrics.tokens.labels("completion").inc(len(token_ids))
+                if self.reporter is not None and records:
+                    self.reporter.record(records)
                 yield Chunk(
                     token_ids,
                     text,
@@ -183,10 +189,6 @@ class WorkerService:
                     usage.prompt_tokens if done else 0,
                     usage.completion_tokens if done else 0,
                 )
-                # Only tokens handed to the stream are billed: a cancellation at the yield drops them.
-                self.metrics.tokens.labels("completion").inc(len(token_ids))
-                if self.reporter is not None and records:
-                    self.reporter.record(records)
                 if done:
                     return  # a stop string ended it before the engine knew: aclosing aborts the rest
 
