@@ -64,7 +64,8 @@ class FakeWorker(inference_pb2_grpc.InferenceServicer):
                 if index:
                     await asyncio.sleep(self.delay_s)
                 yield inference_pb2.GenerateChunk(token_ids=[index], text=self.name)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled in its sleep, or closed at a yield while the link's write was awaited: both a hang-up.
             self.cancelled += 1
             raise
         yield inference_pb2.GenerateChunk(
