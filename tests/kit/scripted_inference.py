@@ -44,7 +44,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 yield inference_pb2.GenerateChunk(token_ids=[index], text=f"t{index} ")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # in its sleep, or closed at a yield
             self.cancelled.set()
             raise
         yield inference_pb2.GenerateChunk(
