@@ -12,9 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -28,14 +27,14 @@ from services.attribution.domain import (
     UsageBatch,
 )
 from services.attribution.events_pg import insert_events_pg
-from services.attribution.models import (
-    PriceRow,
-    RewardLedgerEntry,
-    UsageEvent,
-    UsagePendingBatch,
-    UsageRollup,
-    UsageSender,
+from services.attribution.ledger_sql import (
+    LedgerSql,
+    execute,
+    execute_many,
+    fetch_all,
+    insert_events_sqlite,
 )
+from services.attribution.models import PriceRow
 from services.attribution.rewards import PricePicos, Tally, compute_rewards, tally
 
 # SQLSTATEs worth retrying the whole batch for: deadlock, serialization failure.
@@ -66,6 +65,7 @@ class Ledger:
         self.engine = engine
         self.default_price = default_price
         self.is_postgres = engine.dialect.name == "postgresql"
+        self.sql = LedgerSql(engine.dialect.name)
         # SQLite has one writer at a time anyway; queueing here beats polling on busy_timeout.
         self._sqlite_writer = threading.Lock()
 
@@ -107,47 +107,25 @@ class Ledger:
             rewards=rewards,
         )
 
-    def _insert(self, table: Any) -> Any:
-        return (postgresql.insert if self.is_postgres else sqlite.insert)(table)
-
     def _advance_sequence(self, conn: Connection, worker_id: str, sequence: int) -> int:
         """Mark `sequence` committed for `worker_id`; return the highest contiguous one."""
-        conn.execute(
-            self._insert(UsageSender).values(worker_id=worker_id, acked_sequence=0).on_conflict_do_nothing()
-        )
-        query = select(UsageSender.acked_sequence).where(UsageSender.worker_id == worker_id)
-        if self.is_postgres:
-            query = query.with_for_update()
-        acked = conn.execute(query).scalar_one()
+        sql = self.sql
+        execute(conn, sql.ensure_sender, (worker_id,))
+        acked = int(fetch_all(conn, sql.acked_sequence, (worker_id,))[0][0])
         if sequence <= acked:
             # Already covered. The records were still inserted idempotently by the caller: a sender that
             # lost its spool and restarted its numbering must not have new records taken for old ones.
-            return int(acked)
+            return acked
         if sequence > acked + 1:
-            conn.execute(
-                self._insert(UsagePendingBatch)
-                .values(worker_id=worker_id, sequence=sequence)
-                .on_conflict_do_nothing()
-            )
-            return int(acked)
+            execute(conn, sql.add_pending, (worker_id, sequence))
+            return acked
         acked = sequence
-        pending = conn.execute(
-            select(UsagePendingBatch.sequence)
-            .where(UsagePendingBatch.worker_id == worker_id, UsagePendingBatch.sequence > acked)
-            .order_by(UsagePendingBatch.sequence)
-        ).scalars()
-        for later in pending:
+        for (later,) in fetch_all(conn, sql.pending_after, (worker_id, acked)):
             if later != acked + 1:
                 break
             acked = later
-        conn.execute(
-            delete(UsagePendingBatch).where(
-                UsagePendingBatch.worker_id == worker_id, UsagePendingBatch.sequence <= acked
-            )
-        )
-        conn.execute(
-            update(UsageSender).where(UsageSender.worker_id == worker_id).values(acked_sequence=acked)
-        )
+        execute(conn, sql.drop_pending, (worker_id, acked))
+        execute(conn, sql.set_acked, (acked, worker_id))
         return acked
 
     def _insert_events(self, conn: Connection, records: list[TokenRecord]) -> list[TokenRecord]:
@@ -166,25 +144,20 @@ class Ledger:
         else:
             adapters_text = AdaptersText()
             rows = [
-                {
-                    "request_id": r.request_id,
-                    "token_index": r.token_index,
-                    "kind": int(r.kind),
-                    "tenant": r.tenant,
-                    "worker_id": r.worker_id,
-                    "ts_us": r.ts_us,
-                    "adapters": adapters_text(r),
-                    "client_request_id": r.client_request_id,
-                    "token_count": r.token_count,
-                }
+                (
+                    r.request_id,
+                    r.token_index,
+                    int(r.kind),
+                    r.tenant,
+                    r.worker_id,
+                    r.ts_us,
+                    adapters_text(r),
+                    r.client_request_id,
+                    r.token_count,
+                )
                 for r in records
             ]
-            statement = (
-                sqlite.insert(UsageEvent)
-                .on_conflict_do_nothing()
-                .returning(UsageEvent.request_id, UsageEvent.token_index, UsageEvent.kind)
-            )
-            new_keys = {(row[0], row[1], row[2]) for row in conn.execute(statement, rows)}
+            new_keys = insert_events_sqlite(conn, self.sql, rows)
         if new_keys is None or len(new_keys) == len(records):
             return records
         return [record for record in records if record.key in new_keys]
@@ -202,55 +175,38 @@ class Ledger:
         if not counts:
             return
         # Sorted, so concurrent transactions lock rollup rows in one order and cannot deadlock.
-        rows = [
-            {"adapter_id": a, "tenant": t, "minute_us": m, "prompt_tokens": p, "completion_tokens": c}
-            for (a, t, m), (p, c) in sorted(counts.items())
-        ]
-        statement = self._insert(UsageRollup)
-        statement = statement.on_conflict_do_update(
-            index_elements=["adapter_id", "tenant", "minute_us"],
-            set_={
-                "prompt_tokens": UsageRollup.prompt_tokens + statement.excluded.prompt_tokens,
-                "completion_tokens": UsageRollup.completion_tokens + statement.excluded.completion_tokens,
-            },
-        )
-        conn.execute(statement, rows)
+        rows = [(a, t, m, p, c) for (a, t, m), (p, c) in sorted(counts.items())]
+        execute_many(conn, self.sql.bump_rollup, rows)
 
     def _prices(self, conn: Connection, adapter_ids: set[str]) -> dict[str, PricePicos]:
         """Prices of `adapter_ids`, plus the default under ''."""
         prices: dict[str, PricePicos] = {"": self.default_price}
         if not adapter_ids:
             return prices
-        rows = conn.execute(
-            select(PriceRow.adapter_id, PriceRow.prompt_picos, PriceRow.completion_picos).where(
-                PriceRow.adapter_id.in_([*adapter_ids, ""])
-            )
-        )
-        for adapter_id, prompt, completion in rows:
+        wanted = [*adapter_ids, ""]
+        for adapter_id, prompt, completion in fetch_all(conn, self.sql.prices_of(len(wanted)), wanted):
             prices[adapter_id] = (int(prompt), int(completion))
         return prices
 
     def _write_rewards(self, conn: Connection, rewards: list[RewardEntry]) -> None:
         if not rewards:
             return
-        conn.execute(
-            insert(RewardLedgerEntry),
-            [
-                {
-                    "contributor_id": e.contributor_id,
-                    "role": int(e.role),
-                    "adapter_id": e.adapter_id,
-                    "adapter_version": e.adapter_version,
-                    "tenant": e.tenant,
-                    "request_id": e.request_id,
-                    "minute_us": e.minute_us,
-                    "tokens_micros": e.tokens_micros,
-                    "amount_picos": e.amount_picos,
-                    "committed_us": e.committed_us,
-                }
-                for e in rewards
-            ],
-        )
+        rows = [
+            (
+                e.contributor_id,
+                int(e.role),
+                e.adapter_id,
+                e.adapter_version,
+                e.tenant,
+                e.request_id,
+                e.minute_us,
+                e.tokens_micros,
+                e.amount_picos,
+                e.committed_us,
+            )
+            for e in rewards
+        ]
+        execute_many(conn, self.sql.add_rewards, rows)
 
 
 def set_price(engine: Engine, adapter_id: str, prompt_picos: int, completion_picos: int) -> None:

@@ -154,6 +154,20 @@ async def test_key_repeated_inside_a_batch_is_written_once(
     assert count(attribution) == 3
 
 
+async def test_a_large_batch_with_old_records_throughout_writes_only_the_new(
+    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+) -> None:
+    # SQLite writes a batch's events 500 rows per statement: old keys in every part, new ones after.
+    tokens = request_tokens("long", prompt=0, completion=1_800)
+    first = await stub.RecordUsage(iter([batch(1, tokens[::3])]))
+    assert first.inserted_records == 600
+    ack = await stub.RecordUsage(iter([batch(2, tokens)]))
+    assert (ack.acked_sequence, ack.inserted_records, ack.duplicate_records) == (2, 1_200, 600)
+    assert count(attribution) == 1_800
+    usage = await stub.GetUsage(attribution_pb2.UsageQuery())
+    assert usage.totals.completion_tokens == 1_800
+
+
 async def test_database_gone_is_unavailable_not_internal() -> None:
     url = create_database("openlora_attr_gone")
     built = build(attribution_settings(url, grace_period_s=1.0))
