@@ -57,6 +57,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
         self.service = service
         self.tracer = tracer or trace.get_tracer("openlora.attribution")
         settings = service.settings
+        self._mixes = validation.CheckedMixes()
         self._limits = {
             "max_records": settings.max_batch_records,
             "max_token_index": settings.max_token_index,
@@ -67,7 +68,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
         self, message: attribution_pb2.UsageBatch
     ) -> tuple[IngestResult, list[attribution_pb2.RefusedRecord]]:
         started = time.time_ns()
-        batch = validation.usage_batch(message, **self._limits)
+        batch = validation.usage_batch(message, **self._limits, mixes=self._mixes)
         if batch.clock_ahead:
             log.warning(
                 "worker %s stamps usage more than %ss ahead of this clock; %d record(s) of batch %d "

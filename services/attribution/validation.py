@@ -43,17 +43,25 @@ def usage_batch(
     max_token_index: int,
     max_future_us: int,
     now_us: int | None = None,
+    mixes: CheckedMixes | None = None,
 ) -> UsageBatch:
     """The batch's good records, and its bad ones as refusals: one bad record must not hold back
     the rest of a worker's usage (the sender dead-letters the refused ones). A malformed batch as a
-    whole (sequence, worker id, size) is refused outright."""
+    whole (sequence, worker id, size) is refused outright. `mixes` keeps the mixes checked so far
+    across batches (a running request sends its mix again in every flush)."""
     if message.sequence < 1:
         raise InvalidArgument("sequence", "must be at least 1")
     worker_id = check_id("worker_id", message.worker_id)
     if len(message.records) > max_records:
         raise InvalidArgument("records", f"{len(message.records)} records; at most {max_records} per batch")
     now_us = now_us if now_us is not None else time.time_ns() // 1000
-    checker = _BatchChecker(worker_id, max_token_index, now_us, now_us + max_future_us)
+    checker = _BatchChecker(
+        worker_id,
+        max_token_index,
+        now_us,
+        now_us + max_future_us,
+        mixes if mixes is not None else CheckedMixes(),
+    )
     records, refused = [], []
     ranges = _Ranges()
     for i, r in enumerate(message.records):
@@ -111,17 +119,37 @@ class _Ranges:
 _MixKey = tuple[tuple[str, str, float], ...]
 
 
+class CheckedMixes:
+    """Mixes that passed the checks, as the ledger's shares; forgotten all at once past `max_entries`
+    (a mix's check depends on nothing but the mix, so a cached answer never goes stale)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._shares: dict[_MixKey, tuple[AdapterShare, ...]] = {(): ()}
+
+    def get(self, key: _MixKey) -> tuple[AdapterShare, ...] | None:
+        return self._shares.get(key)
+
+    def add(self, key: _MixKey, shares: tuple[AdapterShare, ...]) -> None:
+        if len(self._shares) >= self.max_entries:
+            self._shares = {(): ()}
+        self._shares[key] = shares
+
+
 class _BatchChecker:
     """Checks the records of one batch. Tokens of one request repeat its ids and mix, so each
-    distinct id and mix is checked once per batch (this is the ingest hot path)."""
+    distinct id is checked once per batch and each mix once while `mixes` holds it (this is the
+    ingest hot path)."""
 
-    def __init__(self, worker_id: str, max_token_index: int, now_us: int, latest_us: int) -> None:
+    def __init__(
+        self, worker_id: str, max_token_index: int, now_us: int, latest_us: int, mixes: CheckedMixes
+    ) -> None:
         self.worker_id = worker_id
         self.max_token_index = max_token_index
         self.now_us = now_us
         self.latest_us = latest_us
         self.good_ids: set[str] = {worker_id}
-        self.mixes: dict[_MixKey, tuple[AdapterShare, ...]] = {(): ()}
+        self.mixes = mixes
         self.previous: attribution_pb2.TokenUsage | None = None  # last record whose mix was checked
         self.previous_mix: tuple[AdapterShare, ...] = ()
         self.clock_ahead = 0
@@ -161,7 +189,8 @@ class _BatchChecker:
             mix_key = tuple((a.adapter.id, a.adapter.version, a.weight) for a in r.adapters)
             known = self.mixes.get(mix_key)
             if known is None:
-                known = self.mixes[mix_key] = _mix(f"{field}.adapters", mix_key)
+                known = _mix(f"{field}.adapters", mix_key)
+                self.mixes.add(mix_key, known)
             adapters = known
             self.previous, self.previous_mix = r, adapters
         return TokenRecord(

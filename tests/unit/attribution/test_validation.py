@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from services.attribution import validation
@@ -11,7 +13,12 @@ from services.common.proto import adapter_store_pb2, attribution_pb2
 from services.common.request_checks import to_micros_summing_to_one
 from tests.integration.attribution.wire import T0, batch, provenance, request_tokens, token
 
-LIMITS = {"max_records": 100, "max_token_index": 1000, "max_future_us": 60_000_000, "now_us": T0 * 1_000_000}
+LIMITS: dict[str, Any] = {
+    "max_records": 100,
+    "max_token_index": 1000,
+    "max_future_us": 60_000_000,
+    "now_us": T0 * 1_000_000,
+}
 
 
 def test_good_batch_becomes_domain_records() -> None:
@@ -131,3 +138,33 @@ def test_provenance_contributor_listed_twice_is_refused() -> None:
 def test_unknown_kind_value_from_a_newer_sender() -> None:
     record = attribution_pb2.TokenUsage(request_id="r", token_index=0, kind=3, tenant="t")  # type: ignore[arg-type]
     assert refused_field(record) == "records[0].kind"
+
+
+def test_mixes_checked_in_one_batch_serve_the_next_and_bad_ones_are_never_kept() -> None:
+    mixes = validation.CheckedMixes()
+    mix = (("alpha", "v1", 0.7), ("beta", "", 0.3))
+    bad = (("alpha", "", 0.5), ("alpha", "v1", 0.5))
+    first = validation.usage_batch(
+        batch(1, [token("req", 0, adapters=mix), token("odd", 0, adapters=bad)]), **LIMITS, mixes=mixes
+    )
+    second = validation.usage_batch(
+        batch(2, [token("req", 1, adapters=mix), token("odd", 1, adapters=bad)]), **LIMITS, mixes=mixes
+    )
+    # The same shares object: the second batch did not check the mix again.
+    assert second.records[0].adapters is first.records[0].adapters
+    assert [r.field for r in first.refused] == ["records[1].adapters[1].adapter"]
+    assert [r.field for r in second.refused] == ["records[1].adapters[1].adapter"]
+
+
+def test_checked_mixes_are_forgotten_at_once_past_their_bound() -> None:
+    mixes = validation.CheckedMixes(max_entries=3)  # the empty mix and two others
+    shares = [
+        validation.usage_batch(
+            batch(i + 1, [token("req", i, adapters=((f"a{i}", "v1", 1.0),))]), **LIMITS, mixes=mixes
+        )
+        .records[0]
+        .adapters
+        for i in range(3)
+    ]
+    assert mixes.get((("a0", "v1", 1.0),)) is None  # the third mix made room by forgetting the rest
+    assert mixes.get((("a2", "v1", 1.0),)) is shares[2]

@@ -5,6 +5,7 @@ attribution takes whole, so no request can stop a worker's usage stream."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from services.common.request_checks import check_generate_request, check_mix_com
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.usage.records import RequestUsage, new_usage_id
 
-LIMITS = {"max_records": 10_000, "max_token_index": 1 << 20, "max_future_us": 60_000_000}
+LIMITS: dict[str, Any] = {"max_records": 10_000, "max_token_index": 1 << 20, "max_future_us": 60_000_000}
 ID_ALPHABET = ["a", "b", "job-42", "x" * 128, "x" * 129, "job 42", "tab\there", "é", "", "a\x00"]
 
 
