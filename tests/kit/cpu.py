@@ -1,0 +1,23 @@
+"""What the test machine's CPU computes fast: slow tests size their work by it, not by a guess.
+
+The project's machines change between sessions: one had AVX-512 BF16, where bf16 matmuls ran faster
+than fp32; the next had AVX2 only, where torch emulates bf16 at about an eighth of fp32's speed and
+the 8k-prompt test took 165 s of its 300 s limit in bf16 on a quiet machine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from bench.machine import cpu_flags
+
+_NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
+
+
+def fast_dtype() -> Literal["bfloat16", "float32"]:
+    """bfloat16 where the CPU has bf16 instructions (or on CUDA), else float32."""
+    if torch.cuda.is_available() or any(flag in cpu_flags().split() for flag in _NATIVE_BF16):
+        return "bfloat16"
+    return "float32"
