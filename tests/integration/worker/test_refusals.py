@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from services.adapter_store.client import adapter_files, upload
 from services.common.proto import adapter_store_pb2 as store_pb
@@ -17,9 +18,16 @@ from services.common.synthetic_adapters import write_adapter
 from tests.integration.inference.cache_kit import Store, small_adapter, start_store
 from tests.integration.worker.kit import WorkerUnderTest, bad_field, collect, request, worker_settings
 
+# One worker and store for the module: a refusal leaves nothing behind (one test checks that), and
+# starting a worker per case cost ~9 s each, more than the rest of these tests together.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture
-async def served(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[tuple[Store, WorkerUnderTest]]:
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
+) -> AsyncIterator[tuple[Store, WorkerUnderTest]]:
+    tmp_path = tmp_path_factory.mktemp("refusals")
     store = await start_store(tmp_path / "store", tiny_llama_dir)
     await store.upload(small_adapter(tiny_llama_dir, tmp_path / "ok", seed=1), "ok")
     await store.upload(small_adapter(tiny_llama_dir, tmp_path / "wide", seed=2, rank=32), "wide")
