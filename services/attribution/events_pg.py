@@ -12,8 +12,9 @@ from collections.abc import Callable
 from sqlalchemy import Connection
 
 from services.attribution.domain import TokenRecord
+from services.attribution.ledger_sql import EVENT_COLUMNS, event_row
 
-_COLUMNS = "request_id, token_index, kind, tenant, worker_id, ts_us, adapters, client_request_id, token_count"
+_COLUMNS = EVENT_COLUMNS
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
@@ -50,19 +51,7 @@ def insert_events_pg(
         cursor.execute(_CREATE_STAGE)
         with cursor.copy(f"COPY usage_stage ({_COLUMNS}) FROM STDIN") as copy:
             for r in records:
-                copy.write_row(
-                    (
-                        r.request_id,
-                        r.token_index,
-                        int(r.kind),
-                        r.tenant,
-                        r.worker_id,
-                        r.ts_us,
-                        adapters_text(r),
-                        r.client_request_id,
-                        r.token_count,
-                    )
-                )
+                copy.write_row(event_row(r, adapters_text))
         cursor.execute(_MOVE)
         if cursor.rowcount == len(records):
             return None

@@ -142,22 +142,7 @@ class Ledger:
         if self.is_postgres:
             new_keys = insert_events_pg(conn, records, AdaptersText())
         else:
-            adapters_text = AdaptersText()
-            rows = [
-                (
-                    r.request_id,
-                    r.token_index,
-                    int(r.kind),
-                    r.tenant,
-                    r.worker_id,
-                    r.ts_us,
-                    adapters_text(r),
-                    r.client_request_id,
-                    r.token_count,
-                )
-                for r in records
-            ]
-            new_keys = insert_events_sqlite(conn, self.sql, rows)
+            new_keys = insert_events_sqlite(conn, self.sql, records, AdaptersText())
         if new_keys is None or len(new_keys) == len(records):
             return records
         return [record for record in records if record.key in new_keys]

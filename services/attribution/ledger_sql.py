@@ -9,18 +9,36 @@ SQLite (≥ 3.35, for RETURNING) and PostgreSQL; only the placeholder differs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
+
+from services.attribution.domain import TokenRecord
 
 # Rows per multi-row INSERT … RETURNING on SQLite, whose executemany cannot return rows: 9 columns a
 # row stays far below its 32,766 bound variables.
 _SQLITE_ROWS_PER_INSERT = 500
 
-_EVENT_COLUMNS = (
+EVENT_COLUMNS = (
     "request_id, token_index, kind, tenant, worker_id, ts_us, adapters, client_request_id, token_count"
 )
+
+
+def event_row(record: TokenRecord, adapters_text: Callable[[TokenRecord], str]) -> tuple[Any, ...]:
+    """A `usage_events` row of `record`, in `EVENT_COLUMNS` order."""
+    r = record
+    return (
+        r.request_id,
+        r.token_index,
+        int(r.kind),
+        r.tenant,
+        r.worker_id,
+        r.ts_us,
+        adapters_text(r),
+        r.client_request_id,
+        r.token_count,
+    )
 
 
 class LedgerSql:
@@ -71,7 +89,7 @@ class LedgerSql:
         ledger is skipped)."""
         rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
         return (
-            f"INSERT INTO usage_events ({_EVENT_COLUMNS}) VALUES {rows} "
+            f"INSERT INTO usage_events ({EVENT_COLUMNS}) VALUES {rows} "
             "ON CONFLICT (request_id, token_index, kind) DO NOTHING RETURNING request_id, token_index, kind"
         )
 
@@ -109,9 +127,13 @@ def execute_many(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]
 
 
 def insert_events_sqlite(
-    conn: Connection, sql: LedgerSql, rows: list[tuple[Any, ...]]
+    conn: Connection,
+    sql: LedgerSql,
+    records: list[TokenRecord],
+    adapters_text: Callable[[TokenRecord], str],
 ) -> set[tuple[str, int, int]]:
-    """Insert event rows (in `_EVENT_COLUMNS` order); return the keys that were new."""
+    """Insert `records` inside the connection's transaction; return the keys that were new."""
+    rows = [event_row(r, adapters_text) for r in records]
     new: set[tuple[str, int, int]] = set()
     cursor = cursor_of(conn)
     try:
