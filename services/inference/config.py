@@ -180,6 +180,12 @@ class WorkerSettings(ServiceSettings):
     adapter_download_timeout_s: float = Field(default=60.0, gt=0)
     """Deadline of one `Get` or `Download` call to the adapter store."""
 
+    adapter_latest_ttl_s: float = Field(default=30.0, ge=0)
+    """How long the version a request for an adapter's latest version (an empty `AdapterRef.version`)
+    resolved to is reused before the store's `Get` is asked again: a new upload reaches such requests
+    this much later at most. Each ask costs the worker and the store a call per adapter per interval;
+    0 asks every time. Requests that name a version never ask."""
+
     adapter_import_schemes: tuple[str, ...] = ()
     """Source URI schemes (`hf`, `s3`, `https`) a request may name as its adapter id, imported
     through the store on first use. Empty: only adapters already in the store."""

@@ -255,6 +255,7 @@ class Worker:
                 disk_bytes=s.cache_disk_bytes,
                 disk_dir=s.cache_dir,
                 download_timeout_s=s.adapter_download_timeout_s,
+                latest_ttl_s=s.adapter_latest_ttl_s,
                 import_schemes=s.adapter_import_schemes,
             )
             self.cache = AdapterCache(

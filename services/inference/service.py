@@ -1,4 +1,4 @@
-"""The worker's domain: a checked request in, a stream of chunks out, usage recorded per token.
+"""The worker's domain: a checked request in, a stream of chunks out, usage counted per chunk.
 
 No gRPC here: the servicer converts messages. A request's life: resolve its adapter (load, check,
 pin, hand off), hand it to the engine process, turn what it streams into chunks with text (stop
@@ -104,6 +104,8 @@ class WorkerService:
                 traceparent_of(span),
                 client_request_id=request.request_id,
             )
+            if self.reporter is not None:
+                self.reporter.track(usage)
             async with contextlib.aclosing(self._stream(request, resolved, usage, arrived)) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason is not None:
@@ -119,6 +121,8 @@ class WorkerService:
         finally:
             if resolved is not None:
                 resolved.release()
+            if usage is not None:
+                usage.close()
             self.metrics.requests.labels(outcome).inc()
             span.set_attribute("openlora.outcome", outcome)
             if usage is not None:
@@ -165,22 +169,19 @@ class WorkerService:
                 if detokenizer is not None:
                     token_ids, logprobs, finish, text = _detokenize(detokenizer, token_ids, logprobs, finish)
                 now = time.perf_counter()
-                records = []
                 if token_ids and not usage.prompt_tokens:
-                    records = usage.prompt(len(request.prompt_token_ids))
+                    usage.prompt(len(request.prompt_token_ids))
                     self.metrics.ttft.observe(now - arrived)
-                    self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+                    self.metrics.prompt_tokens.inc(usage.prompt_tokens)
                 elif token_ids:
                     self.metrics.inter_token.observe((now - last) / len(token_ids))
                 last = now
-                records += usage.completion(len(token_ids))
                 done = finish is not None
                 # Billed as the chunk is handed to the transport, which sends it: a stream cancelled
                 # while its chunk is being written (a hang-up, the relay's batch write) still bills
                 # what went out. Tokens the engine made but never handed over are not billed.
-                self.metrics.tokens.labels("completion").inc(len(token_ids))
-                if self.reporter is not None and records:
-                    self.reporter.record(records)
+                usage.completion(len(token_ids))
+                self.metrics.completion_tokens.inc(len(token_ids))
                 yield Chunk(
                     token_ids,
                     text,

@@ -51,6 +51,9 @@ class WorkerMetrics(Collector):
         self.tokens = Counter(
             "openlora_tokens", "Tokens processed, by kind (prompt, completion).", ["kind"], registry=registry
         )
+        # Bound once: looking a label up costs more than the increment, and these count every chunk.
+        self.prompt_tokens = self.tokens.labels("prompt")
+        self.completion_tokens = self.tokens.labels("completion")
         registry.register(self)
 
     def collect(self) -> Iterator[Metric]:

@@ -1,5 +1,8 @@
-"""The `TokenUsage` records of one request: token ranges, one for the prompt and one per step's
-generated tokens (the reporter joins a request's consecutive ranges into one per flush).
+"""The usage of one request as token ranges: one for the prompt, and one per flush for the tokens
+generated since the last (a range never spans two wall-clock minutes).
+
+Counting a chunk's tokens is an integer addition; the `TokenUsage` records are built only when the
+reporter takes them (`take`, once per flush), so a request costs a record per flush, not per chunk.
 
 `(request_id, token_index, kind)` is attribution's idempotency key, so a request's tokens are
 numbered from 0 within each kind and never renumbered: a resend after a lost ack counts once. The
@@ -13,11 +16,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from google.protobuf import timestamp_pb2
-
 from services.common.proto import attribution_pb2, common_pb2
 
 Component = tuple[str, str, float]  # adapter id, version, share of each token
+
+_MINUTE_NS = 60 * 1_000_000_000
 
 
 def new_usage_id() -> str:
@@ -26,7 +29,8 @@ def new_usage_id() -> str:
 
 
 class RequestUsage:
-    """Counts one request's tokens and builds their records as they are produced."""
+    """Counts one request's tokens as they are handed to its stream; `take` turns what was counted
+    since the last take into records."""
 
     def __init__(
         self,
@@ -38,7 +42,7 @@ class RequestUsage:
         client_request_id: str = "",
     ) -> None:
         """`request_id` is the usage id (unique per served request), `client_request_id` the label.
-        `traceparent` (the request span's W3C context) rides on the first prompt record only."""
+        `traceparent` (the request span's W3C context) rides on the prompt record only."""
         self.request_id = request_id
         self.client_request_id = client_request_id
         self.traceparent = traceparent
@@ -50,28 +54,61 @@ class RequestUsage:
         ]
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.closed = False
+        """The request ended: nothing more is counted, and the reporter forgets it once it took the rest."""
+        self._prompt_ts_ns = 0  # the prompt counted, its record not taken yet
+        self._ranges: list[tuple[int, int, int]] = []  # (first token, count, ts ns) not taken yet
+        self._open_first = 0  # the range still growing: from this token to `completion_tokens`
+        self._open_ts_ns = 0
+        self._open_minute_end_ns = 0
 
-    def prompt(self, count: int) -> list[attribution_pb2.TokenUsage]:
-        """The record of the whole prompt (once: when its prefill produced the first token)."""
+    def prompt(self, count: int) -> None:
+        """Count the whole prompt (once: when its prefill produced the first token)."""
         if self.prompt_tokens or not count:
-            return []
+            return
         self.prompt_tokens = count
-        record = self._record(attribution_pb2.PROMPT, 0, count)
-        record.traceparent = self.traceparent
-        return [record]
+        self._prompt_ts_ns = time.time_ns()
 
-    def completion(self, count: int) -> list[attribution_pb2.TokenUsage]:
-        """The record of the next `count` generated tokens."""
+    def completion(self, count: int) -> None:
+        """Count the next `count` generated tokens."""
         if not count:
-            return []
-        first = self.completion_tokens
+            return
+        now_ns = time.time_ns()
+        if self._open_first < self.completion_tokens and now_ns >= self._open_minute_end_ns:
+            self._close_open_range()  # the ledger counts per minute: a range stays inside one
+        if self._open_first == self.completion_tokens:
+            self._open_ts_ns = now_ns
+            self._open_minute_end_ns = (now_ns // _MINUTE_NS + 1) * _MINUTE_NS
         self.completion_tokens += count
-        return [self._record(attribution_pb2.COMPLETION, first, count)]
 
-    def _record(self, kind: int, first: int, count: int) -> attribution_pb2.TokenUsage:
-        now = timestamp_pb2.Timestamp()
-        now.FromNanoseconds(time.time_ns())
-        return attribution_pb2.TokenUsage(
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def has_untaken(self) -> bool:
+        return bool(self._prompt_ts_ns or self._ranges or self._open_first < self.completion_tokens)
+
+    def take(self) -> list[attribution_pb2.TokenUsage]:
+        """Records of every token counted since the last take: the prompt's, then the generated ranges."""
+        records = []
+        if self._prompt_ts_ns:
+            record = self._record(attribution_pb2.PROMPT, 0, self.prompt_tokens, self._prompt_ts_ns)
+            record.traceparent = self.traceparent
+            records.append(record)
+            self._prompt_ts_ns = 0
+        if self._open_first < self.completion_tokens:
+            self._close_open_range()
+        for first, count, ts_ns in self._ranges:
+            records.append(self._record(attribution_pb2.COMPLETION, first, count, ts_ns))
+        self._ranges = []
+        return records
+
+    def _close_open_range(self) -> None:
+        self._ranges.append((self._open_first, self.completion_tokens - self._open_first, self._open_ts_ns))
+        self._open_first = self.completion_tokens
+
+    def _record(self, kind: int, first: int, count: int, ts_ns: int) -> attribution_pb2.TokenUsage:
+        record = attribution_pb2.TokenUsage(
             request_id=self.request_id,
             token_index=first,
             token_count=count,
@@ -79,6 +116,7 @@ class RequestUsage:
             adapters=self.adapters,
             tenant=self.tenant,
             worker_id=self.worker_id,
-            ts=now,
             client_request_id=self.client_request_id,
         )
+        record.ts.FromNanoseconds(ts_ns)
+        return record

@@ -1,7 +1,9 @@
 """Streams spooled usage batches to attribution over a long-lived `StreamUsage` call.
 
-`record()` never blocks generation: it appends to an in-memory buffer that a flusher turns into
-durable spool batches every few milliseconds. The sender keeps one stream open, sends every unacked
+`track()` takes a request's `RequestUsage`, which counts its tokens as they are streamed; `record()`
+takes ready records. Neither blocks generation: every flush interval the flusher takes what each
+tracked request counted since the last flush (one range per request and kind) and the records
+recorded, and writes them as one durable spool batch. The sender keeps one stream open, sends every unacked
 batch (all of them again after a reconnect: attribution is idempotent on each record's key) and drops
 batches from the spool as acks arrive. Attribution being down only grows the spool; a full spool is
 an alarm (log + `stats`), and its records wait in memory for room.
@@ -28,6 +30,7 @@ import grpc
 from services.common.grpc_client import open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from services.inference.usage.dead_letter import DeadLetter, DeadLetterFile
+from services.inference.usage.records import RequestUsage
 from services.inference.usage.spool import SpoolFull, UsageSpool
 
 log = logging.getLogger("openlora.usage")
@@ -90,6 +93,7 @@ class UsageReporter:
         self.backoff_s = backoff_s
         self.stats = ReporterStats()
         self._buffer: collections.deque[attribution_pb2.TokenUsage] = collections.deque()
+        self._tracked: dict[int, RequestUsage] = {}  # by id(): requests whose tokens are counted
         self._spooled = asyncio.Event()
         self._acked = asyncio.Event()
         self._stopping = False
@@ -104,6 +108,18 @@ class UsageReporter:
         """Queue token records, which the reporter then owns (thread-safe, never blocks: deque
         appends are atomic)."""
         self._buffer.extend(records)
+
+    def track(self, usage: RequestUsage) -> None:
+        """Report what `usage` counts, at every flush, until it is closed and its rest taken."""
+        self._tracked[id(usage)] = usage
+
+    def _take_tracked(self) -> None:
+        tracked = self._tracked
+        for key, usage in list(tracked.items()):
+            if usage.has_untaken:
+                self._buffer.extend(usage.take())
+            if usage.closed:
+                del tracked[key]
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._send_loop())]
@@ -139,6 +155,7 @@ class UsageReporter:
                 log.exception("usage flush failed")
 
     async def _flush(self) -> None:
+        self._take_tracked()
         while self._buffer:
             count = min(len(self._buffer), self.max_batch_records)
             records = join_ranges([self._buffer.popleft() for _ in range(count)])

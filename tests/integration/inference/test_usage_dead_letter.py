@@ -56,7 +56,10 @@ async def test_a_poisoned_record_is_dead_lettered_and_the_next_1000_requests_are
         reporter.record(request_tokens("job 42", prompt=1, completion=0))
         for _ in range(1000):
             usage = RequestUsage(new_usage_id(), "acme", "worker-p", (("alpha", "v1", 1.0),))
-            reporter.record(usage.prompt(3) + usage.completion(2))
+            usage.prompt(3)
+            usage.completion(2)
+            usage.close()
+            reporter.track(usage)
         try:
             await wait_for(lambda: ledger_count(url) == 5000 and spool.backlog_batches == 0, timeout=60)
         finally:

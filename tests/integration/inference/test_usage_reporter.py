@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from services.attribution.server import AttributionServer, build
+from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.usage.spool import UsageSpool
 from tests.integration.attribution.wire import attribution_settings, request_tokens
@@ -72,6 +73,40 @@ async def test_records_reach_the_ledger_once_and_leave_the_spool(
     await reporter.close()
     assert ledger_count(ledger_url) == 1000
     assert not list((tmp_path / "spool").glob("seg-*"))  # every segment acked and deleted
+
+
+def ledger_ranges(url: str) -> list[tuple[str, int, int]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT request_id, token_index, token_count FROM usage_events WHERE kind = 2")
+            )
+            return sorted((str(r[0]), int(r[1]), int(r[2])) for r in rows)
+    finally:
+        engine.dispose()
+
+
+async def test_a_tracked_request_is_billed_one_range_per_flush_then_forgotten(
+    running_attribution: tuple[AttributionServer, int], ledger_url: str, tmp_path: Path
+) -> None:
+    _, port = running_attribution
+    reporter = UsageReporter(UsageSpool(tmp_path / "spool"), f"127.0.0.1:{port}", "w", flush_interval_s=3600)
+    await reporter.start()
+    usage = RequestUsage(new_usage_id(), "acme", "w", (("alpha", "v1", 1.0),))
+    reporter.track(usage)
+    usage.prompt(5)
+    for _ in range(3):
+        usage.completion(2)  # three chunks: one flush
+    await reporter._flush()
+    usage.completion(1)
+    usage.close()
+    await reporter._flush()
+    await wait_for(lambda: ledger_count(ledger_url) == 12)
+    assert ledger_ranges(ledger_url) == [(usage.request_id, 0, 6), (usage.request_id, 6, 1)]
+    assert not reporter._tracked
+    await reporter.close()
+    assert ledger_count(ledger_url) == 12
 
 
 @pytest.mark.slow

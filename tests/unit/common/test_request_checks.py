@@ -52,9 +52,9 @@ def records_of(request: inference_pb2.GenerateRequest, usage_id: str) -> attribu
     usage = RequestUsage(
         usage_id, request.tenant, "worker-1", components, client_request_id=request.request_id
     )
-    return attribution_pb2.UsageBatch(
-        sequence=1, worker_id="worker-1", records=usage.prompt(3) + usage.completion(2)
-    )
+    usage.prompt(3)
+    usage.completion(2)
+    return attribution_pb2.UsageBatch(sequence=1, worker_id="worker-1", records=usage.take())
 
 
 def test_what_the_gateway_accepts_attribution_records_whole() -> None:
