@@ -200,11 +200,13 @@ class WorkerSettings(ServiceSettings):
     spool_max_bytes: int = Field(default=1 * GiB, ge=4096)
     """Spool size at which new usage waits in memory and an alarm is raised (metric and log)."""
 
-    usage_flush_interval_s: float = Field(default=0.5, gt=0)
+    usage_flush_interval_s: float = Field(default=1.0, gt=0)
     """How often buffered usage records are written (and fsynced) to the spool as one batch, which is
     also one ledger transaction at attribution: usage reaches the ledger this much later at most, and
-    each flush joins a request's tokens into one range. Attribution's CPU is mostly per batch, so a
-    shorter interval costs it (and the worker's fsyncs) in proportion (`bench/RESULTS.md`)."""
+    each flush sends one range per running request. Attribution's CPU is mostly per record and per
+    batch: where a stream gains about a token a second (a small model on CPU) a range holds what one
+    interval produced, so halving the interval nearly doubles attribution's CPU (and the worker's
+    fsyncs); a worker killed outright loses at most this much unspooled usage (`bench/RESULTS.md`)."""
 
     usage_backoff_max_s: float = Field(default=5.0, gt=0)
     """Longest wait between reconnection attempts to attribution (doubling from 0.1 s)."""
