@@ -16,7 +16,9 @@ for token (greedy). One JSON line per run:
 `--num-adapters 0` serves the base model only. Figures: served and in-process tok/s and their ratio
 (P8: ≥ 0.7 tiny, ≥ 0.9 SmolLM2), TTFT p50/p90 of both, and CPU-seconds per 1,000 generated tokens
 of each cluster process over the served replay, and of the benchmark's own gRPC client, which shares
-the cores (the worker's share outside the model is its CPU minus the in-process engine's). Run it on a
+the cores (the worker's share outside the model is its CPU minus the in-process engine's), and
+what each process burns while the warmed-up cluster idles (`--idle-s`), with the part of the worker
+front's per-token figure that idle cost makes at the served rate. Run it on a
 quiet machine: it reads `os.getloadavg()` into the line, and the CPU time the hypervisor took away
 during each path's rounds (steal), which makes a run's ratio meaningless when large.
 """
@@ -199,10 +201,11 @@ async def serve_and_measure(
     folders: dict[int, Path],
     scratch: Path,
     local_round: Callable[[list[Request]], dict[str, Any]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """Each round replayed through the cluster and then by the in-process engine (`local_round`), in
     turn: this host's speed drifts by tens of percent over minutes, and pairs taken back to back see
-    the same host. Per round and path: outputs, rates and CPU."""
+    the same host. Per round and path: outputs, rates and CPU; and each process's CPU while the
+    warmed-up cluster idles (ms per second), the fixed cost inside every per-token figure."""
     config = ClusterConfig(
         data_dir=scratch / "cluster",
         model=args.model,
@@ -217,6 +220,11 @@ async def serve_and_measure(
         # Warm-up outside the timing: lazy initialisation, and every adapter fetched once from the store
         # into the worker's host RAM, where the in-process engine holds them too.
         await replay_served(cluster, [workload_warm(r) for r in rounds[0]], bool(args.num_adapters))
+        await asyncio.sleep(3.0)  # the warm-up's last usage flush and its ledger write settle first
+        idle_before, idle_started = cpu_seconds(cluster), time.perf_counter()
+        await asyncio.sleep(args.idle_s)
+        idle_after, idle_elapsed = cpu_seconds(cluster), time.perf_counter() - idle_started
+        idle = {name: 1000 * (idle_after[name] - idle_before[name]) / idle_elapsed for name in idle_after}
         for index, requests in enumerate(rounds):
             folder = args.profile / f"round-{index}" if args.profile else None
             profilers = start_profilers(cluster, folder) if folder else []
@@ -234,7 +242,7 @@ async def serve_and_measure(
             local_rounds.append(local_round(requests))
     finally:
         await cluster.supervisor.stop()
-    return served_rounds, local_rounds
+    return served_rounds, local_rounds, idle
 
 
 def round_of(requests: list[Request], index: int, vocab_size: int) -> list[Request]:
@@ -313,6 +321,12 @@ def main() -> None:
         help="sample every cluster process with py-spy during the timed replay into this folder "
         "(collapsed stacks; the sampling costs CPU, so figures from such a run are not comparable)",
     )
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=10.0,
+        help="seconds the warmed-up cluster idles while its CPU is read (clock ticks: ~1 ms/s at 10 s)",
+    )
     workload.add_arguments(parser)
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -349,7 +363,9 @@ def main() -> None:
     rounds = [round_of(requests, k, int(model_config["vocab_size"])) for k in range(args.repeats)]
     load_before = os.getloadavg()[0]
     local_round = in_process(args, [workload_warm(r) for r in rounds[0]], folders, path)
-    served_rounds, local_rounds = asyncio.run(serve_and_measure(args, rounds, folders, scratch, local_round))
+    served_rounds, local_rounds, idle = asyncio.run(
+        serve_and_measure(args, rounds, folders, scratch, local_round)
+    )
     same = sum(
         served["outputs"][r.request_id] == local["outputs"][r.request_id]
         for served, local, round_requests in zip(served_rounds, local_rounds, rounds, strict=True)
@@ -411,6 +427,16 @@ def main() -> None:
         "worker_cpu_outside_engine_us_per_token": round(front_cpu * 1e6 / tokens, 1),
         "attribution_cpu_us_per_usage_token": round(cpu_s.get("attribution", 0.0) * 1e6 / usage_tokens, 1),
         "gateway_cpu_us_per_chunk": round(cpu_s.get("gateway", 0.0) * 1e6 / chunks, 1),
+        # What the idle cluster burns anyway (grpc's threads, timers), and that part of the worker's
+        # per-token figure: at a small model's few tokens a second it is a large share.
+        "idle_cpu_ms_per_s": {name: round(rate, 2) for name, rate in idle.items()},
+        "worker_idle_us_per_token": round(
+            sum(r for n, r in idle.items() if n.startswith("worker") and not n.endswith(".engine"))
+            * sum(x["elapsed_s"] for x in served_rounds)
+            * 1000
+            / tokens,
+            1,
+        ),
         "loadavg_1m_before": round(load_before, 2),
         "steal_s_served": round(sum(x["steal_s"] for x in served_rounds), 2),
         "steal_s_in_process": round(sum(x["steal_s"] for x in local_rounds), 2),
