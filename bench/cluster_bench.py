@@ -129,6 +129,11 @@ PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250"
 PY_SPY += ["--native"]
 
 
+def is_worker_front(name: str) -> bool:
+    """A worker process outside its engine (in `cpu_seconds`' names)."""
+    return name.startswith("worker") and not name.endswith(".engine")
+
+
 def start_profilers(cluster: Cluster, folder: Path) -> list[subprocess.Popen[bytes]]:
     """py-spy on every cluster process (engines too), writing collapsed stacks to `folder/NAME.txt`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -382,11 +387,7 @@ def main() -> None:
             cpu_s[name] = cpu_s.get(name, 0.0) + seconds
     per_1k = 1000 / tokens
     cpu = {name: round(seconds * per_1k, 3) for name, seconds in cpu_s.items()}
-    front_cpu = sum(
-        seconds
-        for name, seconds in cpu_s.items()
-        if name.startswith("worker") and not name.endswith(".engine")
-    )
+    front_cpu = sum(seconds for name, seconds in cpu_s.items() if is_worker_front(name))
     ttft = [t for s in served_rounds for t in s["ttft"]]
     # What is billed: prompt and completion tokens.
     usage_tokens = tokens + args.repeats * sum(len(r.prompt_token_ids) for r in requests)
@@ -431,7 +432,7 @@ def main() -> None:
         # per-token figure: at a small model's few tokens a second it is a large share.
         "idle_cpu_ms_per_s": {name: round(rate, 2) for name, rate in idle.items()},
         "worker_idle_us_per_token": round(
-            sum(r for n, r in idle.items() if n.startswith("worker") and not n.endswith(".engine"))
+            sum(rate for name, rate in idle.items() if is_worker_front(name))
             * sum(x["elapsed_s"] for x in served_rounds)
             * 1000
             / tokens,

@@ -14,8 +14,6 @@ from sqlalchemy import Connection
 from services.attribution.domain import TokenRecord
 from services.attribution.ledger_sql import EVENT_COLUMNS, event_row
 
-_COLUMNS = EVENT_COLUMNS
-
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
     request_id varchar(128) NOT NULL,
@@ -33,8 +31,8 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
 # Ordered by key so concurrent transactions inserting overlapping keys (a resend racing the
 # original) take index locks in one order and cannot deadlock.
 _MOVE = f"""
-INSERT INTO usage_events ({_COLUMNS})
-SELECT {_COLUMNS} FROM usage_stage ORDER BY request_id, token_index, kind
+INSERT INTO usage_events ({EVENT_COLUMNS})
+SELECT {EVENT_COLUMNS} FROM usage_stage ORDER BY request_id, token_index, kind
 ON CONFLICT (request_id, token_index, kind) DO NOTHING
 RETURNING request_id, token_index, kind
 """
@@ -49,7 +47,7 @@ def insert_events_pg(
     assert driver is not None
     with driver.cursor() as cursor:
         cursor.execute(_CREATE_STAGE)
-        with cursor.copy(f"COPY usage_stage ({_COLUMNS}) FROM STDIN") as copy:
+        with cursor.copy(f"COPY usage_stage ({EVENT_COLUMNS}) FROM STDIN") as copy:
             for r in records:
                 copy.write_row(event_row(r, adapters_text))
         cursor.execute(_MOVE)

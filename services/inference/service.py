@@ -121,11 +121,10 @@ class WorkerService:
         finally:
             if resolved is not None:
                 resolved.release()
-            if usage is not None:
-                usage.close()
             self.metrics.requests.labels(outcome).inc()
             span.set_attribute("openlora.outcome", outcome)
             if usage is not None:
+                usage.close()
                 span.set_attributes(
                     {
                         "openlora.tokens.prompt": usage.prompt_tokens,
