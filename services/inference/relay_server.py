@@ -7,11 +7,13 @@ id, its traceback to the log), an access-log record, the client's deadline, and 
 started once the server drains is refused UNAVAILABLE; those running are counted, so the drain waits
 for them).
 
-Chunks of every stream go down together, one message per write. A stream hands over its next chunk
-only once the previous one was written, so a gateway that stops reading stops the streams (their
-engine buffers fill and cancel them, as for a slow client of `Generate` itself) and a busy link
-carries fewer, fuller messages. When the call ends, every stream still running on it is cancelled,
-as a client hanging up would.
+Chunks of every stream go down together, one message per write. A stream hands over its chunk and
+goes back for the next one at once, unless a write's worth of events is already waiting: then it
+waits until that was written. So a link that keeps up costs one wake-up per chunk, not two, and a
+gateway that stops reading stops the streams after at most a write's worth of events plus one chunk
+each (their engine buffers fill and cancel them, as for a slow client of `Generate` itself), while
+a busy link carries fewer, fuller messages. When the call ends, every stream still running on it is
+cancelled, as a client hanging up would.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class _Link:
         self.max_calls = max_calls
         self.streams: dict[int, asyncio.Task[None]] = {}
         self.events: list[Any] = []
+        self.pending_bytes = 0  # of `events`, as `_take` counts them
         self.written = asyncio.Event()  # set once the events gathered so far were written
         self.wakeup = asyncio.Event()
         self.reading = True
@@ -115,17 +118,20 @@ class _Link:
     def _take(self) -> list[Any]:
         size, count = 0, 0
         for event in self.events:
-            size += len(event.chunk) + _EVENT_OVERHEAD_BYTES
-            if count and size > MAX_BATCH_BYTES:
+            event_size = len(event.chunk) + _EVENT_OVERHEAD_BYTES
+            if count and size + event_size > MAX_BATCH_BYTES:
                 break
+            size += event_size
             count += 1
         taken, self.events = self.events[:count], self.events[count:]
+        self.pending_bytes -= size
         if self.events:
             self.wakeup.set()  # the rest goes in the next write
         return taken
 
     def _push(self, event: Any) -> None:
         self.events.append(event)
+        self.pending_bytes += len(event.chunk) + _EVENT_OVERHEAD_BYTES
         self.wakeup.set()
 
     def _start(self, start: Any) -> None:
@@ -199,7 +205,8 @@ class _Link:
                 prompt_tokens=chunk.usage.prompt_tokens,
             )
         )
-        await self.written.wait()
+        if self.pending_bytes >= MAX_BATCH_BYTES:  # the gateway is behind: wait for this write
+            await self.written.wait()
 
     def _fail(self, stream_id: int, exc: Exception, request_id: str) -> grpc.StatusCode:
         code, message, details = error_status(exc, GENERATE_METHOD, request_id)
