@@ -164,3 +164,16 @@ async def test_a_client_id_in_use_does_not_refuse_another_stream(
     second = await collect(worker.stub, request([3], max_new_tokens=5, request_id="same"))
     assert second.completion_tokens == len(second.token_ids) == 5
     first.cancel()
+
+
+async def test_an_adapter_refused_once_is_refused_again_and_a_good_one_served_again(
+    served: tuple[Store, WorkerUnderTest],
+) -> None:
+    """The resolver remembers adapters that passed its shape check, never ones that failed it."""
+    _, worker = served
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(worker.stub, request([1], adapter="wide"))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert bad_field(caught.value).startswith("adapter_ref")
+        assert len((await collect(worker.stub, request([1, 2], adapter="ok"))).token_ids) == 8
