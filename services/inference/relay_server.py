@@ -7,13 +7,13 @@ id, its traceback to the log), an access-log record, the client's deadline, and 
 started once the server drains is refused UNAVAILABLE; those running are counted, so the drain waits
 for them).
 
-Chunks of every stream go down together, one message per write. A stream hands over its chunk and
-goes back for the next one at once, unless a write's worth of events is already waiting: then it
-waits until that was written. So a link that keeps up costs one wake-up per chunk, not two, and a
-gateway that stops reading stops the streams after at most a write's worth of events plus one chunk
-each (their engine buffers fill and cancel them, as for a slow client of `Generate` itself), while
-a busy link carries fewer, fuller messages. When the call ends, every stream still running on it is
-cancelled, as a client hanging up would.
+Chunks of every stream go down together, one message per write, and a write holds at most one chunk
+of each stream (the gateway relays each as it came, without merging). A stream hands over its next
+chunk only once the previous one was written: it checks when that next chunk is ready, so a stream
+whose chunks come slower than the link writes (a large model, one token a step) is never put to
+sleep for it. A gateway that stops reading stops the streams (their engine buffers fill and cancel
+them, as for a slow client of `Generate` itself) and a busy link carries fewer, fuller messages.
+When the call ends, every stream still running on it is cancelled, as a client hanging up would.
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ class _Link:
         self.max_calls = max_calls
         self.streams: dict[int, asyncio.Task[None]] = {}
         self.events: list[Any] = []
-        self.pending_bytes = 0  # of `events`, as `_take` counts them
         self.written = asyncio.Event()  # set once the events gathered so far were written
         self.wakeup = asyncio.Event()
         self.reading = True
@@ -118,20 +117,17 @@ class _Link:
     def _take(self) -> list[Any]:
         size, count = 0, 0
         for event in self.events:
-            event_size = len(event.chunk) + _EVENT_OVERHEAD_BYTES
-            if count and size + event_size > MAX_BATCH_BYTES:
+            size += len(event.chunk) + _EVENT_OVERHEAD_BYTES
+            if count and size > MAX_BATCH_BYTES:
                 break
-            size += event_size
             count += 1
         taken, self.events = self.events[:count], self.events[count:]
-        self.pending_bytes -= size
         if self.events:
             self.wakeup.set()  # the rest goes in the next write
         return taken
 
     def _push(self, event: Any) -> None:
         self.events.append(event)
-        self.pending_bytes += len(event.chunk) + _EVENT_OVERHEAD_BYTES
         self.wakeup.set()
 
     def _start(self, start: Any) -> None:
@@ -167,8 +163,17 @@ class _Link:
             async with asyncio.timeout_at(_loop_time(deadline)) as timeout:
                 chunks = self.generate(request, StreamContext(metadata, deadline))
                 async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                    written: asyncio.Event | None = None  # set once our last chunk was written
                     async for chunk in chunks:
-                        await self._send(start.stream_id, chunk)
+                        if written is not None and not written.is_set():
+                            try:
+                                await written.wait()
+                            except asyncio.CancelledError:
+                                # The service billed the chunk as it yielded it: it goes to the
+                                # transport, as it would have without the wait.
+                                self._send(start.stream_id, chunk)
+                                raise
+                        written = self._send(start.stream_id, chunk)
                         responses += 1
             self._push(_end_event(start.stream_id, code))
         except asyncio.CancelledError:
@@ -196,7 +201,8 @@ class _Link:
             )
         return None
 
-    async def _send(self, stream_id: int, chunk: inference_pb2.GenerateChunk) -> None:
+    def _send(self, stream_id: int, chunk: inference_pb2.GenerateChunk) -> asyncio.Event:
+        """Queue the chunk; the event is set once the write holding it is done."""
         self._push(
             relay_pb2.RelayEvent(
                 stream_id=stream_id,
@@ -205,8 +211,7 @@ class _Link:
                 prompt_tokens=chunk.usage.prompt_tokens,
             )
         )
-        if self.pending_bytes >= MAX_BATCH_BYTES:  # the gateway is behind: wait for this write
-            await self.written.wait()
+        return self.written
 
     def _fail(self, stream_id: int, exc: Exception, request_id: str) -> grpc.StatusCode:
         code, message, details = error_status(exc, GENERATE_METHOD, request_id)
