@@ -165,15 +165,13 @@ class _Link:
                 async with contextlib.aclosing(chunks):  # type: ignore[type-var]
                     written: asyncio.Event | None = None  # set once our last chunk was written
                     async for chunk in chunks:
-                        if written is not None and not written.is_set():
-                            try:
+                        try:
+                            if written is not None and not written.is_set():
                                 await written.wait()
-                            except asyncio.CancelledError:
-                                # The service billed the chunk as it yielded it: it goes to the
-                                # transport, as it would have without the wait.
-                                self._send(start.stream_id, chunk)
-                                raise
-                        written = self._send(start.stream_id, chunk)
+                        finally:
+                            # Even when cancelled while waiting: the service billed the chunk as it
+                            # yielded it, so it goes to the transport as it would have without the wait.
+                            written = self._send(start.stream_id, chunk)
                         responses += 1
             self._push(_end_event(start.stream_id, code))
         except asyncio.CancelledError:
