@@ -89,7 +89,7 @@ class WorkerMetrics(Collector):
         )
         yield GaugeMetricFamily(
             "openlora_usage_spool_backlog_bytes",
-            "Bytes of spool segments awaiting attribution's ack.",
+            "Usage spool bytes on disk: unacked batches, and acked ones of the segment being written.",
             value=spool.backlog_bytes,
         )
         yield GaugeMetricFamily(

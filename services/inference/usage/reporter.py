@@ -3,10 +3,14 @@
 `track()` takes a request's `RequestUsage`, which counts its tokens as they are streamed; `record()`
 takes ready records. Neither blocks generation: every flush interval the flusher takes what each
 tracked request counted since the last flush (one range per request and kind) and the records
-recorded, and writes them as one durable spool batch. The sender keeps one stream open, sends every unacked
-batch (all of them again after a reconnect: attribution is idempotent on each record's key) and drops
-batches from the spool as acks arrive. Attribution being down only grows the spool; a full spool is
-an alarm (log + `stats`), and its records wait in memory for room.
+recorded, and writes them as one durable spool batch. The sender keeps one stream open, sends every
+unacked batch (all of them again after a reconnect: attribution is idempotent on each record's key)
+and drops batches from the spool as acks arrive. Attribution being down only grows the spool; a full
+spool is an alarm (log + `stats`), and its records wait in memory for room.
+
+A flush costs one hop to a thread (the append and its fsync): the sender takes fresh batches from
+the spool's memory, and an ack is bookkeeping. On a small host every thread hand-off and wake-up
+costs more CPU than the records themselves (`bench/RESULTS.md`).
 
 Records attribution refuses are never resent: an ack names them, and they go to the dead-letter file
 beside the spool (`dead_letter.py`) before the spool lets their batch go. A batch refused whole (the
@@ -140,6 +144,7 @@ class UsageReporter:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await asyncio.to_thread(self.spool.close)
 
     # --- buffer -> spool
 
@@ -240,7 +245,8 @@ class UsageReporter:
         if ack.refused:
             await self._dead_letter(ack.sequence or answered, list(ack.refused), "")
         self.stats.acked_sequence = max(self.stats.acked_sequence, ack.acked_sequence)
-        await asyncio.to_thread(self.spool.ack, ack.acked_sequence)
+        if self.spool.mark_acked(ack.acked_sequence):  # a finished segment to remove, now and then
+            await asyncio.to_thread(self.spool.drop_acked_segments)
         self._emptied = {s for s in self._emptied if s > ack.acked_sequence}
         self._dead_lettered = {s for s in self._dead_lettered if s > ack.acked_sequence}
         self._acked.set()
@@ -283,12 +289,17 @@ class UsageReporter:
         await asyncio.to_thread(self.dead_letters.write, letters)
         self._dead_lettered.add(sequence)
 
+    async def _pending_after(self, sent: int) -> list[attribution_pb2.UsageBatch]:
+        batches = self.spool.pending_in_memory(sent, 64)
+        if batches is None:  # a backlog on disk (an earlier run's, a long outage): read off the event loop
+            batches = await asyncio.to_thread(self.spool.pending_after, sent, 64)
+        return batches
+
     async def _write_pending(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
         sent = 0
         while True:
             self._spooled.clear()
-            # The backlog lives on disk: read it in chunks, off the event loop.
-            while batches := await asyncio.to_thread(self.spool.pending_after, sent, 64):
+            while batches := await self._pending_after(sent):
                 for batch in batches:
                     if batch.sequence in self._emptied:
                         batch = attribution_pb2.UsageBatch(sequence=batch.sequence, worker_id=batch.worker_id)

@@ -1,9 +1,17 @@
 """A durable queue of usage batches on local disk, dropped only once attribution acks them.
 
 Each batch is one frame (see `frames`) appended to a segment file `seg-<first sequence>.v2` and
-fsynced; the segment is deleted once every batch in it is acked. Only an index (sequence -> segment,
-offset, length, crc) stays in memory: the sender reads batches back from disk with `pending_after`.
-The next sequence number is kept in `state.json` too, so numbering survives a spool emptied by acks.
+fsynced. Only an index (sequence -> segment, offset, length, crc) stays in memory, with the batches
+this process appended and nobody acked yet: the sender takes those from memory, and reads from disk
+only a backlog older than that (from an earlier run, or a long outage). The next sequence number is
+kept in `state.json` (fsynced), so numbering survives a spool emptied by acks.
+
+An ack costs no I/O of its own while the segment being written still has room: a worker flushes
+about once a second, and a new segment, a state file and an unlink per flush cost several times the
+append itself. A segment file goes once every batch in it is acked and nothing more will be written
+to it (it is full, it is an earlier run's, or the spool is closed). The highest acked sequence is
+noted in `acked.json` with the next append, without an fsync of its own: replay skips what it names,
+and a note lost in a crash only means batches sent again, which attribution ignores by their keys.
 
 Replay at start-up keeps every intact frame, once (of two intact copies of one sequence, left by a
 failed append whose retry succeeded, the later one: the retry carries the same records and more).
@@ -42,6 +50,9 @@ from services.inference.usage import frames
 
 log = logging.getLogger("openlora.usage")
 _STATE = "state.json"
+_ACKED = "acked.json"
+# Batches kept in memory for the sender, newest first to go: a long outage leaves the rest on disk.
+RECENT_BATCHES = 256
 _SEGMENT = re.compile(r"seg-(\d+)\.(v2|log)")
 _COPY_CHUNK = 1 << 20
 
@@ -80,10 +91,13 @@ class UsageSpool:
         self._segments: list[_Segment] = []
         self._open: tuple[Path, int, int] | None = None  # path, first sequence, batches written
         self._acked = 0
+        self._acked_noted = 0  # the highest ack written to acked.json
+        self._recent: dict[int, attribution_pb2.UsageBatch] = {}  # appended here, unacked, in order
         self._bytes: dict[Path, int] = {}  # segment -> its size, kept as we write (no stat per append)
         self._damaged = 0
         self._worker_id: str | None = None  # of the newest batch: lost batches read without one get it
         self._next = self._load_state()
+        self._acked = self._acked_noted = self._load_acked()
         self._replay()
 
     # --- recovery
@@ -93,6 +107,25 @@ class UsageSpool:
             return int(json.loads((self.directory / _STATE).read_text())["next_sequence"])
         except (FileNotFoundError, ValueError, KeyError):
             return 1
+
+    def _load_acked(self) -> int:
+        try:
+            return max(0, int(json.loads((self.directory / _ACKED).read_text())["acked_sequence"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0  # lost or torn: acked batches are sent again, and attribution ignores them
+
+    def _note_acked(self) -> None:
+        """Write the highest ack, without an fsync: a note lost in a crash only costs resends."""
+        if self._acked <= self._acked_noted:
+            return
+        tmp = self.directory / f".{_ACKED}.tmp"
+        try:
+            tmp.write_text(json.dumps({"acked_sequence": self._acked}))
+            os.replace(tmp, self.directory / _ACKED)
+        except OSError as exc:
+            log.warning("usage spool: could not note the acked sequence: %s", exc)
+            return
+        self._acked_noted = self._acked
 
     def _save_state(self) -> None:
         tmp = self.directory / f".{_STATE}.tmp"
@@ -123,11 +156,15 @@ class UsageSpool:
             self._next = max(self._next, top + 1)
         if not spans:
             return
-        lo = min(spans[0][1], min(intact, default=spans[0][1]))
+        acked = self._acked = min(self._acked, self._next - 1)
+        for sequence in [s for s in intact if s <= acked]:
+            del intact[sequence]
+        lo = max(acked + 1, min(spans[0][1], min(intact, default=spans[0][1])))
         self._fill_index(lo, intact)
         for i, (path, first, top) in enumerate(spans):
             end = spans[i + 1][1] - 1 if i + 1 < len(spans) else self._next - 1
             self._segments.append(_Segment(path, first, max(top, end)))
+        self._drop_segments(self._acked)  # an earlier run's, acked: never written again
         lost = sum(1 for e in self._index.values() if e.path is None)
         log.info("usage spool: replaying %d unacked batch(es), %d of them lost", len(self._order), lost)
 
@@ -225,8 +262,12 @@ class UsageSpool:
                 self._segments[-1].last = sequence
             self._index[sequence] = _Entry(path, offset + frames.HEADER.size, len(body), zlib.crc32(body))
             self._order.append(sequence)
+            self._recent[sequence] = batch
+            if len(self._recent) > RECENT_BATCHES:
+                del self._recent[next(iter(self._recent))]
             self._worker_id = worker_id
             self._next = sequence + 1
+            self._note_acked()
             return sequence
 
     def _write(self, path: Path, frame: bytes, *, new: bool) -> int:
@@ -273,6 +314,18 @@ class UsageSpool:
                 return batches
             sequence = after  # an ack took the segments we were reading: look past it
 
+    def pending_in_memory(self, sequence: int, limit: int = 64) -> list[attribution_pb2.UsageBatch] | None:
+        """What `pending_after` would return, when this process still holds all of it in memory (no
+        I/O: call it on the event loop); None when some of it must be read from disk."""
+        with self._lock:
+            after = max(sequence, self._acked)
+            start = bisect.bisect_right(self._order, after)
+            wanted = self._order[start : start + limit]
+            recent = self._recent
+            if not all(s in recent for s in wanted):
+                return None
+            return [recent[s] for s in wanted]
+
     def pending(self) -> list[attribution_pb2.UsageBatch]:
         """Every unacked batch, read from disk in one go: for tools and tests, not the sender."""
         return self.pending_after(0, sys.maxsize)
@@ -312,25 +365,55 @@ class UsageSpool:
             self._set_aside(entry.path, entry.offset, data, 0, len(data), sequence)
 
     def ack(self, sequence: int) -> None:
-        """Attribution persisted every batch up to `sequence`: drop them and their finished segments."""
+        """Attribution persisted every batch up to `sequence`: drop them, and remove the segments
+        that are done (blocking file I/O when there are: see `mark_acked`)."""
+        if self.mark_acked(sequence):
+            self.drop_acked_segments()
+
+    def mark_acked(self, sequence: int) -> bool:
+        """Drop the batches up to `sequence` from the backlog, in memory only (cheap, no I/O: fine on
+        the event loop). True when segment files are now done: `drop_acked_segments` removes them."""
         with self._lock:
             if sequence <= self._acked:
-                return
+                return False
             self._acked = sequence
             cut = bisect.bisect_right(self._order, sequence)
             for s in self._order[:cut]:
                 del self._index[s]
+                self._recent.pop(s, None)
             del self._order[:cut]
-            done = [seg for seg in self._segments if seg.last <= sequence]
-            if not done:
-                return
-            self._save_state()  # numbering must survive the segments that held it
-            for seg in done:
-                seg.path.unlink(missing_ok=True)
-                self._bytes.pop(seg.path, None)
-                if self._open is not None and self._open[0] == seg.path:
-                    self._open = None
-            self._segments = [seg for seg in self._segments if seg.last > sequence]
+            return any(seg.last <= sequence and not self._is_open(seg) for seg in self._segments)
+
+    def drop_acked_segments(self) -> None:
+        """Remove the files of acked segments that will not be written again (blocking I/O)."""
+        with self._lock:
+            self._drop_segments(self._acked)
+
+    def close(self) -> None:
+        """Stop writing the open segment, so that it goes too once acked (a clean stop leaves only
+        what attribution has not acked yet)."""
+        with self._lock:
+            self._open = None
+            self._drop_segments(self._acked)
+            self._note_acked()
+
+    def _is_open(self, segment: _Segment) -> bool:
+        """The segment the next append writes to (a full one is not: the next append starts another)."""
+        return (
+            self._open is not None and self._open[0] == segment.path and self._open[2] < self.segment_batches
+        )
+
+    def _drop_segments(self, acked: int) -> None:
+        done = [seg for seg in self._segments if seg.last <= acked and not self._is_open(seg)]
+        if not done:
+            return
+        self._save_state()  # numbering must survive the segments that held it
+        for seg in done:
+            seg.path.unlink(missing_ok=True)
+            self._bytes.pop(seg.path, None)
+            if self._open is not None and self._open[0] == seg.path:
+                self._open = None
+        self._segments = [seg for seg in self._segments if seg not in done]
 
     @property
     def backlog_batches(self) -> int:
@@ -338,6 +421,8 @@ class UsageSpool:
 
     @property
     def backlog_bytes(self) -> int:
+        """Bytes of the spool's segments on disk (what `max_bytes` bounds): the unacked batches, and
+        the acked ones of a segment still being written."""
         return sum(self._bytes.values())
 
     @property

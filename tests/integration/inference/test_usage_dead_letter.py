@@ -99,15 +99,15 @@ async def test_the_sender_survives_an_unexpected_error(tmp_path: Path) -> None:
     async with attribution_at(tmp_path) as (url, address):
         spool = UsageSpool(tmp_path / "spool")
         reporter = UsageReporter(spool, address, "worker-r", backoff_s=(0.05, 0.1))
-        real_read = spool.pending_after
+        real_read = spool.pending_in_memory  # where the sender takes fresh batches from
         failures = iter([True])
 
-        def flaky_read(sequence: int, limit: int) -> list[object]:
+        def flaky_read(sequence: int, limit: int) -> list[object] | None:
             if next(failures, False):
                 raise RuntimeError("injected")
             return real_read(sequence, limit)  # type: ignore[return-value]
 
-        spool.pending_after = flaky_read  # type: ignore[method-assign, assignment]
+        spool.pending_in_memory = flaky_read  # type: ignore[method-assign, assignment]
         reporter.record(request_tokens("r", prompt=2, completion=2))
         await reporter.start()
         try:

@@ -1,4 +1,5 @@
-"""`UsageSpool`: every fsynced batch replayed once around damage, no sequence reused, backlog on disk."""
+"""`UsageSpool`: every fsynced batch replayed once around damage, no sequence reused, acked ones not
+replayed, fresh batches sent from memory and a backlog from disk."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from services.common.proto import attribution_pb2
 from services.inference.usage import frames
-from services.inference.usage.spool import SpoolFull, UsageSpool
+from services.inference.usage.spool import RECENT_BATCHES, SpoolFull, UsageSpool
 
 WORKER = "worker-a"
 
@@ -85,8 +86,73 @@ def test_batches_come_back_from_disk_in_chunks_and_leave_with_their_acks(tmp_pat
         "seg-0000000000000005.v2",
     ]
     spool.ack(5)
+    # The segment being written stays for the next appends; a fresh spool replays none of it.
+    assert spool.backlog_batches == 0
+    assert [p.name for p in tmp_path.glob("seg-*")] == ["seg-0000000000000005.v2"]
+    spool.append(WORKER, records("r5"))  # 6 fills it (and notes the ack of 5 on the way)
+    assert replayed(tmp_path) == [(6, WORKER, ["r5"] * 3)]
+    spool.ack(6)
     assert (spool.backlog_batches, spool.backlog_bytes, list(tmp_path.glob("seg-*"))) == (0, 0, [])
-    assert UsageSpool(tmp_path).append(WORKER, records("after")) == 6  # numbering kept in state.json
+    assert UsageSpool(tmp_path).append(WORKER, records("after")) == 7  # numbering kept in state.json
+
+
+def test_an_ack_of_the_segment_being_written_costs_no_file_work(tmp_path: Path) -> None:
+    spool = UsageSpool(tmp_path)
+    spool.append(WORKER, records("a"))
+    segment = only_segment(tmp_path)
+    inode = segment.stat().st_ino
+    assert spool.mark_acked(1) is False  # nothing to remove: no thread hop needed
+    spool.append(WORKER, records("b"))
+    assert (only_segment(tmp_path), segment.stat().st_ino) == (segment, inode)
+    assert not (tmp_path / "state.json").exists()  # only a removed segment needs numbering kept
+    spool.close()  # a clean stop: what is acked goes
+    assert [p.name for p in tmp_path.glob("seg-*")] == [segment.name]  # 2 is not acked yet
+    assert replayed(tmp_path) == [(2, WORKER, ["b"] * 3)]
+
+
+def test_fresh_batches_are_sent_from_memory_and_a_replayed_backlog_from_disk(tmp_path: Path) -> None:
+    spool = UsageSpool(tmp_path)
+    assert spool.pending_in_memory(0) == []
+    spool.append(WORKER, records("a"))
+    spool.append(WORKER, records("b"))
+    assert [b.sequence for b in spool.pending_in_memory(0) or []] == [1, 2]
+    assert [b.sequence for b in spool.pending_in_memory(1) or []] == [2]
+    spool.ack(1)
+    assert [b.sequence for b in spool.pending_in_memory(0) or []] == [2]
+    spool.close()  # notes the ack of 1
+    again = UsageSpool(tmp_path)
+    assert again.pending_in_memory(0) is None  # 2 is only on disk now
+    assert [b.sequence for b in again.pending_after(0)] == [2]
+
+
+@pytest.mark.parametrize("note", ["kept", "lost", "torn"])
+def test_acked_batches_are_not_replayed_unless_the_ack_note_is_lost(tmp_path: Path, note: str) -> None:
+    spool = UsageSpool(tmp_path)
+    for tag in ("a", "b", "c"):
+        spool.append(WORKER, records(tag))
+    spool.mark_acked(2)
+    spool.append(WORKER, records("d"))  # notes the ack in acked.json, without an fsync
+    if note == "lost":
+        (tmp_path / "acked.json").unlink()
+    elif note == "torn":
+        (tmp_path / "acked.json").write_text('{"acked_seq')
+    sent_again = [] if note == "kept" else [(1, WORKER, ["a"] * 3), (2, WORKER, ["b"] * 3)]
+    assert replayed(tmp_path) == [*sent_again, (3, WORKER, ["c"] * 3), (4, WORKER, ["d"] * 3)]
+    assert UsageSpool(tmp_path).append(WORKER, records("e")) == 5
+
+
+def test_an_earlier_runs_acked_segment_is_removed_at_start_up(tmp_path: Path) -> None:
+    spool = UsageSpool(tmp_path)
+    spool.append(WORKER, records("a"))
+    spool.mark_acked(1)
+    spool.append(WORKER, records("b"))
+    spool.mark_acked(2)
+    spool.append(WORKER, records("c"))  # notes 2; then the worker dies before 3 is acked
+    again = UsageSpool(tmp_path)
+    assert [b.sequence for b in again.pending()] == [3]
+    again.ack(3)  # the earlier run's segment is never written again: it goes with its last ack
+    assert list(tmp_path.glob("seg-*")) == []
+    assert UsageSpool(tmp_path).append(WORKER, records("d")) == 4
 
 
 def test_a_clean_spool_replays_everything_once_and_copies_nothing_aside(tmp_path: Path) -> None:
@@ -141,6 +207,7 @@ def test_a_flipped_byte_in_the_middle_batch_loses_only_that_batch(
     assert segment.stat().st_size == size  # replay cuts nothing off
     assert spool.append(WORKER, records("d")) == 4
     spool.ack(4)
+    spool.close()
     assert list(tmp_path.glob("seg-*")) == []
 
 
@@ -330,6 +397,8 @@ def test_a_legacy_segment_is_replayed_and_acked_away(tmp_path: Path) -> None:
     assert (tmp_path / "seg-0000000000000003.v2").exists()  # new batches go to new-format segments
     assert [b.sequence for b in UsageSpool(tmp_path).pending()] == [1, 2, 3]
     spool.ack(3)
+    assert [p.name for p in tmp_path.glob("seg-*")] == ["seg-0000000000000003.v2"]  # still being written
+    spool.close()
     assert list(tmp_path.glob("seg-*")) == []
 
 
@@ -353,9 +422,10 @@ def test_the_backlog_stays_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     spool = UsageSpool(tmp_path)
     for i in range(2000):
         spool.append(WORKER, records(f"r{i}"))
-    for held in (spool, UsageSpool(tmp_path)):
+    for held, in_memory in ((spool, RECENT_BATCHES), (UsageSpool(tmp_path), 0)):
         assert held.backlog_batches == 2000
-        assert not any(isinstance(obj, attribution_pb2.UsageBatch) for obj in reachable(held))
+        # The newest few for the sender, then nothing a long outage could grow.
+        assert sum(isinstance(obj, attribution_pb2.UsageBatch) for obj in reachable(held)) == in_memory
         assert [b.sequence for b in held.pending_after(0, 64)] == list(range(1, 65))
         assert [b.records[0].request_id for b in held.pending_after(1990, 64)] == [
             f"r{i}" for i in range(1990, 2000)
