@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM
 from bench import workload
 from bench.engine_bench import model_dir, run_ours
 from bench.lora_bench import HostAdapter, adapter_name
-from bench.machine import cpu_flags, steal_seconds
+from bench.machine import cpu_flags, steal_seconds, thread_usage
 from services.adapter_store.client import adapter_files, upload
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.grpc_client import open_channel
@@ -127,6 +127,42 @@ def cpu_seconds(cluster: Cluster) -> dict[str, float]:
 # py-spy then pauses each process per sample (it cannot unwind native frames of a running one).
 PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250", "--format", "raw"]
 PY_SPY += ["--native"]
+
+
+def thread_usages(cluster: Cluster) -> dict[str, dict[str, tuple[float, int]]]:
+    """`thread_usage` of each cluster process (engine processes apart: one thread kind, the model)."""
+    return {child.spec.name: thread_usage(child.process.pid) for child in cluster.supervisor.children}
+
+
+def thread_deltas(
+    before: dict[str, dict[str, tuple[float, int]]], after: dict[str, dict[str, tuple[float, int]]]
+) -> dict[str, dict[str, tuple[float, int]]]:
+    return {
+        name: {
+            kind: (
+                seconds - before[name].get(kind, (0.0, 0))[0],
+                switches - before[name].get(kind, (0.0, 0))[1],
+            )
+            for kind, (seconds, switches) in kinds.items()
+        }
+        for name, kinds in after.items()
+    }
+
+
+def thread_figures(served_rounds: list[dict[str, Any]], tokens: int) -> dict[str, dict[str, list[float]]]:
+    summed: dict[str, dict[str, list[float]]] = {}
+    for served in served_rounds:
+        for name, kinds in served["threads"].items():
+            for kind, (seconds, switches) in kinds.items():
+                total = summed.setdefault(name, {}).setdefault(kind, [0.0, 0.0])
+                total[0] += seconds
+                total[1] += switches
+    return {
+        name: {
+            kind: [round(s * 1e6 / tokens, 1), round(n / tokens, 3)] for kind, (s, n) in sorted(kinds.items())
+        }
+        for name, kinds in summed.items()
+    }
 
 
 def is_worker_front(name: str) -> bool:
@@ -233,10 +269,11 @@ async def serve_and_measure(
         for index, requests in enumerate(rounds):
             folder = args.profile / f"round-{index}" if args.profile else None
             profilers = start_profilers(cluster, folder) if folder else []
-            before = cpu_seconds(cluster)
+            before, threads_before = cpu_seconds(cluster), thread_usages(cluster)
             client_before, steal_before = time.process_time(), steal_seconds()
             served = await replay_served(cluster, requests, bool(args.num_adapters))
-            after = cpu_seconds(cluster)
+            after, threads_after = cpu_seconds(cluster), thread_usages(cluster)
+            served["threads"] = thread_deltas(threads_before, threads_after)
             served["steal_s"] = steal_seconds() - steal_before
             stop_profilers(profilers)
             # The client shares the machine's cores with the cluster: its decoding counts too.
@@ -428,6 +465,9 @@ def main() -> None:
         "worker_cpu_outside_engine_us_per_token": round(front_cpu * 1e6 / tokens, 1),
         "attribution_cpu_us_per_usage_token": round(cpu_s.get("attribution", 0.0) * 1e6 / usage_tokens, 1),
         "gateway_cpu_us_per_chunk": round(cpu_s.get("gateway", 0.0) * 1e6 / chunks, 1),
+        # Where each service's CPU goes by thread (event loop, grpc's core, ZeroMQ, Python threads), in
+        # µs and context switches per generated token: wake-ups, not Python work, make most of it here.
+        "thread_us_and_switches_per_token": thread_figures(served_rounds, tokens),
         # What the idle cluster burns anyway (grpc's threads, timers), and that part of the worker's
         # per-token figure: at a small model's few tokens a second it is a large share.
         "idle_cpu_ms_per_s": {name: round(rate, 2) for name, rate in idle.items()},
