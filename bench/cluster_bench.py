@@ -129,37 +129,37 @@ PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250"
 PY_SPY += ["--native"]
 
 
-def thread_usages(cluster: Cluster) -> dict[str, dict[str, tuple[float, int]]]:
+ThreadUsage = dict[str, dict[str, tuple[float, int, int]]]  # process -> thread kind -> usage
+
+
+def thread_usages(cluster: Cluster) -> ThreadUsage:
     """`thread_usage` of each cluster process (engine processes apart: one thread kind, the model)."""
     return {child.spec.name: thread_usage(child.process.pid) for child in cluster.supervisor.children}
 
 
-def thread_deltas(
-    before: dict[str, dict[str, tuple[float, int]]], after: dict[str, dict[str, tuple[float, int]]]
-) -> dict[str, dict[str, tuple[float, int]]]:
+def thread_deltas(before: ThreadUsage, after: ThreadUsage) -> dict[str, dict[str, list[float]]]:
     return {
         name: {
-            kind: (
-                seconds - before[name].get(kind, (0.0, 0))[0],
-                switches - before[name].get(kind, (0.0, 0))[1],
-            )
-            for kind, (seconds, switches) in kinds.items()
+            kind: [now - then for now, then in zip(usage, before[name].get(kind, (0.0, 0, 0)), strict=True)]
+            for kind, usage in kinds.items()
         }
         for name, kinds in after.items()
     }
 
 
 def thread_figures(served_rounds: list[dict[str, Any]], tokens: int) -> dict[str, dict[str, list[float]]]:
+    """Per generated token: µs of CPU, wake-ups and preemptions of each process's kinds of thread."""
     summed: dict[str, dict[str, list[float]]] = {}
     for served in served_rounds:
         for name, kinds in served["threads"].items():
-            for kind, (seconds, switches) in kinds.items():
-                total = summed.setdefault(name, {}).setdefault(kind, [0.0, 0.0])
-                total[0] += seconds
-                total[1] += switches
+            for kind, usage in kinds.items():
+                total = summed.setdefault(name, {}).setdefault(kind, [0.0, 0.0, 0.0])
+                for i, value in enumerate(usage):
+                    total[i] += value
     return {
         name: {
-            kind: [round(s * 1e6 / tokens, 1), round(n / tokens, 3)] for kind, (s, n) in sorted(kinds.items())
+            kind: [round(s * 1e6 / tokens, 1), round(w / tokens, 3), round(p / tokens, 3)]
+            for kind, (s, w, p) in sorted(kinds.items())
         }
         for name, kinds in summed.items()
     }
@@ -465,9 +465,9 @@ def main() -> None:
         "worker_cpu_outside_engine_us_per_token": round(front_cpu * 1e6 / tokens, 1),
         "attribution_cpu_us_per_usage_token": round(cpu_s.get("attribution", 0.0) * 1e6 / usage_tokens, 1),
         "gateway_cpu_us_per_chunk": round(cpu_s.get("gateway", 0.0) * 1e6 / chunks, 1),
-        # Where each service's CPU goes by thread (event loop, grpc's core, ZeroMQ, Python threads), in
-        # µs and context switches per generated token: wake-ups, not Python work, make most of it here.
-        "thread_us_and_switches_per_token": thread_figures(served_rounds, tokens),
+        # Where each service's CPU goes by thread (event loop, grpc's core, ZeroMQ, Python threads):
+        # µs, wake-ups and preemptions per generated token. Wake-ups, not Python work, make most of it.
+        "thread_us_wakeups_preemptions_per_token": thread_figures(served_rounds, tokens),
         # What the idle cluster burns anyway (grpc's threads, timers), and that part of the worker's
         # per-token figure: at a small model's few tokens a second it is a large share.
         "idle_cpu_ms_per_s": {name: round(rate, 2) for name, rate in idle.items()},
