@@ -1,9 +1,12 @@
 """The adapter slot pool: per target module, stacked device buffers written in place.
 
 For every wrapped linear module, `A[n_slots, r_max, d_in]` and `B[n_slots, d_out, r_max]` are
-allocated once at start-up. Loading an adapter copies its matrices into one slot, zero-padded to
-`r_max`; a slot is zeroed wherever the new adapter has no weights, so nothing of the previous occupant
-survives. Per-slot rank and scaling (alpha / r) travel as host lists, read by the segment op.
+allocated once at start-up (for the plain-torch op, B is a transposed view of `[n_slots, r_max, d_out]`
+storage: its expand multiplies by that contiguous form, about twice as fast on CPU; the triton
+kernels read B's rank as the innermost axis). Loading an adapter copies its matrices into one slot,
+zero-padded to `r_max`; a slot is zeroed wherever the new adapter has no weights, so nothing of the
+previous occupant survives. Per-slot rank and scaling (alpha / r) travel as host lists, read by the
+segment op.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ class MultiLoRALinear(nn.Module):
         self.pool = pool
         device = base.weight.device
         self.lora_a = nn.Buffer(torch.zeros(n_slots, r_max, base.in_features, dtype=dtype, device=device))
-        self.lora_b = nn.Buffer(torch.zeros(n_slots, base.out_features, r_max, dtype=dtype, device=device))
+        if pool.op_name == "segment":
+            b = torch.zeros(n_slots, r_max, base.out_features, dtype=dtype, device=device).transpose(1, 2)
+        else:
+            b = torch.zeros(n_slots, base.out_features, r_max, dtype=dtype, device=device)
+        self.lora_b = nn.Buffer(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)

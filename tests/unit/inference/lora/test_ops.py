@@ -1,6 +1,9 @@
-"""The segment op against a plain per-token loop, with mixed ranks, base-model segments and bf16."""
+"""The segment op against a plain per-token loop, with mixed ranks, base-model segments and bf16, with
+its short tokens laid out by slot and by segment, and B stored either way round."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -30,8 +33,10 @@ def reference(
 LONG = SHORT_SEGMENT + 5  # a prefill-like segment, run on its own rather than padded
 
 
+@pytest.mark.parametrize("b_rank_major", [False, True], ids=["b-out-major", "b-rank-major"])
+@pytest.mark.parametrize("layout", ["by-slot", "by-segment"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segments_match_a_per_token_loop(dtype: torch.dtype) -> None:
+def test_segments_match_a_per_token_loop(dtype: torch.dtype, layout: str, b_rank_major: bool) -> None:
     g = torch.Generator().manual_seed(0)
     n_slots, r_max, d_in, d_out = 4, 16, 24, 40
     a = torch.randn(n_slots, r_max, d_in, generator=g)
@@ -53,9 +58,28 @@ def test_segments_match_a_per_token_loop(dtype: torch.dtype) -> None:
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
     assert plan.long == ((seg_indptr[6], seg_indptr[7], 2),) and plan.num_short == 6
+    assert plan.dense is not None  # three of four slots serve short tokens: the by-slot layout
+    if layout == "by-segment":
+        plan = dataclasses.replace(plan, dense=None)
+    if b_rank_major:  # the pool's storage for this op: [n_slots, r_max, d_out], seen transposed
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)
     lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
     for untouched in (2, 7):  # the EMPTY segment and the rank-0 slot keep the base output bit for bit
         rows = slice(seg_indptr[untouched], seg_indptr[untouched + 1])
         assert torch.equal(y[rows], expected[rows])
+
+
+def test_short_tokens_go_by_segment_when_few_slots_serve_them() -> None:
+    """Two one-token segments among 32 slots: padding every slot would multiply 16 times the work."""
+    cpu = torch.device("cpu")
+    few = plan_segments([0, 1, 2], [3, 9], [1.0] * 32, [8] * 32, cpu)
+    assert few.dense is None and few.num_short == 2
+    # A decode step over most slots, one slot with three tokens: by slot, padded to three.
+    indptr = [0]
+    for k in range(32):
+        indptr.append(indptr[-1] + (3 if k == 5 else 1))
+    many = plan_segments(indptr, list(range(32)), [1.0] * 32, [8] * 32, cpu)
+    assert many.dense is not None and many.dense.length == 3
+    assert many.dense.rows.tolist()[5 * 3 : 6 * 3] == [5, 6, 7]
