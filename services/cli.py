@@ -208,8 +208,12 @@ def up(
     ] = None,
     tenant: Annotated[str, typer.Option(help="Tenant of the API key created for you.")] = "demo",
     dtype: Annotated[
-        str, typer.Option(help="Workers' compute dtype: float32, bfloat16, float16.")
-    ] = "float32",
+        str,
+        typer.Option(
+            help="Workers' compute dtype: auto (bfloat16 where the device computes it natively, "
+            "else float32), float32, bfloat16, float16."
+        ),
+    ] = "auto",
 ) -> None:
     """Run the whole cluster locally (store, attribution, workers, gateway) until Ctrl-C.
 

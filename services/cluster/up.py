@@ -51,7 +51,8 @@ class ClusterConfig:
     """None: SQLite in `data_dir`."""
     tenant: str = "demo"
     """The tenant of the API key `up` creates."""
-    worker_dtype: str = "float32"
+    worker_dtype: str = "auto"
+    """`auto`: bfloat16 on CUDA and CPUs with bf16 instructions, else float32."""
     log_level: str = "WARNING"
     """Of the children (their warnings and errors still stream with a prefix)."""
 

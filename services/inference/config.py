@@ -44,8 +44,11 @@ class WorkerSettings(ServiceSettings):
     """This worker's id, stamped on every usage record. Keep it stable across restarts (the pod
     name in Kubernetes): usage replayed from the spool after a restart carries it."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Compute dtype of the base weights, activations and KV cache (adapters stay in float32)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the base weights, activations and KV cache (adapters stay in float32). `auto`:
+    bfloat16 on CUDA and on CPUs with bf16 instructions (AVX-512 BF16, AMX), float32 on other CPUs,
+    where torch emulates bf16 about 8× slower than float32 (an explicit bfloat16 there logs a
+    warning). Outputs are token-identical to PEFT and transformers in float32."""
 
     quantization: Literal["none", "int8"] = "none"
     """Weight-only quantisation of the base model's linear layers."""

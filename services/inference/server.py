@@ -36,6 +36,7 @@ from services.inference.adapter_cache import AdapterCache, CacheConfig
 from services.inference.adapters import AdapterResolver
 from services.inference.base_model_guard import BaseModelGuard
 from services.inference.config import WorkerSettings
+from services.inference.engine.dtypes import resolve_dtype
 from services.inference.engine.llm_engine import EngineConfig, EngineStats
 from services.inference.engine.sequence import SamplingParams
 from services.inference.engine_process.client import EngineClient, RestartPolicy
@@ -323,7 +324,7 @@ class Worker:
             limits=Limits(max_context, s.default_max_new_tokens, s.max_new_tokens_limit, info.vocab_size),
             model=ModelDescription(
                 name=model_name(s),
-                dtype=s.dtype,
+                dtype=resolve_dtype(s.dtype, s.device),
                 quantization=s.quantization,
                 max_context=max_context,
                 attention_backend=s.attention_backend,

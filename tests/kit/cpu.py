@@ -11,13 +11,11 @@ from typing import Literal
 
 import torch
 
-from bench.machine import cpu_flags
-
-_NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
+from services.inference.engine.dtypes import resolve_dtype
 
 
 def fast_dtype() -> Literal["bfloat16", "float32"]:
-    """bfloat16 where the CPU has bf16 instructions (or on CUDA), else float32."""
-    if torch.cuda.is_available() or any(flag in cpu_flags().split() for flag in _NATIVE_BF16):
-        return "bfloat16"
-    return "float32"
+    """bfloat16 where the CPU has bf16 instructions (or on CUDA), else float32: what `dtype=auto` picks."""
+    picked = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    assert picked != "float16"
+    return picked

@@ -15,6 +15,7 @@ from services.common.errors import InvalidArgument
 from services.inference.engine import attention
 from services.inference.engine.block_manager import BlockManager
 from services.inference.engine.detokenizer import IncrementalDetokenizer
+from services.inference.engine.dtypes import resolve_dtype, warn_if_slow
 from services.inference.engine.kv_cache import KVCacheSpec, PagedKVCache, free_device_memory
 from services.inference.engine.lora.pool import DEFAULT_TARGETS, LoRAPool
 from services.inference.engine.lora.residency import AdapterResidency, HostAdapter
@@ -45,7 +46,9 @@ class EngineConfig:
     """KV cache size; None takes `kv_cache_memory_fraction` of the device's free memory."""
     kv_cache_memory_fraction: float = 0.2
     enable_prefix_caching: bool = True
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """`auto` is resolved when the config is made: bfloat16 on CUDA or a CPU with bf16 instructions,
+    else float32 (see `dtypes.py`); the config then holds the dtype the engine runs in."""
     device: str = "cpu"
     attention_backend: str = "torch"
     """`torch` (SDPA over the gathered paged context, any device) or `flash_attn` (CUDA, fp16/bf16)."""
@@ -64,6 +67,7 @@ class EngineConfig:
     torchao); activations, KV cache and adapters keep `dtype`."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -128,6 +132,7 @@ class LLMEngine:
             raise ValueError(f"rope_type {rope['rope_type']!r} is not supported by the ragged batch")
         self.config = config
         self.device = torch.device(config.device)
+        warn_if_slow(config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=DTYPES[config.dtype]).eval()
         quantize_base_weights(self.model, config.quantization)
         self.residency: AdapterResidency | None = None

@@ -36,6 +36,7 @@ def worker_settings(tmp_path: Path, model: Path, **overrides: Any) -> WorkerSett
         "metrics_port": 0,
         "model": str(model),
         "worker_id": "worker-test",
+        "dtype": "float32",  # the references (`reference_outputs`, PEFT, HF) run in float32
         "kv_cache_bytes": KV_CACHE_BYTES,
         "lora_slots": 4,
         "lora_max_rank": 16,

@@ -140,6 +140,7 @@ def worker_process(
     ]
     env = {
         "OPENLORA_WORKER_WORKER_ID": "worker-proc",
+        "OPENLORA_WORKER_DTYPE": "float32",  # the references (`reference_outputs`) run in float32
         "OPENLORA_WORKER_KV_CACHE_BYTES": str(1 << 24),
         "OPENLORA_WORKER_LORA_SLOTS": "8",
         "OPENLORA_WORKER_LORA_MAX_RANK": "16",
