@@ -3,7 +3,7 @@ its short tokens laid out by slot and by segment, and B stored either way round.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Literal
 
 import pytest
 import torch
@@ -36,7 +36,9 @@ LONG = SHORT_SEGMENT + 5  # a prefill-like segment, run on its own rather than p
 @pytest.mark.parametrize("b_rank_major", [False, True], ids=["b-out-major", "b-rank-major"])
 @pytest.mark.parametrize("layout", ["by-slot", "by-segment"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segments_match_a_per_token_loop(dtype: torch.dtype, layout: str, b_rank_major: bool) -> None:
+def test_segments_match_a_per_token_loop(
+    dtype: torch.dtype, layout: Literal["by-slot", "by-segment"], b_rank_major: bool
+) -> None:
     g = torch.Generator().manual_seed(0)
     n_slots, r_max, d_in, d_out = 4, 16, 24, 40
     a = torch.randn(n_slots, r_max, d_in, generator=g)
@@ -58,9 +60,8 @@ def test_segments_match_a_per_token_loop(dtype: torch.dtype, layout: str, b_rank
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
     assert plan.long == ((seg_indptr[6], seg_indptr[7], 2),) and plan.num_short == 6
-    assert plan.dense is not None  # three of four slots serve short tokens: the by-slot layout
-    if layout == "by-segment":
-        plan = dataclasses.replace(plan, dense=None)
+    assert plan.by_slot  # three of four slots serve short tokens: the by-slot layout
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), short_layout=layout)
     if b_rank_major:  # the pool's storage for this op: [n_slots, r_max, d_out], seen transposed
         b = b.transpose(1, 2).contiguous().transpose(1, 2)
     lora_segment(y, x, a, b, plan)
@@ -75,11 +76,38 @@ def test_short_tokens_go_by_segment_when_few_slots_serve_them() -> None:
     """Two one-token segments among 32 slots: padding every slot would multiply 16 times the work."""
     cpu = torch.device("cpu")
     few = plan_segments([0, 1, 2], [3, 9], [1.0] * 32, [8] * 32, cpu)
-    assert few.dense is None and few.num_short == 2
+    assert not few.by_slot and few.num_short == 2
     # A decode step over most slots, one slot with three tokens: by slot, padded to three.
     indptr = [0]
     for k in range(32):
         indptr.append(indptr[-1] + (3 if k == 5 else 1))
     many = plan_segments(indptr, list(range(32)), [1.0] * 32, [8] * 32, cpu)
-    assert many.dense is not None and many.dense.length == 3
-    assert many.dense.rows.tolist()[5 * 3 : 6 * 3] == [5, 6, 7]
+    assert many.by_slot and many.short is not None and many.short.length == 3
+    assert many.short.rows.tolist()[5 * 3 : 6 * 3] == [5, 6, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype) -> None:
+    """Prefill chunks of 21, 30 and 40 tokens (two groups: 17–32 and 33–64 tokens), among short ones."""
+    g = torch.Generator().manual_seed(1)
+    n_slots, r_max, d_in, d_out = 3, 8, 16, 24
+    a = torch.randn(n_slots, r_max, d_in, generator=g)
+    b = torch.randn(n_slots, d_out, r_max, generator=g)
+    ranks, scaling = [8, 4, 8], [0.5, 2.0, 1.0]
+    a[1, 4:] = 0
+    b[1, :, 4:] = 0
+    lengths = [21, 2, 40, 30, 1]
+    seg_slots = [0, 1, 2, 1, EMPTY]
+    seg_indptr = [0]
+    for n in lengths:
+        seg_indptr.append(seg_indptr[-1] + n)
+    token_slots = [k for s, k in enumerate(seg_slots) for _ in range(lengths[s])]
+    x = torch.randn(seg_indptr[-1], d_in, generator=g).to(dtype)
+    y = torch.randn(seg_indptr[-1], d_out, generator=g).to(dtype)
+    expected = reference(y, x, a, b, scaling, ranks, token_slots)
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
+    assert sorted(group.length for group in plan.long_groups) == [30, 40]
+    lora_segment(y, x, a, b.transpose(1, 2).contiguous().transpose(1, 2), plan)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(y[-1], expected[-1])  # the base-model token is untouched
