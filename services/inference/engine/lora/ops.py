@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from services.inference.engine.lora.slots import EMPTY
 
@@ -64,7 +63,6 @@ class SegmentPlan:
     num_short: int  # short segments
     short: PaddedSegments | None  # the short segments' tokens, by slot or by segment
     long_groups: tuple[PaddedSegments, ...]  # the long segments, by length
-    long: tuple[Segment, ...]  # (start, end, slot) of each long segment (the triton op runs them apart)
     valid_rows: torch.Tensor  # [N] int64: the short segments' tokens (for per-token kernels)
     valid_slots: torch.Tensor  # [N] int64: the slot of each of those tokens
     slot_scaling: torch.Tensor  # [n_slots] float32
@@ -109,7 +107,6 @@ def plan_segments(
         num_short=len(short),
         short=layout,
         long_groups=tuple(_by_segment(group, scaling, ranks, device) for group in by_length.values()),
-        long=tuple(long),
         valid_rows=torch.tensor(
             [t for start, end, _ in short for t in range(start, end)], dtype=torch.long, device=device
         ),
@@ -187,16 +184,12 @@ def _by_slot(
     return _padded(by_slot, None, list(scaling), rank, device)
 
 
-def long_segments(
+def long_groups(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, plan: SegmentPlan
 ) -> None:
-    """One matmul pair per long segment (a prefill chunk), for ops whose own kernels take the short ones."""
-    b_rows = b.transpose(1, 2)  # [n_slots, r_max, d_out]: contiguous in the pool's storage for this op
-    for start, end, k in plan.long:
-        r = plan.ranks[k]
-        hidden = F.linear(x[start:end].to(a.dtype), a[k, :r])  # [n, r]
-        delta = torch.mm(hidden, b_rows[k, :r]) * plan.scaling[k]  # [n, d_out]
-        y[start:end] = (y[start:end].to(delta.dtype) + delta).to(y.dtype)
+    """The long segments (prefill chunks) alone, for ops whose own kernels take the short ones."""
+    for group in plan.long_groups:
+        _apply_padded(y, x, a, b, group)
 
 
 def lora_segment(
@@ -206,8 +199,7 @@ def lora_segment(
     b: torch.Tensor,  # [n_slots, d_out, r_max]
     plan: SegmentPlan,
 ) -> None:
-    for group in plan.long_groups:
-        _apply_padded(y, x, a, b, group)
+    long_groups(y, x, a, b, plan)
     if plan.short is not None:
         _apply_padded(y, x, a, b, plan.short)
 

@@ -3,8 +3,9 @@
 Same signature and semantics as `ops.lora_segment`. A decode step's tokens each read their own slot's
 A and B straight from the stacked pool buffers, so no weights are gathered into temporary tensors:
 `shrink` computes h[t] = A[slot(t)] · x[t] (float32) and `expand` adds scaling · B[slot(t)] · h[t] to
-y[t] in float32 before casting back, as PEFT does. Long segments (prefill chunks) keep the GEMM pair of
-the segment op, which uses the tensor cores far better than a per-token kernel would.
+y[t] in float32 before casting back, as PEFT does. Long segments (prefill chunks) run as the segment
+op's groups of batched GEMM pairs, which use the tensor cores far better than a per-token kernel would
+(and cost a tenth of a GEMM pair per segment on an H200: `bench/RESULTS.md`).
 
 Imported only where triton is installed; `TRITON_INTERPRET=1` runs the kernels on CPU tensors, which is
 how the tests check them on machines without a GPU.
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from services.inference.engine.lora.ops import SegmentPlan, long_segments
+from services.inference.engine.lora.ops import SegmentPlan, long_groups
 
 BLOCK_K = 64  # input features per shrink iteration
 BLOCK_N = 64  # output features per expand program
@@ -97,7 +98,7 @@ def lora_bgmv(
     b: torch.Tensor,  # [n_slots, d_out, r_max], contiguous
     plan: SegmentPlan,
 ) -> None:
-    long_segments(y, x, a, b, plan)
+    long_groups(y, x, a, b, plan)
     num_tokens = int(plan.valid_rows.shape[0])
     if not num_tokens:
         return

@@ -59,7 +59,10 @@ def test_segments_match_a_per_token_loop(
     y = torch.randn(total, d_out, generator=g).to(dtype)
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
-    assert plan.long == ((seg_indptr[6], seg_indptr[7], 2),) and plan.num_short == 6
+    assert [group.valid_rows.tolist() for group in plan.long_groups] == [
+        list(range(seg_indptr[6], seg_indptr[7]))
+    ]
+    assert plan.num_short == 6
     assert plan.by_slot  # three of four slots serve short tokens: the by-slot layout
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), short_layout=layout)
     if b_rank_major:  # the pool's storage for this op: [n_slots, r_max, d_out], seen transposed
