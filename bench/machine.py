@@ -6,13 +6,12 @@ from pathlib import Path
 
 import psutil
 
+from services.common import cpu
+
 
 def cpu_flags() -> str:
     """The vector extensions of this CPU that matter to torch's kernels (figures depend on them)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return ""
+    flags = cpu.cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "fma")
     return " ".join(f for f in wanted if f in flags)
 

@@ -9,10 +9,11 @@ those instructions, fp32 elsewhere, and an explicit bf16 on a CPU without them i
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Literal
 
 import torch
+
+from services.common import cpu
 
 log = logging.getLogger("openlora.engine")
 
@@ -22,17 +23,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 EMULATED_BF16_SLOWDOWN = 8  # SmolLM2 fp32 vs bf16 on the AVX2-only EPYC, 2026-12-01
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is not there)."""
-    try:
-        line = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
-        return frozenset()
-    return frozenset(line.split(":", 1)[-1].split())
-
-
 def cpu_has_native_bf16() -> bool:
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    return any(flag in cpu.cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> Dtype:

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from services.common import cpu
 from services.inference.engine import dtypes
 from services.inference.engine.llm_engine import EngineConfig
 
@@ -16,7 +17,7 @@ SAPPHIRE_RAPIDS = AVX2_ONLY | {"avx512f", "amx_tile", "amx_bf16", "amx_int8"}
 
 
 def with_flags(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str]) -> None:
-    monkeypatch.setattr(dtypes, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
 
 
 @pytest.mark.parametrize(
@@ -71,5 +72,5 @@ def test_explicit_bf16_on_a_cpu_without_it_warns_with_the_slowdown(
 
 def test_this_machine_reads_its_own_flags() -> None:
     """/proc/cpuinfo parses to flags on Linux (the stubbed tests above trust that shape)."""
-    flags = dtypes.cpu_flags()
+    flags = cpu.cpu_flags()
     assert not flags or {"sse2", "fpu"} & flags
