@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM
 from bench import workload
 from bench.engine_bench import model_dir, run_ours
 from bench.lora_bench import HostAdapter, adapter_name
-from bench.machine import cpu_flags, steal_seconds, thread_usage
+from bench.machine import cpu_flags, cpu_model, steal_seconds, thread_usage
 from services.adapter_store.client import adapter_files, upload
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.grpc_client import open_channel
@@ -481,7 +481,7 @@ def main() -> None:
         "loadavg_1m_before": round(load_before, 2),
         "steal_s_served": round(sum(x["steal_s"] for x in served_rounds), 2),
         "steal_s_in_process": round(sum(x["steal_s"] for x in local_rounds), 2),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model() or platform.machine(),
         "cpu_flags": cpu_flags(),
         "worker_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OPENLORA_WORKER_")},
     }

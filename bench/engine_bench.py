@@ -34,11 +34,9 @@ import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bench import workload
+from bench.machine import cpu_flags, cpu_model, gemm_gflops
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams, Sequence
-
-# Peak matmul throughput of this CPU, measured for TARGETS.md (2 threads, torch 2.13).
-PEAK_GFLOPS = {"float32": 200.0, "bfloat16": 835.0}
 
 
 def model_dir(name: str, scratch: Path) -> Path:
@@ -100,6 +98,14 @@ def run_ours(
         "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
         "outputs": {rid: list(s.output_token_ids) for rid, s in seqs.items()},
     }
+
+
+def decode_flops_per_token(model: Any) -> int:
+    """A decode token costs ~2 FLOP per weight it multiplies: every linear layer and the LM head, not
+    the embedding lookup (`parameters()` counts a tied LM head once, as the embedding)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    return int(2 * (params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)))
 
 
 def generate_padded(model: Any, batch: list[workload.WorkloadRequest], **kwargs: Any) -> dict[str, list[int]]:
@@ -237,12 +243,10 @@ def main() -> None:
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(r[key] for r in runs))
 
-    # A decode token costs ~2 FLOP per weight it multiplies: every linear layer and the LM head, not
-    # the embedding lookup (`parameters()` counts a tied LM head once, as the embedding).
-    cfg = hf.config
-    params = sum(p.numel() for p in hf.parameters())
-    flops_per_token = 2 * (params - (0 if cfg.tie_word_embeddings else vocab * cfg.hidden_size))
+    flops_per_token = decode_flops_per_token(hf)
     ours_tok_s = med(ours_runs, "tok_s")
+    # The ceiling: every output token's matmuls at the rate a large GEMM reaches on this machine now.
+    gflops = gemm_gflops(dtype) if args.device == "cpu" else None
     ratios = [o["tok_s"] / h["tok_s"] for o, h in zip(ours_runs, hf_runs, strict=True)]
     print(
         json.dumps(
@@ -272,8 +276,11 @@ def main() -> None:
                 "peak_rss_mib_total": round(peak_rss_mib(), 1),
                 "kv_cache_mib": round(engine.kv_cache.num_bytes / 2**20, 1),
                 "same_tokens_as_hf": round(agreement(ours_runs[0]["outputs"], hf_runs[0]["outputs"]), 3),
-                "ceiling_tok_s": round(PEAK_GFLOPS.get(args.dtype, 0.0) * 1e9 / flops_per_token),
+                "gemm_gflops": round(gflops) if gflops is not None else None,
+                "ceiling_tok_s": round(gflops * 1e9 / flops_per_token) if gflops is not None else None,
                 "threads": args.threads,
+                "cpu": cpu_model(),
+                "cpu_flags": cpu_flags(),
                 "device": args.device,
                 "gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 if args.device.startswith("cuda")

@@ -42,7 +42,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bench import workload
-from bench.engine_bench import agreement, generate_padded, model_dir, peak_rss_mib, run_hf, run_ours
+from bench.engine_bench import (
+    agreement,
+    decode_flops_per_token,
+    generate_padded,
+    model_dir,
+    peak_rss_mib,
+    run_hf,
+    run_ours,
+)
+from bench.machine import cpu_flags, cpu_model, gemm_gflops
 from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
@@ -128,6 +137,8 @@ def main() -> None:
         "enable_prefix_caching": False,  # a repeated replay must not reuse the previous one's prompts
     }
     base_engine = LLMEngine(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), EngineConfig(**common))
+    flops_per_token = decode_flops_per_token(base_engine.model)
+    gflops = gemm_gflops(dtype)
     lora_config = EngineConfig(
         **common, lora_slots=args.lora_slots, lora_max_rank=args.rank, lora_target_modules=tuple(targets)
     )
@@ -221,6 +232,11 @@ def main() -> None:
                     line["merges"] = result["merges"]
                 del peft
             line["peak_rss_mib"] = round(peak_rss_mib(), 1)
+            # How far the base model is from this machine's matmul rate (each decode token's weights
+            # at a large GEMM's speed), measured now: it moves with the CPU.
+            line["gemm_gflops"] = round(gflops)
+            line["base_ceiling_tok_s"] = round(gflops * 1e9 / flops_per_token)
+            line["cpu"], line["cpu_flags"] = cpu_model(), cpu_flags()
             print(json.dumps(line), flush=True)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -14,6 +16,35 @@ def cpu_flags() -> str:
     flags = cpu.cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "fma")
     return " ".join(f for f in wanted if f in flags)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it ("" where /proc/cpuinfo has none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def gemm_gflops(dtype: Any, shape: tuple[int, int, int] = (2048, 2048, 2048), seconds: float = 0.5) -> float:
+    """What torch's matmul reaches here for `shape` (rows, inner, columns) in `dtype`, measured now
+    with the current torch threads: the ceiling a figure is compared with. It moves with the CPU
+    (an AVX2-only host and an AMX one differ 8x in bf16), so it is measured, never written down."""
+    import torch  # here: the relay and gateway benchmarks never load torch
+
+    rows, inner, columns = shape
+    a = torch.randn(rows, inner).to(dtype)
+    b = torch.randn(columns, inner).to(dtype)
+    for _ in range(2):
+        torch.nn.functional.linear(a, b)
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or calls < 3:
+        torch.nn.functional.linear(a, b)
+        calls += 1
+    return 2 * rows * inner * columns * calls / elapsed / 1e9
 
 
 def steal_seconds() -> float:
