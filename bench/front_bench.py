@@ -26,69 +26,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from opentelemetry import trace
-from prometheus_client import CollectorRegistry
-
 from bench.machine import cpu_flags, cpu_model
-from services.common.interceptors import InflightCalls
-from services.common.proto import inference_pb2, relay_pb2
-from services.inference.adapters import AdapterResolver
-from services.inference.engine.sequence import FinishReason
-from services.inference.engine_process import protocol
-from services.inference.engine_process.client import EngineClient
-from services.inference.engine_process.protocol import EngineInfo
-from services.inference.relay_server import _Link
-from services.inference.service import ModelDescription, WorkerService
-from services.inference.servicer import InferenceServicer
-from services.inference.validation import Limits
-from services.inference.worker_metrics import WorkerMetrics
-
-
-def front(tokenizer: Any) -> tuple[EngineClient, InferenceServicer]:
-    engine = EngineClient(lambda *_: None, env={})  # type: ignore[arg-type]
-    engine.info = EngineInfo.__new__(EngineInfo)  # alive, with no process: commands go nowhere
-    tracer = trace.get_tracer("front-bench")
-    service = WorkerService(
-        engine=engine,
-        tokenizer=tokenizer,
-        resolver=AdapterResolver(None, None, tracer),
-        reporter=None,
-        metrics=WorkerMetrics(CollectorRegistry(), lambda: None, lambda: None),
-        limits=Limits(8192, 256, 4096, tokenizer.vocab_size),
-        model=ModelDescription("smollm2", "float32", "none", 8192, "torch", "segment"),
-        worker_id="bench",
-        tracer=tracer,
-    )
-    return engine, InferenceServicer(service, None)
+from tests.kit.front import Front
 
 
 async def one_round(tokenizer: Any, streams: int, steps: int) -> tuple[float, int]:
-    engine, servicer = front(tokenizer)
-    link = _Link(servicer.Generate, InflightCalls(), None)
+    front = Front(tokenizer)
     prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
-    for i in range(streams):
-        request = inference_pb2.GenerateRequest(request_id=f"r{i}", tenant="bench")
-        request.token_ids.ids.extend(prompt)
-        request.sampling.max_new_tokens = steps
-        link._start(relay_pb2.RelayStart(stream_id=i, request=request))
-    await asyncio.sleep(0.01)  # every stream reaches the engine client
-    request_ids = list(engine._streams)
+    request_ids = [await front.start(i, prompt, max_new_tokens=steps) for i in range(streams)]
     words = tokenizer.encode(" alpha beta gamma delta epsilon zeta eta theta iota kappa")
     chunks = 0
     started = time.process_time()
     for step in range(steps):
-        finish = FinishReason.LENGTH if step == steps - 1 else None
         token = [words[step % len(words)]]
-        engine._on_step([protocol.encode_output(rid, token, [], finish) for rid in request_ids], None, None)
-        for _ in range(4):  # let every woken stream run to its next wait
+        front.step({rid: token for rid in request_ids}, frozenset(request_ids if step == steps - 1 else ()))
+        for _ in range(4):  # let any stream woken by the step run to its next wait
             await asyncio.sleep(0)
-        events, written = link._take(), link.written
-        link.written = asyncio.Event()
-        written.set()
-        chunks += sum(1 for e in events if e.chunk)
-    while link.streams:
+        chunks += sum(1 for e in front.write() if e.chunk)
+    while front.link.streams:
         await asyncio.sleep(0)
-        link._take()
+        front.write()
     return (time.process_time() - started) / max(chunks, 1) * 1e6, chunks
 
 

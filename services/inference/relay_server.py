@@ -9,10 +9,12 @@ for them).
 
 Chunks of every stream go down together, one message per write, and a write holds at most one chunk
 of each stream (the gateway relays each as it came, without merging). A stream hands over its next
-chunk only once the previous one was written: it checks when that next chunk is ready, so a stream
-whose chunks come slower than the link writes (a large model, one token a step) is never put to
-sleep for it. A gateway that stops reading stops the streams (their engine buffers fill and cancel
-them, as for a slow client of `Generate` itself) and a busy link carries fewer, fuller messages.
+chunk only once the previous one was written (`StreamSink.writable`); the worker's handler
+(`InferenceServicer.serve`) hands chunks over from the engine client's step handler, so a step's
+chunks for every stream are made in one pass with no task woken per stream, and a stream whose
+chunks come slower than the link writes (a large model, one token a step) never waits. A gateway
+that stops reading stops the streams (their engine buffers fill and cancel them, as for a slow
+client of `Generate` itself) and a busy link carries fewer, fuller messages.
 When the call ends, every stream still running on it is cancelled, as a client hanging up would.
 """
 
@@ -23,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -52,6 +54,9 @@ _EVENT_OVERHEAD_BYTES = 16
 
 # A `Generate` handler: (request, context) -> async iterator of chunks.
 GenerateHandler = Callable[[inference_pb2.GenerateRequest, Any], AsyncIterator[inference_pb2.GenerateChunk]]
+# A stream's handler on the link: (request, context, sink) -> runs to the stream's end, sending its
+# chunks to the sink; an exception ends the stream with its status, as a call's would.
+ServeHandler = Callable[[inference_pb2.GenerateRequest, Any, "StreamSink"], Awaitable[None]]
 
 
 class StreamContext:
@@ -75,16 +80,88 @@ def _end_event(stream_id: int, code: grpc.StatusCode, message: str = "", details
     )
 
 
+class StreamSink:
+    """Where one stream's handler sends its chunks: one at a time, each once the previous was written."""
+
+    __slots__ = ("_callback", "_link", "busy", "sent", "stream_id")
+
+    def __init__(self, link: _Link, stream_id: int) -> None:
+        self._link = link
+        self.stream_id = stream_id
+        self.busy = False  # a chunk of ours waits to be written
+        self.sent = 0
+        self._callback: Callable[[], None] | None = None
+
+    @property
+    def writable(self) -> bool:
+        return not self.busy
+
+    def send(self, chunk: inference_pb2.GenerateChunk) -> None:
+        """Queue the chunk for the next write (billed by now: it goes even if the stream is cancelled)."""
+        self.busy = True
+        self.sent += 1
+        self._link._push(
+            relay_pb2.RelayEvent(
+                stream_id=self.stream_id,
+                chunk=chunk.SerializeToString(),
+                completion_tokens=len(chunk.token_ids),
+                prompt_tokens=chunk.usage.prompt_tokens,
+            ),
+            self,
+        )
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the chunk last sent was written (at once if it was)."""
+        if self.busy:
+            self._callback = callback
+        else:
+            callback()
+
+    async def wait_writable(self) -> None:
+        if self.busy:
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def written() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            self.on_writable(written)
+            await ready
+
+    def _written(self) -> None:
+        self.busy = False
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
+def from_generator(generate: GenerateHandler) -> ServeHandler:
+    """A `Generate` handler (an async generator of chunks) as a handler on the link."""
+
+    async def serve(request: inference_pb2.GenerateRequest, context: Any, sink: StreamSink) -> None:
+        chunks = generate(request, context)
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                try:
+                    await sink.wait_writable()
+                finally:
+                    # Even when cancelled while waiting: the handler billed the chunk as it yielded
+                    # it, so it goes to the transport as it would have without the wait.
+                    sink.send(chunk)
+
+    return serve
+
+
 class _Link:
     """The streams of one Relay call and the events waiting to go down."""
 
-    def __init__(self, generate: GenerateHandler, inflight: InflightCalls, max_calls: int | None) -> None:
-        self.generate = generate
+    def __init__(self, serve: ServeHandler, inflight: InflightCalls, max_calls: int | None) -> None:
+        self.serve = serve
         self.inflight = inflight
         self.max_calls = max_calls
         self.streams: dict[int, asyncio.Task[None]] = {}
         self.events: list[Any] = []
-        self.written = asyncio.Event()  # set once the events gathered so far were written
+        self.senders: list[StreamSink | None] = []  # whose chunk each event is (None: an end)
         self.wakeup = asyncio.Event()
         self.reading = True
 
@@ -107,14 +184,16 @@ class _Link:
             await self.wakeup.wait()
             self.wakeup.clear()
             if self.events:
-                events, written = self._take(), self.written
-                self.written = asyncio.Event()
+                events, senders = self._take()
                 yield relay_pb2.RelayDown(events=events)
-                written.set()
+                for sender in senders:
+                    if sender is not None:
+                        sender._written()
             elif not self.reading and not self.streams:
                 return
 
-    def _take(self) -> list[Any]:
+    def _take(self) -> tuple[list[Any], list[StreamSink | None]]:
+        """The events of the next write (under `MAX_BATCH_BYTES`) and whose chunks they are."""
         size, count = 0, 0
         for event in self.events:
             size += len(event.chunk) + _EVENT_OVERHEAD_BYTES
@@ -122,12 +201,14 @@ class _Link:
                 break
             count += 1
         taken, self.events = self.events[:count], self.events[count:]
+        senders, self.senders = self.senders[:count], self.senders[count:]
         if self.events:
             self.wakeup.set()  # the rest goes in the next write
-        return taken
+        return taken, senders
 
-    def _push(self, event: Any) -> None:
+    def _push(self, event: Any, sender: StreamSink | None = None) -> None:
         self.events.append(event)
+        self.senders.append(sender)
         self.wakeup.set()
 
     def _start(self, start: Any) -> None:
@@ -150,29 +231,19 @@ class _Link:
         if start.trace_headers:  # the worker's spans join the gateway's trace
             otel_context.attach(propagate.extract(dict(start.trace_headers)))
         started = time.perf_counter()
-        code, responses = grpc.StatusCode.OK, 0
+        code = grpc.StatusCode.OK
         refusal = self._refusal()
         if refusal is not None:
             code = self._fail(start.stream_id, refusal, request_id)
-            log_call(GENERATE_METHOD, code, started, responses, relayed=True)
+            log_call(GENERATE_METHOD, code, started, 0, relayed=True)
             return
         self.inflight.enter()
         metadata = ((REQUEST_ID_KEY, request_id), *start.trace_headers.items())
         deadline = time.monotonic() + start.timeout_s if start.timeout_s > 0 else None
+        sink = StreamSink(self, start.stream_id)
         try:
             async with asyncio.timeout_at(_loop_time(deadline)) as timeout:
-                chunks = self.generate(request, StreamContext(metadata, deadline))
-                async with contextlib.aclosing(chunks):  # type: ignore[type-var]
-                    written: asyncio.Event | None = None  # set once our last chunk was written
-                    async for chunk in chunks:
-                        try:
-                            if written is not None and not written.is_set():
-                                await written.wait()
-                        finally:
-                            # Even when cancelled while waiting: the service billed the chunk as it
-                            # yielded it, so it goes to the transport as it would have without the wait.
-                            written = self._send(start.stream_id, chunk)
-                        responses += 1
+                await self.serve(request, StreamContext(metadata, deadline), sink)
             self._push(_end_event(start.stream_id, code))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -187,7 +258,7 @@ class _Link:
             code = self._fail(start.stream_id, exc, request_id)
         finally:
             self.inflight.exit()
-            log_call(GENERATE_METHOD, code, started, responses, relayed=True)
+            log_call(GENERATE_METHOD, code, started, sink.sent, relayed=True)
 
     def _refusal(self) -> ServiceError | None:
         """Why a new stream is refused, as a new call would be by the server."""
@@ -198,18 +269,6 @@ class _Link:
                 f"the worker serves {self.max_calls} calls at once (max_concurrent_rpcs)"
             )
         return None
-
-    def _send(self, stream_id: int, chunk: inference_pb2.GenerateChunk) -> asyncio.Event:
-        """Queue the chunk; the event is set once the write holding it is done."""
-        self._push(
-            relay_pb2.RelayEvent(
-                stream_id=stream_id,
-                chunk=chunk.SerializeToString(),
-                completion_tokens=len(chunk.token_ids),
-                prompt_tokens=chunk.usage.prompt_tokens,
-            )
-        )
-        return self.written
 
     def _fail(self, stream_id: int, exc: Exception, request_id: str) -> grpc.StatusCode:
         code, message, details = error_status(exc, GENERATE_METHOD, request_id)
@@ -232,17 +291,18 @@ def _loop_time(deadline: float | None) -> float | None:
 
 
 class RelayServicer(relay_pb2_grpc.WorkerRelayServicer):
-    """Serves `generate` (a servicer's `Generate`) to the gateway over one call per gateway."""
+    """Serves `serve` (a servicer's `serve`, or a `Generate` through `from_generator`) to the gateway
+    over one call per gateway."""
 
-    def __init__(self, generate: GenerateHandler, inflight: InflightCalls, max_calls: int | None) -> None:
-        self.generate = generate
+    def __init__(self, serve: ServeHandler, inflight: InflightCalls, max_calls: int | None) -> None:
+        self.serve = serve
         self.inflight = inflight
         self.max_calls = max_calls
 
     async def Relay(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         # At once: the gateway writes only once it knows the call was accepted (see worker_link).
         await context.send_initial_metadata(())
-        link = _Link(self.generate, self.inflight, self.max_calls)
+        link = _Link(self.serve, self.inflight, self.max_calls)
         reader = asyncio.get_running_loop().create_task(link.read(request_iterator))
         try:
             async for message in link.batches():
@@ -254,10 +314,10 @@ class RelayServicer(relay_pb2_grpc.WorkerRelayServicer):
                 await reader
 
 
-def relay_binding(generate: GenerateHandler, server: GrpcServer) -> ServiceBinding:
+def relay_binding(serve: ServeHandler, server: GrpcServer) -> ServiceBinding:
     """The relay served beside `server`'s other services: its streams count in the server's drain and
     against its `max_concurrent_rpcs`, as calls do."""
-    servicer = RelayServicer(generate, server.inflight, server.settings.max_concurrent_rpcs)
+    servicer = RelayServicer(serve, server.inflight, server.settings.max_concurrent_rpcs)
     return ServiceBinding(
         name=SERVICE_NAMES["relay"],
         attach=lambda grpc_server: relay_pb2_grpc.add_WorkerRelayServicer_to_server(servicer, grpc_server),

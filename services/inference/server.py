@@ -44,7 +44,7 @@ from services.inference.engine_process.core import EngineSpec
 from services.inference.engine_process.handoff import HandoffWriter
 from services.inference.engine_process.protocol import EngineInfo
 from services.inference.metrics import AdapterMetrics
-from services.inference.relay_server import relay_binding
+from services.inference.relay_server import StreamSink, relay_binding
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer, binding
 from services.inference.usage.reporter import UsageReporter
@@ -72,6 +72,9 @@ class _Pending(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncGenerator[inference_pb2.GenerateChunk]:
         async for chunk in self._ready().Generate(request, context):
             yield chunk
+
+    async def serve(self, request: inference_pb2.GenerateRequest, context: Any, sink: StreamSink) -> None:
+        await self._ready().serve(request, context, sink)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Any
@@ -143,7 +146,7 @@ class Worker:
             ready_on_start=False,
         )
         # The gateway's streams arrive over its relay call, counted in the same drain as calls.
-        self.server.services.append(relay_binding(self.pending.Generate, self.server))
+        self.server.services.append(relay_binding(self.pending.serve, self.server))
         self.engine: EngineClient | None = None
         self.handoff: HandoffWriter | None = None
         self.reporter: UsageReporter | None = None

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -77,8 +77,36 @@ class WorkerService:
 
     async def generate(self, request: ParsedRequest) -> AsyncGenerator[Chunk]:
         """Stream the request's chunks; the last carries `finish_reason` and usage."""
+        async with (
+            self._request(request) as (chunks, outcome),
+            contextlib.aclosing(self._pull(request, chunks)) as stream,
+        ):
+            async for chunk in stream:
+                if chunk.finish_reason is not None:
+                    outcome[0] = chunk.finish_reason.value
+                yield chunk
+
+    async def serve(self, request: ParsedRequest, sink: ChunkSink) -> None:
+        """Run the request to its end, handing each chunk to `sink` from inside the engine client's
+        step handler: one pass over a step's outputs serves every stream, with no task woken and no
+        generator resumed per chunk (a slow model makes one chunk per token, so this is the front's
+        cost per token). The sink says when it can take the next chunk; until then the tokens wait
+        in the engine stream, which cancels the request once too many do."""
+        async with self._request(request) as (chunks, outcome):
+            pusher = _Pusher(self, request, chunks, sink)
+            try:
+                await pusher.done
+            finally:
+                pusher.stream.close()
+                if pusher.finish is not None:
+                    outcome[0] = pusher.finish.value
+
+    @contextlib.asynccontextmanager
+    async def _request(self, request: ParsedRequest) -> AsyncIterator[tuple[_ChunkMaker, list[str]]]:
+        """A request's life around its chunks: adapter resolved and released, usage tracked, span and
+        outcome metric. Yields the chunk maker and a one-item list the caller sets the outcome in."""
         arrived = time.perf_counter()
-        outcome = "error"
+        outcome = ["error"]
         # Not made current across yields: the stream may be resumed or closed from another context.
         # The engine and the ledger know the request by an id of ours: the client's may be reused.
         usage_id = new_usage_id()
@@ -106,13 +134,9 @@ class WorkerService:
             )
             if self.reporter is not None:
                 self.reporter.track(usage)
-            async with contextlib.aclosing(self._stream(request, resolved, usage, arrived)) as chunks:
-                async for chunk in chunks:
-                    if chunk.finish_reason is not None:
-                        outcome = chunk.finish_reason.value
-                    yield chunk
+            yield _ChunkMaker(self, request, resolved, usage, arrived), outcome
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+            outcome[0] = "cancelled"
             raise
         except Exception as exc:
             span.record_exception(exc)
@@ -121,8 +145,8 @@ class WorkerService:
         finally:
             if resolved is not None:
                 resolved.release()
-            self.metrics.requests.labels(outcome).inc()
-            span.set_attribute("openlora.outcome", outcome)
+            self.metrics.requests.labels(outcome[0]).inc()
+            span.set_attribute("openlora.outcome", outcome[0])
             if usage is not None:
                 usage.close()
                 span.set_attributes(
@@ -133,25 +157,16 @@ class WorkerService:
                 )
             span.end()
 
-    async def _stream(
-        self, request: ParsedRequest, resolved: ResolvedAdapter | None, usage: RequestUsage, arrived: float
-    ) -> AsyncGenerator[Chunk]:
-        sampling = request.sampling
-        detokenizer = None
-        if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, sampling.stop)
-        elif sampling.stop:
-            raise InvalidArgument("sampling.stop", "stop strings need a worker started with a tokenizer")
+    async def _pull(self, request: ParsedRequest, chunks: _ChunkMaker) -> AsyncGenerator[Chunk]:
         outputs = cast(
             AsyncGenerator[EngineOutput],  # declared an iterator; it is an async generator
             self.engine.generate(
-                usage.request_id,
+                chunks.usage.request_id,
                 request.prompt_token_ids,
-                dataclasses.replace(sampling, stop=()) if sampling.stop else sampling,
-                adapter=resolved.handle if resolved else None,
+                chunks.engine_sampling,
+                adapter=chunks.adapter,
             ),
         )
-        last = arrived
         # aclosing: a stream that ends early (a stop string, a hang-up) aborts its engine request now.
         async with contextlib.aclosing(outputs):
             while True:
@@ -159,38 +174,149 @@ class WorkerService:
                     out = await anext(outputs)
                 except StopAsyncIteration:
                     return
-                except EngineUnavailable as exc:  # the engine is down or restarting: not the request's fault
-                    raise Unavailable(
-                        f"this worker's engine is not serving: {exc}", retry_after_s=1.0
-                    ) from None
-                token_ids, logprobs, finish = out.token_ids, out.logprobs, out.finish_reason
-                text = ""
-                if detokenizer is not None:
-                    token_ids, logprobs, finish, text = _detokenize(detokenizer, token_ids, logprobs, finish)
-                now = time.perf_counter()
-                if token_ids and not usage.prompt_tokens:
-                    usage.prompt(len(request.prompt_token_ids))
-                    self.metrics.ttft.observe(now - arrived)
-                    self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-                elif token_ids:
-                    self.metrics.inter_token.observe((now - last) / len(token_ids))
-                last = now
-                done = finish is not None
-                # Billed as the chunk is handed to the transport, which sends it: a stream cancelled
-                # while its chunk is being written (a hang-up, the relay's batch write) still bills
-                # what went out. Tokens the engine made but never handed over are not billed.
-                usage.completion(len(token_ids))
-                self.metrics.completion_tokens.inc(len(token_ids))
-                yield Chunk(
-                    token_ids,
-                    text,
-                    logprobs,
-                    finish,
-                    usage.prompt_tokens if done else 0,
-                    usage.completion_tokens if done else 0,
-                )
-                if done:
+                except EngineUnavailable as exc:
+                    raise _unavailable(exc) from None
+                chunk = chunks.make(out)
+                yield chunk
+                if chunk.finish_reason is not None:
                     return  # a stop string ended it before the engine knew: aclosing aborts the rest
+
+
+class ChunkSink(Protocol):
+    """Where `WorkerService.serve` hands a request's chunks (the relay's stream to the gateway)."""
+
+    @property
+    def writable(self) -> bool:
+        """The previous chunk was written: the next may be sent."""
+
+    def send(self, chunk: Chunk) -> None:
+        """Queue the chunk for the transport (billed: it is sent even if the call ends now)."""
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the chunk last sent was written."""
+
+
+def _unavailable(exc: EngineUnavailable) -> Unavailable:
+    """The engine is down or restarting: not the request's fault."""
+    return Unavailable(f"this worker's engine is not serving: {exc}", retry_after_s=1.0)
+
+
+class _ChunkMaker:
+    """Engine output → chunk of one request: text and stop strings, usage and token metrics."""
+
+    def __init__(
+        self,
+        service: WorkerService,
+        request: ParsedRequest,
+        resolved: ResolvedAdapter | None,
+        usage: RequestUsage,
+        arrived: float,
+    ) -> None:
+        sampling = request.sampling
+        self.detokenizer = None
+        if service.tokenizer is not None:
+            self.detokenizer = IncrementalDetokenizer(
+                service.tokenizer, request.prompt_token_ids, sampling.stop
+            )
+        elif sampling.stop:
+            raise InvalidArgument("sampling.stop", "stop strings need a worker started with a tokenizer")
+        # The engine sees token ids only: stop strings are found here, where the tokenizer is.
+        self.engine_sampling = dataclasses.replace(sampling, stop=()) if sampling.stop else sampling
+        self.adapter = resolved.handle if resolved else None
+        self.usage = usage
+        self.metrics = service.metrics
+        self.prompt_tokens = len(request.prompt_token_ids)
+        self.arrived = arrived
+        self.last = arrived
+
+    def make(self, out: EngineOutput) -> Chunk:
+        token_ids, logprobs, finish = out.token_ids, out.logprobs, out.finish_reason
+        text = ""
+        if self.detokenizer is not None:
+            token_ids, logprobs, finish, text = _detokenize(self.detokenizer, token_ids, logprobs, finish)
+        usage, metrics = self.usage, self.metrics
+        now = time.perf_counter()
+        if token_ids and not usage.prompt_tokens:
+            usage.prompt(self.prompt_tokens)
+            metrics.ttft.observe(now - self.arrived)
+            metrics.prompt_tokens.inc(usage.prompt_tokens)
+        elif token_ids:
+            metrics.inter_token.observe((now - self.last) / len(token_ids))
+        self.last = now
+        done = finish is not None
+        # Billed as the chunk is handed to the transport, which sends it: a stream cancelled while
+        # its chunk is being written (a hang-up, the relay's batch write) still bills what went
+        # out. Tokens the engine made but never handed over are not billed.
+        usage.completion(len(token_ids))
+        metrics.completion_tokens.inc(len(token_ids))
+        return Chunk(
+            token_ids,
+            text,
+            logprobs,
+            finish,
+            usage.prompt_tokens if done else 0,
+            usage.completion_tokens if done else 0,
+        )
+
+
+class _Pusher:
+    """`WorkerService.serve`'s request: engine news → chunk → sink, called back, never awaited."""
+
+    def __init__(
+        self, service: WorkerService, request: ParsedRequest, chunks: _ChunkMaker, sink: ChunkSink
+    ) -> None:
+        self.chunks = chunks
+        self.sink = sink
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finish: FinishReason | None = None
+        self.held = False  # news came while the sink was busy: take it once it is writable
+        try:
+            self.stream = service.engine.open(
+                chunks.usage.request_id,
+                request.prompt_token_ids,
+                chunks.engine_sampling,
+                adapter=chunks.adapter,
+                on_news=self._news,
+            )
+        except EngineUnavailable as exc:
+            raise _unavailable(exc) from None
+        self.stream.waiting = True
+
+    def _news(self) -> None:
+        if self.done.done():
+            return
+        # An error ends the stream now, even behind a chunk still being written (its end event
+        # follows that chunk): a reader that stopped reading must not keep the request open.
+        if not self.sink.writable and self.stream.error is None:
+            self.held = True
+            return
+        self._send()
+
+    def _writable(self) -> None:
+        self.stream.waiting = True
+        if self.held and not self.done.done():
+            self.held = False
+            self._send()
+
+    def _send(self) -> None:
+        try:
+            out = self.stream.take()
+            if not out.token_ids and not out.finished:
+                return
+            chunk = self.chunks.make(out)
+        except EngineUnavailable as exc:
+            self.done.set_exception(_unavailable(exc))
+            return
+        except Exception as exc:  # a refusal, a slow reader, a tokenizer failure: the stream's error
+            self.done.set_exception(exc)
+            return
+        self.sink.send(chunk)
+        if chunk.finish_reason is not None:
+            self.finish = chunk.finish_reason
+            self.done.set_result(None)  # a stop string may end it first: serve's close aborts the rest
+            return
+        self.stream.waiting = False
+        self.sink.on_writable(self._writable)
 
 
 def _detokenize(

@@ -9,7 +9,8 @@ from typing import Any
 from services.common.grpc_server import ServiceBinding
 from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.engine.sequence import FinishReason
-from services.inference.service import WorkerService
+from services.inference.relay_server import StreamSink
+from services.inference.service import Chunk, WorkerService
 from services.inference.validation import parse_request
 
 _FINISH = {
@@ -36,14 +37,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         parsed = parse_request(request, self.service.limits, self.tokenize)
         async with contextlib.aclosing(self.service.generate(parsed)) as chunks:
             async for chunk in chunks:
-                message = inference_pb2.GenerateChunk(
-                    token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
-                )
-                if chunk.finish_reason is not None:
-                    message.finish_reason = _FINISH[chunk.finish_reason]
-                    message.usage.prompt_tokens = chunk.prompt_tokens
-                    message.usage.completion_tokens = chunk.completion_tokens
-                yield message
+                yield to_message(chunk)
+
+    async def serve(self, request: inference_pb2.GenerateRequest, context: Any, sink: StreamSink) -> None:
+        """`Generate` for a stream on the gateway's relay: chunks go to `sink` as the engine steps."""
+        parsed = parse_request(request, self.service.limits, self.tokenize)
+        await self.service.serve(parsed, _MessageSink(sink))
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Any
@@ -103,6 +102,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
         listed.sort(key=lambda a: a.tier)  # fastest tier first, recency kept within a tier
         return listed
+
+
+def to_message(chunk: Chunk) -> inference_pb2.GenerateChunk:
+    message = inference_pb2.GenerateChunk(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+    if chunk.finish_reason is not None:
+        message.finish_reason = _FINISH[chunk.finish_reason]
+        message.usage.prompt_tokens = chunk.prompt_tokens
+        message.usage.completion_tokens = chunk.completion_tokens
+    return message
+
+
+class _MessageSink:
+    """The service's chunks as `GenerateChunk` messages, to the relay's stream."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: StreamSink) -> None:
+        self._sink = sink
+
+    @property
+    def writable(self) -> bool:
+        return self._sink.writable
+
+    def send(self, chunk: Chunk) -> None:
+        self._sink.send(to_message(chunk))
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        self._sink.on_writable(callback)
 
 
 def binding(servicer: inference_pb2_grpc.InferenceServicer) -> ServiceBinding:

@@ -57,33 +57,79 @@ class EngineOutput:
         return self.finish_reason is not None
 
 
-class _Stream:
-    __slots__ = ("due", "error", "finish", "logprobs", "news", "timer", "tokens", "waiting")
+class EngineStream:
+    """One request's output as the engine produces it, for one consumer.
 
-    def __init__(self) -> None:
+    A consumer either awaits `news` (`EngineClient.generate` does) or is called back: `on_news` runs
+    inside the step handler as soon as there is something to `take`, so a front can turn every
+    stream's tokens into chunks in one pass over the step, with no task woken per stream. Either way
+    `waiting` says the consumer would take news now; while it is false (a chunk of its own is still
+    being written) tokens gather here, up to the client's `max_buffered_tokens`."""
+
+    __slots__ = (
+        "_client",
+        "_generation",
+        "_notify",
+        "due",
+        "error",
+        "finish",
+        "logprobs",
+        "news",
+        "request_id",
+        "taken_last",
+        "timer",
+        "tokens",
+        "waiting",
+    )
+
+    def __init__(
+        self, client: EngineClient, request_id: str, on_news: Callable[[], None] | None = None
+    ) -> None:
+        self._client = client
+        self._generation = client._generation
+        self.request_id = request_id
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.finish: FinishReason | None = None
         self.error: BaseException | None = None
         self.news = asyncio.Event()
+        self._notify = on_news if on_news is not None else self.news.set
         self.due = 0.0  # loop time from which new tokens wake the consumer: the first ones at once
         self.timer: asyncio.TimerHandle | None = None
-        self.waiting = False  # the consumer waits for news: tokens held back are ours, not its
+        self.waiting = False  # the consumer takes news now: tokens held back are ours, not its
+        self.taken_last = False  # the consumer took the end (or the error): nothing to abort
 
     def take(self) -> EngineOutput:
+        """Everything since the last take; raises the stream's error (the engine failed, the request
+        was refused or cancelled for a slow reader)."""
+        self.news.clear()
+        if self.error is not None:
+            self.taken_last = True
+            raise self.error
         out = EngineOutput(self.tokens, self.logprobs, self.finish)
         self.tokens, self.logprobs = [], []
+        if out.token_ids or out.finish_reason is not None:
+            self.due = asyncio.get_running_loop().time() + self._client.stream_interval_s
+        if out.finish_reason is not None:
+            self.taken_last = True
         return out
+
+    def close(self) -> None:
+        """The consumer is done: a request still running is aborted in the engine."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._client._closed(self)
 
     def wake(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.news.set()
+        self._notify()
 
     def _timer_fired(self) -> None:
         self.timer = None
-        self.news.set()
+        self._notify()
 
     def wake_by(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         """New tokens: wake the consumer now if it is due, else once it is."""
@@ -127,7 +173,7 @@ class EngineClient:
         self._process: EngineProcess | None = None
         self._generation = 0
         self._ready: asyncio.Future[EngineInfo] | None = None
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, EngineStream] = {}
         self._adds: list[list[Any]] = []
         self._aborts: list[str] = []
         self._flush_scheduled = False
@@ -203,6 +249,26 @@ class EngineClient:
 
     # requests
 
+    def open(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        adapter: AdapterHandle | None = None,
+        on_news: Callable[[], None] | None = None,
+    ) -> EngineStream:
+        """Start a request; its output gathers in the returned stream (see `EngineStream`), which
+        the caller must `close`. A refusal comes as the stream's error."""
+        if not self.alive:
+            raise EngineUnavailable(self._why_not_alive())
+        if request_id in self._streams:
+            raise InvalidArgument("request_id", f"{request_id!r} is already running")
+        stream = EngineStream(self, request_id, on_news)
+        self._streams[request_id] = stream
+        self._queue(add=NewRequest(request_id, prompt_token_ids, sampling, adapter).encode())
+        return stream
+
     async def generate(
         self,
         request_id: str,
@@ -212,40 +278,26 @@ class EngineClient:
         adapter: AdapterHandle | None = None,
     ) -> AsyncIterator[EngineOutput]:
         """Stream a request's tokens, coalesced; refused requests raise before any output."""
-        if not self.alive:
-            raise EngineUnavailable(self._why_not_alive())
-        if request_id in self._streams:
-            raise InvalidArgument("request_id", f"{request_id!r} is already running")
-        stream = _Stream()
-        self._streams[request_id] = stream
-        self._queue(add=NewRequest(request_id, prompt_token_ids, sampling, adapter).encode())
-        generation = self._generation
-        loop = asyncio.get_running_loop()
-        interval = self.stream_interval_s
-        finished = False
+        stream = self.open(request_id, prompt_token_ids, sampling, adapter=adapter)
         try:
             while True:
                 stream.waiting = True
                 await stream.news.wait()
                 stream.waiting = False
-                stream.news.clear()
-                if stream.error is not None:
-                    finished = True
-                    raise stream.error
                 out = stream.take()
-                finished = out.finished
-                if out.token_ids or finished:
-                    stream.due = loop.time() + interval
+                if out.token_ids or out.finished:
                     yield out
-                if finished:
+                if out.finished:
                     return
         finally:
-            if stream.timer is not None:
-                stream.timer.cancel()
-            if not finished and self._streams.get(request_id) is stream:
-                del self._streams[request_id]
-                if generation == self._generation and self.alive:
-                    self._queue(abort=request_id)
+            stream.close()
+
+    def _closed(self, stream: EngineStream) -> None:
+        if stream.taken_last or self._streams.get(stream.request_id) is not stream:
+            return
+        del self._streams[stream.request_id]
+        if stream._generation == self._generation and self.alive:
+            self._queue(abort=stream.request_id)
 
     def _why_not_alive(self) -> str:
         if self._stopping:

@@ -22,7 +22,7 @@ from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.log import configure_logging
 from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2, inference_pb2_grpc
-from services.inference.relay_server import StreamContext, relay_binding
+from services.inference.relay_server import StreamContext, from_generator, relay_binding
 
 
 @dataclass
@@ -93,7 +93,7 @@ def fake_worker_server(
     server_settings = ServiceSettings(port=port, grace_period_s=grace_s, log_level="WARNING", **settings)
     server = GrpcServer(server_settings, [binding], component=f"fake-{worker.name}")
     if relay:  # as a real worker serves the gateway's streams
-        server.services.append(relay_binding(worker.Generate, server))
+        server.services.append(relay_binding(from_generator(worker.Generate), server))
     return server
 
 
