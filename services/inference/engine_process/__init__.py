@@ -2,7 +2,8 @@
 
 `core` is the child: it owns the model, scheduler, KV cache and LoRA slots and runs step after
 step, one message out per step. `process` starts, watches and stops that child; `client` is the
-front's view (`async for out in client.generate(...)`), which coalesces a request's tokens and
+front's view (`async for out in client.generate(...)`, or a stream that calls its consumer back from
+the step handler), which coalesces a request's tokens and
 restarts a crashed engine. `protocol` is every message between them; `handoff` carries adapter
 weights as mapped files instead of through the socket.
 """

@@ -1,6 +1,7 @@
-"""The front's engine: `async for out in client.generate(...)` over a supervised engine process.
+"""The front's engine over a supervised engine process: `async for out in client.generate(...)`, or
+`client.open(..., on_news=callback)` for a consumer called back inside the step handler.
 
-Commands are batched: every `generate` and abort of one event-loop turn leaves in one message.
+Commands are batched: every request and abort of one event-loop turn leaves in one message.
 Each step message is spread over the streams it names: a stream's new tokens are appended to its
 buffer, and the consumer takes everything buffered since it last looked. A consumer is woken at once
 for its first tokens, its end or an error, but otherwise at most once per `stream_interval_s`: on a
