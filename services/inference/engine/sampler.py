@@ -20,6 +20,16 @@ class SamplerOutput:
     logprobs: list[float] | None  # S: log-probability of each chosen token under the model, if asked
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)`, the first maximum of each row. On CPU `max(dim=-1)` gives the same indices
+    (ties and NaN included) 2x faster in float32 and 4.5x in bfloat16 over a 64 x 49,152 step of
+    logits (argmax's kernel was 3.3 ms of a ~85 ms bf16 SmolLM2 step); on CUDA argmax is kept, as
+    `max` does not promise the first index there."""
+    if x.device.type == "cpu":
+        return x.max(dim=-1).indices
+    return x.argmax(dim=-1)
+
+
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """logits [R, V]; top_k [R] (0 = off); top_p [R] → logits with the cut tokens at -inf."""
     vocab = logits.shape[-1]
@@ -43,7 +53,7 @@ def sample(
     num_rows = logits.shape[0]
     if num_rows == 0:
         return SamplerOutput([], None)
-    tokens = logits.argmax(dim=-1)  # [S]
+    tokens = argmax_rows(logits)  # [S]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
         rows = torch.tensor(random_rows, device=logits.device)
@@ -57,7 +67,7 @@ def sample(
         for r, i in enumerate(random_rows):
             noise[r].exponential_(generator=generators[i])
         # A zero draw would turn a zero-probability token into 0/0; clamp keeps it at 0.
-        tokens[rows] = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+        tokens[rows] = argmax_rows(probs / noise.clamp_(min=1e-30))
     logprobs = None
     if any(p.logprobs for p in params):
         chosen = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.inference.engine.sampler import _filter_top_k_top_p, sample
+from services.inference.engine.sampler import _filter_top_k_top_p, argmax_rows, sample
 from services.inference.engine.sequence import SamplingParams
 
 
@@ -22,6 +22,19 @@ def test_greedy_and_top_k_one_take_the_argmax() -> None:
     out = sample(logits, params, [None, seeded(1), None])
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     assert out.logprobs is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fast_row_argmax_picks_the_first_maximum_as_argmax_does(dtype: torch.dtype) -> None:
+    """Greedy parity with HF rests on the first maximum of a row winning: ties are common in bf16."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.randint(0, 4, (16, 4099), generator=g).to(dtype)  # every row full of ties
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    x = torch.randn(3, 4099, generator=g).to(dtype)
+    x[1, 17] = float("nan")  # argmax takes a NaN as the maximum
+    x[2, [5, 900, 4000]] = 50.0
+    assert argmax_rows(x).tolist() == x.argmax(dim=-1).tolist() == [int(x[0].argmax()), 17, 5]
 
 
 def test_a_tiny_top_p_keeps_only_the_most_likely_token() -> None:
