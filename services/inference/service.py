@@ -299,24 +299,30 @@ class _Pusher:
             self._send()
 
     def _send(self) -> None:
+        # Called from the engine client's step handler: whatever goes wrong here is this stream's
+        # error, never the handler's, which still has every other stream of the step to serve.
         try:
             out = self.stream.take()
             if not out.token_ids and not out.finished:
                 return
             chunk = self.chunks.make(out)
+            self.sink.send(chunk)
         except EngineUnavailable as exc:
-            self.done.set_exception(_unavailable(exc))
+            self._fail(_unavailable(exc))
             return
         except Exception as exc:  # a refusal, a slow reader, a tokenizer failure: the stream's error
-            self.done.set_exception(exc)
+            self._fail(exc)
             return
-        self.sink.send(chunk)
         if chunk.finish_reason is not None:
             self.finish = chunk.finish_reason
             self.done.set_result(None)  # a stop string may end it first: serve's close aborts the rest
             return
         self.stream.waiting = False
         self.sink.on_writable(self._writable)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
 
 
 def _detokenize(

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from services.common.proto import inference_pb2
 from services.common.tiny_models import build_tokenizer
+from services.inference import servicer as servicer_module
 from services.inference.engine_process.client import EngineUnavailable
 from tests.kit.front import Front, chunk_of
 
@@ -114,3 +115,25 @@ async def test_an_engine_failure_ends_relayed_streams_unavailable_even_behind_a_
     assert [e.stream_id for e in events if e.chunk] == [0]  # the chunk first, then its end
     assert ends(events) == {0: grpc.StatusCode.UNAVAILABLE.value[0], 1: grpc.StatusCode.UNAVAILABLE.value[0]}
     assert all("engine is not serving" in e.end.message for e in events if e.HasField("end"))
+
+
+async def test_a_stream_whose_chunk_cannot_be_made_fails_alone(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error while making or sending one stream's chunk inside the step handler (here: building
+    its message) ends that stream only; the step's other streams still get theirs."""
+    to_message = servicer_module.to_message
+
+    def failing_on_13(chunk: Any) -> Any:
+        if 13 in chunk.token_ids:
+            raise RuntimeError("a bug")
+        return to_message(chunk)
+
+    monkeypatch.setattr(servicer_module, "to_message", failing_on_13)
+    front = Front(tokenizer)
+    ids = [await front.start(i, tokenizer.encode("hi"), max_new_tokens=10) for i in range(3)]
+    front.step({ids[0]: [7], ids[1]: [13], ids[2]: [7]})
+    assert sorted(e.stream_id for e in front.write() if e.chunk) == [0, 2]
+    await front.drained()
+    assert ends(front.write()) == {1: grpc.StatusCode.INTERNAL.value[0]}
+    assert front.sent.aborted == [ids[1]]  # its engine request is freed
