@@ -6,7 +6,9 @@ the adapters, and replays the TARGETS workload through the gateway with an API k
 one gRPC stream per request. After each served round, with the cluster idle, the very same requests go
 through an `LLMEngine` in this process with the worker's engine settings (rounds alternate between the
 paths, so both see the host at the same speed). Every served output must equal the in-process one token
-for token (greedy). One JSON line per run:
+for token (greedy) in float32 (`token_identical`); in bfloat16 a matmul's rounding depends on how many
+rows share it, so a request's tokens depend on what else ran in its steps, which arrival timing changes
+between the paths. One JSON line per run:
 
     .venv/bin/python bench/cluster_bench.py --model tiny --n 200 --rate inf --num-adapters 100 \\
         --input-len 8,128 --output-len 8,64
