@@ -77,7 +77,6 @@ class EngineStream:
         "logprobs",
         "news",
         "request_id",
-        "taken_last",
         "timer",
         "tokens",
         "waiting",
@@ -98,21 +97,17 @@ class EngineStream:
         self.due = 0.0  # loop time from which new tokens wake the consumer: the first ones at once
         self.timer: asyncio.TimerHandle | None = None
         self.waiting = False  # the consumer takes news now: tokens held back are ours, not its
-        self.taken_last = False  # the consumer took the end (or the error): nothing to abort
 
     def take(self) -> EngineOutput:
         """Everything since the last take; raises the stream's error (the engine failed, the request
         was refused or cancelled for a slow reader)."""
         self.news.clear()
         if self.error is not None:
-            self.taken_last = True
             raise self.error
         out = EngineOutput(self.tokens, self.logprobs, self.finish)
         self.tokens, self.logprobs = [], []
         if out.token_ids or out.finish_reason is not None:
             self.due = asyncio.get_running_loop().time() + self._client.stream_interval_s
-        if out.finish_reason is not None:
-            self.taken_last = True
         return out
 
     def close(self) -> None:
@@ -294,7 +289,9 @@ class EngineClient:
             stream.close()
 
     def _closed(self, stream: EngineStream) -> None:
-        if stream.taken_last or self._streams.get(stream.request_id) is not stream:
+        # A stream that ended, was refused, failed or was cancelled left `_streams` when it did:
+        # only one still running there is aborted.
+        if self._streams.get(stream.request_id) is not stream:
             return
         del self._streams[stream.request_id]
         if stream._generation == self._generation and self.alive:
