@@ -70,15 +70,18 @@ async def test_attribution_down_neither_slows_nor_stops_generation_and_a_full_sp
         attribution_address=f"127.0.0.1:{free_port()}",  # nothing listens there
         spool_max_bytes=4096,  # the least allowed: a few dozen records
         # Every flush adds a record per running request (its tokens since the last flush), so the
-        # record count follows the generation's length in flushes, not the machine's speed: 24
-        # requests of 100 steps each run for many 10 ms flushes on any CPU.
+        # record count follows the generation's length in flushes, not the machine's speed: 10
+        # requests of 100 steps each run for many 10 ms flushes on any CPU. Not more requests: on a
+        # loaded machine the first flush can come after every prefill, and its batch (a prompt and a
+        # completion record per request, ~120 bytes each, three if a minute turns) must fit the
+        # 4096-byte budget for the spool to hold anything at all (24 requests made 5.8 kB).
         usage_flush_interval_s=0.01,
         stream_interval_s=0.0,
     )
     worker = await WorkerUnderTest.start(settings)
     try:
         streams = [
-            collect(worker.stub, request([1 + i, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=100)) for i in range(24)
+            collect(worker.stub, request([1 + i, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=100)) for i in range(10)
         ]
         done = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
         assert all(len(s.token_ids) == 100 for s in done)
