@@ -47,6 +47,21 @@ def gemm_gflops(dtype: Any, shape: tuple[int, int, int] = (2048, 2048, 2048), se
     return 2 * rows * inner * columns * calls / elapsed / 1e9
 
 
+def memory_read_gbps(mib: int = 1024, seconds: float = 0.5) -> float:
+    """How fast torch reads memory here, measured now: a sum over a tensor larger than any cache this
+    VM reports, with the current torch threads. It bounds work that reads its weights once and does
+    little with them, such as the adapters' share of a decode step."""
+    import torch  # here: the relay and gateway benchmarks never load torch
+
+    data = torch.ones(mib << 18)  # float32: `mib` MiB
+    data.sum()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or calls < 3:
+        data.sum()
+        calls += 1
+    return data.numel() * data.element_size() * calls / elapsed / 1e9
+
+
 def steal_seconds() -> float:
     """CPU time the hypervisor gave other machines while ours wanted it (0 on bare metal): a run
     with much of it measured a busy host, not our code."""
