@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services.inference.engine.lora.ops import bags_fit
 from services.inference.engine.lora.pool import LoRAPool, LoRAStep
 from services.inference.engine.lora.slots import EMPTY
 from services.inference.engine.lora.weights import peft_pairs
@@ -75,6 +76,8 @@ def test_mixed_batch_matches_peft(tiny_llama_dir: Path, adapters: dict[str, Path
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     pool = LoRAPool(model, num_slots=3, r_max=16)
+    # On CPU the rows (12 tokens, short segments) are read by token, in the slot buffers as stored.
+    assert all(bags_fit(layer.lora_a, layer.lora_b) for layer in pool.layers.values())
     load = pool_loader(pool, adapters)
     slots = [load("attn8"), EMPTY, load("all16"), load("mlp8")]
     got = ours(model, pool, ids, slots)

@@ -8,17 +8,24 @@ adapter) — SGMV semantics:
         if k != EMPTY: y[rows] += scaling[k] * (x[rows] @ A[k, :rank[k]].T) @ B[k, :, :rank[k]].T
 
 One matmul pair per segment would be thousands of small calls per step (segments × modules ×
-layers), so segments run as batched matmul pairs over padded groups (`PaddedSegments`):
-- **short segments** (a decode step's), one group, laid out one of two ways:
-  - **by slot**, when most slots serve the step: every slot's tokens padded to a common length and
-    multiplied against the slot buffers as they are. Gathering each segment's A and B would copy
-    about as many weights as the buffers hold, in every module of every step: on CPU that copy
-    cost more than the matmuls.
-  - **by segment**, when few slots serve it: each segment padded to a common length against its
-    gathered slot's A and B (BGMV-like), so idle slots cost nothing.
-- **long segments** (prefill chunks), by segment, in groups of lengths within a power of two of each
-  other, so padding at most doubles a group's rows: on CPU a group's gathers and two batched matmuls
-  cost 30–48% less than a matmul pair per segment (`bench/RESULTS.md`).
+layers), so segments run batched:
+- on CPU, **by token** (`TokenBags`), where the pool stores A and B row-wise (`bags_fit`): each token is
+  one bag of `F.embedding_bag` over the slot buffers as they are, the shrink summing its slot's rows
+  of Aᵀ weighted by the token's inputs and the expand its slot's rows of B weighted by its hidden
+  values. No weights are copied and nothing is padded, so each distinct adapter's bytes are read
+  about once a step, which is what bounds this op on a CPU. Measured (`bench/RESULTS.md`): a SmolLM2
+  decode step with 42 distinct rank-16 adapters on q/k/v/o, 57 ms as padded matmul pairs, 38 as bags,
+  against ~11 for reading their 310 MB once (`bench/step_bench.py`); a 512-token prefill step of 12
+  adapters with chunks of 20–64 tokens, 120 → 49 ms; chunks of one length, within ±15% either way.
+- otherwise, as batched matmul pairs over padded groups (`PaddedSegments`):
+  - **short segments** (a decode step's), one group, laid out one of two ways:
+    - **by slot**, when most slots serve the step: every slot's tokens padded to a common length and
+      multiplied against the slot buffers as they are, with no copy of their weights.
+    - **by segment**, when few slots serve it: each segment padded to a common length against its
+      gathered slot's A and B (BGMV-like), so idle slots cost nothing.
+  - **long segments** (prefill chunks), by segment, in groups of lengths within a power of two of
+    each other, so padding at most doubles a group's rows: a group's gathers and two batched matmuls
+    cost 30–48% less on CPU than a matmul pair per segment (`bench/RESULTS.md`).
 Padding positions read token 0 and are masked to zero before the expand, so they add exact zeros.
 The index tensors are planned once per step (`plan_segments`) and shared by every module.
 
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from services.inference.engine.lora.slots import EMPTY
 
@@ -57,11 +65,38 @@ class PaddedSegments:
 
 
 @dataclass(frozen=True)
+class TokenBags:
+    """Every token with an adapter, one by one, for `F.embedding_bag` over the slot buffers: the rows of
+    each token's slot are indices into a buffer seen as `[n_slots * width, row]`, made at first use for
+    each width and shared by every module of the step."""
+
+    rows: torch.Tensor  # [N] int64: each token's row in T
+    slots: torch.Tensor  # [N] int64: each token's slot
+    scale: torch.Tensor  # [N, 1] float32: each token's slot scaling
+    all_rows: bool  # rows = 0 … T-1: the deltas line up with y as they are
+    _bags: dict[int, tuple[torch.Tensor, torch.Tensor]]  # width -> (indices, offsets)
+
+    def of_width(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's bag over a table of `width` rows per slot: the flat indices
+        (slot · width + 0 … width-1, token after token) and where each token's bag starts. int32:
+        a step reads the shrink's indices once per module, and they are as many as the inputs."""
+        found = self._bags.get(width)
+        if found is None:
+            device = self.slots.device
+            span = torch.arange(width, dtype=torch.int32, device=device)
+            indices = (self.slots.to(torch.int32)[:, None] * width + span).view(-1)
+            offsets = torch.arange(0, indices.numel(), width, dtype=torch.int32, device=device)
+            found = self._bags[width] = (indices, offsets)
+        return found
+
+
+@dataclass(frozen=True)
 class SegmentPlan:
     """The step's segments as the ops run them."""
 
     num_short: int  # short segments
     short: PaddedSegments | None  # the short segments' tokens, by slot or by segment
+    bags: TokenBags | None  # every segment's tokens, by token: preferred where the buffers allow
     long_groups: tuple[PaddedSegments, ...]  # the long segments, by length
     valid_rows: torch.Tensor  # [N] int64: the short segments' tokens (for per-token kernels)
     valid_slots: torch.Tensor  # [N] int64: the slot of each of those tokens
@@ -85,9 +120,11 @@ def plan_segments(
     scaling: Sequence[float],
     ranks: Sequence[int],
     device: torch.device,
-    short_layout: Literal["auto", "by-slot", "by-segment"] = "auto",
+    short_layout: Literal["auto", "by-token", "by-slot", "by-segment"] = "auto",
 ) -> SegmentPlan:
-    """`short_layout` forces one layout of the short segments (tests); `auto` picks the cheaper."""
+    """`short_layout` forces one layout of the short segments (tests; any but `by-token` and `auto`
+    also leaves the plan without bags); `auto` plans bags, and for buffers that do not fit them the
+    cheaper padded layout."""
     short: list[Segment] = []
     long: list[Segment] = []
     for s, k in enumerate(seg_slots):
@@ -103,17 +140,31 @@ def plan_segments(
         layout = _by_slot(short, len(scaling), scaling, ranks, device, forced=short_layout == "by-slot")
     if layout is None and short:
         layout = _by_segment(short, scaling, ranks, device)
+    token_rows = [t for start, end, _ in short for t in range(start, end)]
+    token_slots = [k for start, end, k in short for _ in range(end - start)]
+    valid_rows = torch.tensor(token_rows, dtype=torch.long, device=device)
+    valid_slots = torch.tensor(token_slots, dtype=torch.long, device=device)
+    slot_scaling = torch.tensor(list(scaling), dtype=torch.float32, device=device)
+    bags = None
+    if (short or long) and short_layout in ("auto", "by-token"):
+        every = sorted(short + long)
+        rows = [t for start, end, _ in every for t in range(start, end)]
+        slots = torch.tensor([k for start, end, k in every for _ in range(end - start)], device=device)
+        bags = TokenBags(
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            slots=slots,
+            scale=slot_scaling.index_select(0, slots)[:, None],
+            all_rows=rows == list(range(seg_indptr[-1])),
+            _bags={},
+        )
     return SegmentPlan(
         num_short=len(short),
         short=layout,
+        bags=bags,
         long_groups=tuple(_by_segment(group, scaling, ranks, device) for group in by_length.values()),
-        valid_rows=torch.tensor(
-            [t for start, end, _ in short for t in range(start, end)], dtype=torch.long, device=device
-        ),
-        valid_slots=torch.tensor(
-            [k for start, end, k in short for _ in range(end - start)], dtype=torch.long, device=device
-        ),
-        slot_scaling=torch.tensor(list(scaling), dtype=torch.float32, device=device),
+        valid_rows=valid_rows,
+        valid_slots=valid_slots,
+        slot_scaling=slot_scaling,
         short_rank=max((ranks[k] for _, _, k in short), default=0),
         ranks=tuple(ranks),
         scaling=tuple(scaling),
@@ -199,21 +250,55 @@ def lora_segment(
     b: torch.Tensor,  # [n_slots, d_out, r_max]
     plan: SegmentPlan,
 ) -> None:
+    if plan.bags is not None and bags_fit(a, b):
+        _apply_bags(y, x, a, b, plan.bags)
+        return
     long_groups(y, x, a, b, plan)
     if plan.short is not None:
         _apply_padded(y, x, a, b, plan.short)
 
 
+def bags_fit(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the buffers can be read by token: A stored `[n_slots, d_in, r_max]` and B stored
+    `[n_slots, r_max, d_out]` (both seen transposed), so that a slot's rows are contiguous rows of
+    one flat table each. The pool stores them so for this op on CPU."""
+    rows_of_a, rows_of_b = a.transpose(1, 2), b.transpose(1, 2)
+    return a.device.type == "cpu" and rows_of_a.is_contiguous() and rows_of_b.is_contiguous()
+
+
+def _apply_bags(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bags: TokenBags) -> None:
+    n_slots, r_max, d_in = a.shape
+    d_out = b.shape[1]
+    a_rows = a.transpose(1, 2).reshape(n_slots * d_in, r_max)  # views: row s·d_in + i is Aᵀ[s, i]
+    b_rows = b.transpose(1, 2).reshape(n_slots * r_max, d_out)  # row s·r_max + j is Bᵀ[s, j]
+    xs = (x if bags.all_rows else x.index_select(0, bags.rows)).to(a.dtype)
+    indices, offsets = bags.of_width(d_in)
+    hidden = F.embedding_bag(indices, a_rows, offsets, mode="sum", per_sample_weights=xs.reshape(-1))
+    hidden.mul_(bags.scale)  # [N, r_max]
+    indices, offsets = bags.of_width(r_max)
+    delta = F.embedding_bag(indices, b_rows, offsets, mode="sum", per_sample_weights=hidden.view(-1))
+    if y.dtype == delta.dtype:
+        if bags.all_rows:
+            y.add_(delta)
+        else:
+            y.index_add_(0, bags.rows, delta)
+        return
+    # In low precision the sum is taken in float32 and rounded once, as PEFT does.
+    rows = bags.rows
+    y.index_copy_(0, rows, (y.index_select(0, rows).to(delta.dtype) + delta).to(y.dtype))
+
+
 def _apply_padded(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: PaddedSegments
 ) -> None:
-    a_p = a[:, : p.rank]  # [n_slots, r, d_in]
-    b_p = b.transpose(1, 2)[:, : p.rank]  # [n_slots, r, d_out]: contiguous in the pool's storage for this op
+    # [n_slots, d_in, r] and [n_slots, r, d_out]: as the pool stores them for this op (the rank cut
+    # first, so a gather copies no more than the groups' ranks).
+    a_t, b_p = a.transpose(1, 2)[:, :, : p.rank], b.transpose(1, 2)[:, : p.rank]
     if p.slots is not None:
-        a_p, b_p = a_p.index_select(0, p.slots), b_p.index_select(0, p.slots)
-    groups = a_p.shape[0]
+        a_t, b_p = a_t.index_select(0, p.slots), b_p.index_select(0, p.slots)
+    groups = a_t.shape[0]
     xs = x.index_select(0, p.rows).view(groups, p.length, -1).to(a.dtype)  # [G, L, d_in]
-    hidden = torch.bmm(xs, a_p.transpose(1, 2)) * p.mask  # [G, L, r]
+    hidden = torch.bmm(xs, a_t) * p.mask  # [G, L, r]
     delta = torch.bmm(hidden, b_p)  # [G, L, d_out]
     delta.mul_(p.scale)
     flat = delta.view(groups * p.length, -1)

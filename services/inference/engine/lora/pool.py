@@ -1,12 +1,13 @@
 """The adapter slot pool: per target module, stacked device buffers written in place.
 
 For every wrapped linear module, `A[n_slots, r_max, d_in]` and `B[n_slots, d_out, r_max]` are
-allocated once at start-up (for the plain-torch op, B is a transposed view of `[n_slots, r_max, d_out]`
-storage: its expand multiplies by that contiguous form, about twice as fast on CPU; the triton
-kernels read B's rank as the innermost axis). Loading an adapter copies its matrices into one slot,
-zero-padded to `r_max`; a slot is zeroed wherever the new adapter has no weights, so nothing of the
-previous occupant survives. Per-slot rank and scaling (alpha / r) travel as host lists, read by the
-segment op.
+allocated once at start-up. For the plain-torch op they are transposed views of `[n_slots, d_in, r_max]`
+and `[n_slots, r_max, d_out]` storage: each slot is then a run of whole rows of Aᵀ and of B, which the
+op reads in place by token (`ops.TokenBags`), and B's expand multiplies by that contiguous form, about
+twice as fast on CPU. The triton kernels read the rank as the innermost axis of both. Loading an
+adapter copies its matrices into one slot, zero-padded to `r_max`; a slot is zeroed wherever the new
+adapter has no weights, so nothing of the previous occupant survives. Per-slot rank and scaling
+(alpha / r) travel as host lists, read by the segment op.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ class MultiLoRALinear(nn.Module):
         self.base = base
         self.pool = pool
         device = base.weight.device
-        self.lora_a = nn.Buffer(torch.zeros(n_slots, r_max, base.in_features, dtype=dtype, device=device))
         if pool.op_name == "segment":
+            a = torch.zeros(n_slots, base.in_features, r_max, dtype=dtype, device=device).transpose(1, 2)
             b = torch.zeros(n_slots, r_max, base.out_features, dtype=dtype, device=device).transpose(1, 2)
         else:
+            a = torch.zeros(n_slots, r_max, base.in_features, dtype=dtype, device=device)
             b = torch.zeros(n_slots, base.out_features, r_max, dtype=dtype, device=device)
+        self.lora_a = nn.Buffer(a)
         self.lora_b = nn.Buffer(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

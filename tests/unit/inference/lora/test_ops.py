@@ -1,5 +1,6 @@
 """The segment op against a plain per-token loop, with mixed ranks, base-model segments and bf16, with
-its short tokens laid out by slot and by segment, and B stored either way round."""
+its short tokens read by token, laid out by slot and by segment, and A and B stored as the pool stores
+them or plainly."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from typing import Literal
 import pytest
 import torch
 
-from services.inference.engine.lora.ops import SHORT_SEGMENT, lora_segment, plan_segments
+from services.inference.engine.lora.ops import SHORT_SEGMENT, bags_fit, lora_segment, plan_segments
 from services.inference.engine.lora.slots import EMPTY
+
+
+def as_the_pool_stores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values in the pool's storage for this op: `[n, d_in, r]` and `[n, r, d_out]`, seen
+    as `[n, r, d_in]` and `[n, d_out, r]`."""
+    return a.transpose(1, 2).contiguous().transpose(1, 2), b.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def reference(
@@ -33,11 +40,11 @@ def reference(
 LONG = SHORT_SEGMENT + 5  # a prefill-like segment, run on its own rather than padded
 
 
-@pytest.mark.parametrize("b_rank_major", [False, True], ids=["b-out-major", "b-rank-major"])
-@pytest.mark.parametrize("layout", ["by-slot", "by-segment"])
+@pytest.mark.parametrize("pool_storage", [False, True], ids=["plain", "pool-storage"])
+@pytest.mark.parametrize("layout", ["by-token", "by-slot", "by-segment"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segments_match_a_per_token_loop(
-    dtype: torch.dtype, layout: Literal["by-slot", "by-segment"], b_rank_major: bool
+    dtype: torch.dtype, layout: Literal["by-token", "by-slot", "by-segment"], pool_storage: bool
 ) -> None:
     g = torch.Generator().manual_seed(0)
     n_slots, r_max, d_in, d_out = 4, 16, 24, 40
@@ -64,9 +71,14 @@ def test_segments_match_a_per_token_loop(
     ]
     assert plan.num_short == 6
     assert plan.by_slot  # three of four slots serve short tokens: the by-slot layout
+    with_adapters = [t for t, k in enumerate(token_slots) if k != EMPTY and ranks[k] > 0]
+    assert plan.bags is not None and plan.bags.rows.tolist() == with_adapters  # long segments too
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), short_layout=layout)
-    if b_rank_major:  # the pool's storage for this op: [n_slots, r_max, d_out], seen transposed
-        b = b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert (plan.bags is not None) == (layout == "by-token")
+    if pool_storage:
+        a, b = as_the_pool_stores(a, b)
+    # By token needs the pool's storage; plainly stored buffers fall back to the padded layout.
+    assert bags_fit(a, b) == pool_storage
     lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
@@ -89,9 +101,11 @@ def test_short_tokens_go_by_segment_when_few_slots_serve_them() -> None:
     assert many.short.rows.tolist()[5 * 3 : 6 * 3] == [5, 6, 7]
 
 
+@pytest.mark.parametrize("pool_storage", [False, True], ids=["plain", "pool-storage"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype) -> None:
-    """Prefill chunks of 21, 30 and 40 tokens (two groups: 17–32 and 33–64 tokens), among short ones."""
+def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype, pool_storage: bool) -> None:
+    """Prefill chunks of 21, 30 and 40 tokens (two groups: 17–32 and 33–64 tokens), among short ones:
+    padded in groups for plainly stored buffers, by token in the pool's storage."""
     g = torch.Generator().manual_seed(1)
     n_slots, r_max, d_in, d_out = 3, 8, 16, 24
     a = torch.randn(n_slots, r_max, d_in, generator=g)
@@ -110,7 +124,37 @@ def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype) -> None:
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
     assert sorted(group.length for group in plan.long_groups) == [30, 40]
-    lora_segment(y, x, a, b.transpose(1, 2).contiguous().transpose(1, 2), plan)
+    if pool_storage:  # then every segment is read by token, the long ones too
+        a, b = as_the_pool_stores(a, b)
+    lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
     assert torch.equal(y[-1], expected[-1])  # the base-model token is untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_with_an_adapter_on_every_token_is_read_by_token(dtype: torch.dtype) -> None:
+    """Every token of the step has a slot (the deltas line up with the output as they are); slots of
+    mixed rank, some shared by several tokens, some idle."""
+    g = torch.Generator().manual_seed(2)
+    n_slots, r_max, d_in, d_out = 6, 8, 20, 12
+    a = torch.randn(n_slots, r_max, d_in, generator=g)
+    b = torch.randn(n_slots, d_out, r_max, generator=g)
+    ranks, scaling = [8, 2, 8, 4, 8, 8], [1.0, 3.0, 0.5, 2.0, 1.0, 1.0]
+    for k, r in enumerate(ranks):
+        a[k, r:] = 0
+        b[k, :, r:] = 0
+    seg_slots = [3, 0, 1, 5]  # slots 2 and 4 idle
+    lengths = [2, 1, 3, 1]
+    seg_indptr = [0]
+    for n in lengths:
+        seg_indptr.append(seg_indptr[-1] + n)
+    token_slots = [k for s, k in enumerate(seg_slots) for _ in range(lengths[s])]
+    x = torch.randn(seg_indptr[-1], d_in, generator=g).to(dtype)
+    y = torch.randn(seg_indptr[-1], d_out, generator=g).to(dtype)
+    expected = reference(y, x, a, b, scaling, ranks, token_slots)
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
+    assert plan.bags is not None and plan.bags.all_rows and not plan.long_groups
+    lora_segment(y, x, *as_the_pool_stores(a, b), plan)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
