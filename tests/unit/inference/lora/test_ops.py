@@ -37,6 +37,14 @@ def reference(
     return out.to(y.dtype)
 
 
+def segments(lengths: list[int], seg_slots: list[int]) -> tuple[list[int], list[int]]:
+    """The segments' boundaries (`seg_indptr`) and the slot of every token."""
+    seg_indptr = [0]
+    for n in lengths:
+        seg_indptr.append(seg_indptr[-1] + n)
+    return seg_indptr, [k for s, k in enumerate(seg_slots) for _ in range(lengths[s])]
+
+
 LONG = SHORT_SEGMENT + 5  # a prefill-like segment, run on its own rather than padded
 
 
@@ -55,13 +63,9 @@ def test_segments_match_a_per_token_loop(
         a[k, r:] = 0
         b[k, :, r:] = 0
     scaling = [2.0, 0.5, 1.0, 0.0]
-    lengths = [3, 0, 7, 1, 6, 3, LONG, 1, 1, 2]
     seg_slots = [1, 0, EMPTY, 2, 0, 1, 2, 3, 0, 1]  # slot 3 has rank 0: nothing to add
-    seg_indptr = [0]
-    for n in lengths:
-        seg_indptr.append(seg_indptr[-1] + n)
+    seg_indptr, token_slots = segments([3, 0, 7, 1, 6, 3, LONG, 1, 1, 2], seg_slots)
     total = seg_indptr[-1]
-    token_slots = [k for s, k in enumerate(seg_slots) for _ in range(seg_indptr[s + 1] - seg_indptr[s])]
     x = torch.randn(total, d_in, generator=g).to(dtype)
     y = torch.randn(total, d_out, generator=g).to(dtype)
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
@@ -113,12 +117,8 @@ def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype, pool_sto
     ranks, scaling = [8, 4, 8], [0.5, 2.0, 1.0]
     a[1, 4:] = 0
     b[1, :, 4:] = 0
-    lengths = [21, 2, 40, 30, 1]
     seg_slots = [0, 1, 2, 1, EMPTY]
-    seg_indptr = [0]
-    for n in lengths:
-        seg_indptr.append(seg_indptr[-1] + n)
-    token_slots = [k for s, k in enumerate(seg_slots) for _ in range(lengths[s])]
+    seg_indptr, token_slots = segments([21, 2, 40, 30, 1], seg_slots)
     x = torch.randn(seg_indptr[-1], d_in, generator=g).to(dtype)
     y = torch.randn(seg_indptr[-1], d_out, generator=g).to(dtype)
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
@@ -145,11 +145,7 @@ def test_a_decode_step_with_an_adapter_on_every_token_is_read_by_token(dtype: to
         a[k, r:] = 0
         b[k, :, r:] = 0
     seg_slots = [3, 0, 1, 5]  # slots 2 and 4 idle
-    lengths = [2, 1, 3, 1]
-    seg_indptr = [0]
-    for n in lengths:
-        seg_indptr.append(seg_indptr[-1] + n)
-    token_slots = [k for s, k in enumerate(seg_slots) for _ in range(lengths[s])]
+    seg_indptr, token_slots = segments([2, 1, 3, 1], seg_slots)
     x = torch.randn(seg_indptr[-1], d_in, generator=g).to(dtype)
     y = torch.randn(seg_indptr[-1], d_out, generator=g).to(dtype)
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
