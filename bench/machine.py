@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,9 @@ def gemm_gflops(dtype: Any, shape: tuple[int, int, int] = (2048, 2048, 2048), se
     rows, inner, columns = shape
     a = torch.randn(rows, inner).to(dtype)
     b = torch.randn(columns, inner).to(dtype)
-    for _ in range(2):
-        torch.nn.functional.linear(a, b)
-    calls, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds or calls < 3:
-        torch.nn.functional.linear(a, b)
-        calls += 1
-    return 2 * rows * inner * columns * calls / elapsed / 1e9
+    torch.nn.functional.linear(a, b)
+    rate = _calls_per_second(lambda: torch.nn.functional.linear(a, b), seconds)
+    return 2 * rows * inner * columns * rate / 1e9
 
 
 def memory_read_gbps(mib: int = 1024, seconds: float = 0.5) -> float:
@@ -54,12 +51,17 @@ def memory_read_gbps(mib: int = 1024, seconds: float = 0.5) -> float:
     import torch  # here: the relay and gateway benchmarks never load torch
 
     data = torch.ones(mib << 18)  # float32: `mib` MiB
-    data.sum()
+    return data.numel() * data.element_size() * _calls_per_second(data.sum, seconds) / 1e9
+
+
+def _calls_per_second(call: Callable[[], object], seconds: float) -> float:
+    """How often `call` runs per second, over at least `seconds` and three calls (after a warm-up)."""
+    call()
     calls, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds or calls < 3:
-        data.sum()
+        call()
         calls += 1
-    return data.numel() * data.element_size() * calls / elapsed / 1e9
+    return calls / elapsed
 
 
 def steal_seconds() -> float:

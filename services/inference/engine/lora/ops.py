@@ -96,7 +96,7 @@ class SegmentPlan:
 
     num_short: int  # short segments
     short: PaddedSegments | None  # the short segments' tokens, by slot or by segment
-    bags: TokenBags | None  # every segment's tokens, by token: preferred where the buffers allow
+    bags: TokenBags | None  # every segment's tokens, by token (a `by-token` plan: nothing padded then)
     long_groups: tuple[PaddedSegments, ...]  # the long segments, by length
     valid_rows: torch.Tensor  # [N] int64: the short segments' tokens (for per-token kernels)
     valid_slots: torch.Tensor  # [N] int64: the slot of each of those tokens
@@ -120,11 +120,11 @@ def plan_segments(
     scaling: Sequence[float],
     ranks: Sequence[int],
     device: torch.device,
-    short_layout: Literal["auto", "by-token", "by-slot", "by-segment"] = "auto",
+    layout: Literal["by-token", "auto", "by-slot", "by-segment"] = "auto",
 ) -> SegmentPlan:
-    """`short_layout` forces one layout of the short segments (tests; any but `by-token` and `auto`
-    also leaves the plan without bags); `auto` plans bags, and for buffers that do not fit them the
-    cheaper padded layout."""
+    """`by-token` plans every segment as bags (for buffers that `bags_fit`: the pool asks for it
+    then), and nothing padded; the others plan padded groups, `auto` laying the short segments out
+    the cheaper way, `by-slot` and `by-segment` forcing one (tests)."""
     short: list[Segment] = []
     long: list[Segment] = []
     for s, k in enumerate(seg_slots):
@@ -132,42 +132,51 @@ def plan_segments(
         if k == EMPTY or ranks[k] == 0 or start == end:
             continue
         (short if end - start <= SHORT_SEGMENT else long).append((start, end, k))
-    by_length: dict[int, list[Segment]] = {}
-    for segment in long:
-        by_length.setdefault((segment[1] - segment[0] - 1).bit_length(), []).append(segment)
-    layout = None
-    if short_layout != "by-segment":
-        layout = _by_slot(short, len(scaling), scaling, ranks, device, forced=short_layout == "by-slot")
-    if layout is None and short:
-        layout = _by_segment(short, scaling, ranks, device)
-    token_rows = [t for start, end, _ in short for t in range(start, end)]
-    token_slots = [k for start, end, k in short for _ in range(end - start)]
-    valid_rows = torch.tensor(token_rows, dtype=torch.long, device=device)
-    valid_slots = torch.tensor(token_slots, dtype=torch.long, device=device)
     slot_scaling = torch.tensor(list(scaling), dtype=torch.float32, device=device)
     bags = None
-    if (short or long) and short_layout in ("auto", "by-token"):
-        every = sorted(short + long)
-        rows = [t for start, end, _ in every for t in range(start, end)]
-        slots = torch.tensor([k for start, end, k in every for _ in range(end - start)], device=device)
-        bags = TokenBags(
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
-            slots=slots,
-            scale=slot_scaling.index_select(0, slots)[:, None],
-            all_rows=rows == list(range(seg_indptr[-1])),
-            _bags={},
-        )
+    padded = None
+    long_groups: tuple[PaddedSegments, ...] = ()
+    if layout == "by-token":
+        if short or long:
+            bags = _token_bags(sorted(short + long), seg_indptr[-1], slot_scaling, device)
+    else:
+        if layout != "by-segment":
+            padded = _by_slot(short, len(scaling), scaling, ranks, device, forced=layout == "by-slot")
+        if padded is None and short:
+            padded = _by_segment(short, scaling, ranks, device)
+        by_length: dict[int, list[Segment]] = {}
+        for segment in long:
+            by_length.setdefault((segment[1] - segment[0] - 1).bit_length(), []).append(segment)
+        long_groups = tuple(_by_segment(group, scaling, ranks, device) for group in by_length.values())
     return SegmentPlan(
         num_short=len(short),
-        short=layout,
+        short=padded,
         bags=bags,
-        long_groups=tuple(_by_segment(group, scaling, ranks, device) for group in by_length.values()),
-        valid_rows=valid_rows,
-        valid_slots=valid_slots,
+        long_groups=long_groups,
+        valid_rows=torch.tensor(
+            [t for start, end, _ in short for t in range(start, end)], dtype=torch.long, device=device
+        ),
+        valid_slots=torch.tensor(
+            [k for start, end, k in short for _ in range(end - start)], dtype=torch.long, device=device
+        ),
         slot_scaling=slot_scaling,
         short_rank=max((ranks[k] for _, _, k in short), default=0),
         ranks=tuple(ranks),
         scaling=tuple(scaling),
+    )
+
+
+def _token_bags(
+    segments: list[Segment], num_tokens: int, slot_scaling: torch.Tensor, device: torch.device
+) -> TokenBags:
+    rows = [t for start, end, _ in segments for t in range(start, end)]
+    slots = torch.tensor([k for start, end, k in segments for _ in range(end - start)], device=device)
+    return TokenBags(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        slots=slots,
+        scale=slot_scaling.index_select(0, slots)[:, None],
+        all_rows=rows == list(range(num_tokens)),
+        _bags={},
     )
 
 
@@ -250,7 +259,7 @@ def lora_segment(
     b: torch.Tensor,  # [n_slots, d_out, r_max]
     plan: SegmentPlan,
 ) -> None:
-    if plan.bags is not None and bags_fit(a, b):
+    if plan.bags is not None:
         _apply_bags(y, x, a, b, plan.bags)
         return
     long_groups(y, x, a, b, plan)
@@ -259,9 +268,10 @@ def lora_segment(
 
 
 def bags_fit(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the buffers can be read by token: A stored `[n_slots, d_in, r_max]` and B stored
+    """Whether the buffers are read by token in place: A stored `[n_slots, d_in, r_max]` and B stored
     `[n_slots, r_max, d_out]` (both seen transposed), so that a slot's rows are contiguous rows of
-    one flat table each. The pool stores them so for this op on CPU."""
+    one flat table each, on CPU. The pool stores them so for this op; other buffers would be copied
+    whole into that form by every module of every step."""
     rows_of_a, rows_of_b = a.transpose(1, 2), b.transpose(1, 2)
     return a.device.type == "cpu" and rows_of_a.is_contiguous() and rows_of_b.is_contiguous()
 

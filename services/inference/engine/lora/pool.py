@@ -16,11 +16,12 @@ import os
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from services.inference.engine.lora.ops import LoRAOp, SegmentPlan, lora_segment, plan_segments
+from services.inference.engine.lora.ops import LoRAOp, SegmentPlan, bags_fit, lora_segment, plan_segments
 from services.inference.engine.lora.slots import EMPTY, SlotTable
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -109,8 +110,13 @@ class LoRAPool:
     def step(self, step: LoRAStep) -> Iterator[None]:
         """Make `step` the segments every wrapped layer reads during one forward pass."""
         if step.uses_adapters:
-            device = next(iter(self.layers.values())).lora_a.device  # follows the model if it moved
-            step.plan = plan_segments(step.seg_indptr, step.seg_slots, self.scaling, self.ranks, device)
+            layer = next(iter(self.layers.values()))  # follows the model if it moved
+            layout: Literal["by-token", "auto"] = (
+                "by-token" if bags_fit(layer.lora_a, layer.lora_b) else "auto"
+            )
+            step.plan = plan_segments(
+                step.seg_indptr, step.seg_slots, self.scaling, self.ranks, layer.lora_a.device, layout
+            )
         self.current = step
         try:
             yield

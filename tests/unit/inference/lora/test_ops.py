@@ -1,6 +1,6 @@
 """The segment op against a plain per-token loop, with mixed ranks, base-model segments and bf16, with
-its short tokens read by token, laid out by slot and by segment, and A and B stored as the pool stores
-them or plainly."""
+every segment read by token or its short tokens laid out by slot and by segment, and A and B stored as
+the pool stores them or plainly."""
 
 from __future__ import annotations
 
@@ -75,13 +75,17 @@ def test_segments_match_a_per_token_loop(
     ]
     assert plan.num_short == 6
     assert plan.by_slot  # three of four slots serve short tokens: the by-slot layout
-    with_adapters = [t for t, k in enumerate(token_slots) if k != EMPTY and ranks[k] > 0]
-    assert plan.bags is not None and plan.bags.rows.tolist() == with_adapters  # long segments too
-    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), short_layout=layout)
-    assert (plan.bags is not None) == (layout == "by-token")
+    assert plan.bags is None  # padded: by token only when asked (the pool does for buffers that fit)
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), layout=layout)
+    if layout == "by-token":  # every token with an adapter, the long segment's too, and nothing padded
+        with_adapters = [t for t, k in enumerate(token_slots) if k != EMPTY and ranks[k] > 0]
+        assert plan.bags is not None and plan.bags.rows.tolist() == with_adapters
+        assert plan.short is None and not plan.long_groups
+    else:
+        assert plan.bags is None
     if pool_storage:
         a, b = as_the_pool_stores(a, b)
-    # By token needs the pool's storage; plainly stored buffers fall back to the padded layout.
+    # Read in place by token in the pool's storage only (plainly stored buffers are copied first).
     assert bags_fit(a, b) == pool_storage
     lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -108,8 +112,8 @@ def test_short_tokens_go_by_segment_when_few_slots_serve_them() -> None:
 @pytest.mark.parametrize("pool_storage", [False, True], ids=["plain", "pool-storage"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype, pool_storage: bool) -> None:
-    """Prefill chunks of 21, 30 and 40 tokens (two groups: 17–32 and 33–64 tokens), among short ones:
-    padded in groups for plainly stored buffers, by token in the pool's storage."""
+    """Prefill chunks of 21, 30 and 40 tokens (two groups: 17–32 and 33–64 tokens), among short ones,
+    over buffers stored plainly or as the pool stores them."""
     g = torch.Generator().manual_seed(1)
     n_slots, r_max, d_in, d_out = 3, 8, 16, 24
     a = torch.randn(n_slots, r_max, d_in, generator=g)
@@ -124,7 +128,7 @@ def test_long_segments_run_in_groups_of_like_length(dtype: torch.dtype, pool_sto
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
     assert sorted(group.length for group in plan.long_groups) == [30, 40]
-    if pool_storage:  # then every segment is read by token, the long ones too
+    if pool_storage:  # padded groups over the pool's storage (its layout where triton is missing)
         a, b = as_the_pool_stores(a, b)
     lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -149,8 +153,8 @@ def test_a_decode_step_with_an_adapter_on_every_token_is_read_by_token(dtype: to
     x = torch.randn(seg_indptr[-1], d_in, generator=g).to(dtype)
     y = torch.randn(seg_indptr[-1], d_out, generator=g).to(dtype)
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
-    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"))
-    assert plan.bags is not None and plan.bags.all_rows and not plan.long_groups
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), layout="by-token")
+    assert plan.bags is not None and plan.bags.all_rows
     lora_segment(y, x, *as_the_pool_stores(a, b), plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
