@@ -98,6 +98,26 @@ def run_merge(peft: Any, requests: list[Request], batch_size: int) -> dict[str, 
     return {"tok_s": sum(r.max_new_tokens for r in requests) / elapsed, "outputs": outputs, "merges": merges}
 
 
+def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
+    """The slots' own shape, apart from the adapters' (what a worker left at its defaults serves)."""
+    parser.add_argument(
+        "--slot-rank", type=int, help="the slots' rank, lora_max_rank (default --rank; the worker's is 64)"
+    )
+    parser.add_argument(
+        "--slot-targets",
+        help="modules the slots wrap, comma-separated (default --targets; the worker's: every linear one)",
+    )
+
+
+def slot_settings(args: argparse.Namespace, targets: list[str]) -> dict[str, Any]:
+    """EngineConfig's LoRA fields for these arguments."""
+    return {
+        "lora_slots": args.lora_slots,
+        "lora_max_rank": args.slot_rank or args.rank,
+        "lora_target_modules": tuple(args.slot_targets.split(",") if args.slot_targets else targets),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,6 +132,7 @@ def main() -> None:
         "--batch-size", type=int, default=32, help="static batch of the peers = our max_num_seqs"
     )
     parser.add_argument("--lora-slots", type=int, default=32, help="our device slots")
+    add_slot_arguments(parser)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-mib", type=int, default=1024)
     parser.add_argument("--peers", default="peft,merge", help="which of peft,merge to run (base always runs)")
@@ -139,9 +160,7 @@ def main() -> None:
     base_engine = LLMEngine(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), EngineConfig(**common))
     flops_per_token = decode_flops_per_token(base_engine.model)
     gflops = gemm_gflops(dtype)
-    lora_config = EngineConfig(
-        **common, lora_slots=args.lora_slots, lora_max_rank=args.rank, lora_target_modules=tuple(targets)
-    )
+    lora_config = EngineConfig(**common, **slot_settings(args, targets))
     ours_at_5: dict[float, float] = {}
     for alpha in (float(a) for a in args.alphas.split(",")):
         for count in (int(c) for c in args.adapter_counts.split(",")):
@@ -191,6 +210,8 @@ def main() -> None:
                 "distinct_adapters": len(used),
                 "rank": args.rank,
                 "targets": targets,
+                "slot_rank": lora_config.lora_max_rank,
+                "slot_targets": list(lora_config.lora_target_modules),
                 "n": spec.n,
                 "rate": "inf" if spec.rate == float("inf") else spec.rate,
                 "lora_slots": args.lora_slots,

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from bench import workload
 from bench.engine_bench import decode_flops_per_token, model_dir
-from bench.lora_bench import HostAdapter, adapter_name
+from bench.lora_bench import HostAdapter, adapter_name, add_slot_arguments, slot_settings
 from bench.machine import cpu_flags, cpu_model, gemm_gflops, memory_read_gbps
 from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
@@ -78,12 +78,14 @@ def decode_step_ms(
     return times
 
 
-def adapter_bytes(engine: LLMEngine, rank: int) -> int:
-    """What one adapter of `rank` occupies in every wrapped module's slot buffers: the bytes a step
-    reads for each distinct adapter of its batch."""
+def adapter_bytes(engine: LLMEngine, rank: int, targets: list[str]) -> int:
+    """What one adapter of `rank` on `targets` holds in the slot buffers: the bytes a step reads for
+    each distinct adapter of its batch."""
     assert engine.residency is not None
     total = 0
-    for layer in engine.residency.pool.layers.values():
+    for name, layer in engine.residency.pool.layers.items():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
         a, b = layer.lora_a[0, :rank], layer.lora_b[0, :, :rank]
         total += (a.numel() + b.numel()) * a.element_size()
     return total
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated modules")
     parser.add_argument("--lora-slots", type=int, default=64, help="at least the batch's distinct adapters")
+    add_slot_arguments(parser)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -126,12 +129,8 @@ def main() -> None:
         "enable_prefix_caching": False,  # every round must prefill again
     }
     base = LLMEngine(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), EngineConfig(**common))
-    lora = LLMEngine(
-        AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-        EngineConfig(
-            **common, lora_slots=args.lora_slots, lora_max_rank=args.rank, lora_target_modules=tuple(targets)
-        ),
-    )
+    lora_config = EngineConfig(**common, **slot_settings(args, targets))
+    lora = LLMEngine(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), lora_config)
     for i in used:
         folder = write_adapter(
             scratch / "adapters" / adapter_name(i), model_config, rank=args.rank, targets=targets, seed=i
@@ -144,7 +143,7 @@ def main() -> None:
         base_ms.append(statistics.median(decode_step_ms(base, requests, args.steps, f"b{round_}", False)))
         lora_ms.append(statistics.median(decode_step_ms(lora, requests, args.steps, f"l{round_}", True)))
     base_step, lora_step = statistics.median(base_ms), statistics.median(lora_ms)
-    step_bytes = len(used) * adapter_bytes(lora, args.rank)
+    step_bytes = len(used) * adapter_bytes(lora, args.rank, targets)
     read_gbps = memory_read_gbps()
     floor_ms = step_bytes / (read_gbps * 1e9) * 1000
     flops = decode_flops_per_token(base.model) * len(requests)
@@ -159,6 +158,8 @@ def main() -> None:
                 "distinct_adapters": len(used),
                 "rank": args.rank,
                 "targets": targets,
+                "slot_rank": lora_config.lora_max_rank,
+                "slot_targets": list(lora_config.lora_target_modules),
                 "base_step_ms": round(base_step, 2),
                 "lora_step_ms": round(lora_step, 2),
                 "lora_ms": round(lora_step - base_step, 2),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.inference.engine.lora.ops import bags_fit
+from services.inference.engine.lora.ops import SegmentPlan, bags_fit
 from services.inference.engine.lora.pool import LoRAPool, LoRAStep
 from services.inference.engine.lora.slots import EMPTY
 from services.inference.engine.lora.weights import peft_pairs
@@ -85,6 +85,52 @@ def test_mixed_batch_matches_peft(tiny_llama_dir: Path, adapters: dict[str, Path
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     # the adapters really change the output (otherwise this test would prove nothing)
     assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+
+def test_slots_wider_than_the_adapters_cost_only_what_the_adapters_hold(
+    tiny_llama_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """Slots of rank 64 (the worker's default) serving rank-8 and rank-16 adapters: each module is
+    given the most rank the step's adapters hold there, a module none of them touches is skipped, and
+    the logits are PEFT's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    pool = LoRAPool(model, num_slots=3, r_max=64)
+    load = pool_loader(pool, adapters)
+    slots = {name: load(name) for name in ADAPTERS}
+    ranks_seen: list[tuple[str, int]] = []
+    run_op = pool.op
+    names_of = {id(layer.lora_a): name.rsplit(".", 1)[-1] for name, layer in pool.layers.items()}
+
+    def recording(
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        plan: SegmentPlan,
+        rank: int | None,
+    ) -> None:
+        assert rank is not None
+        ranks_seen.append((names_of[id(a)], rank))
+        run_op(y, x, a, b, plan, rank)
+
+    pool.op = recording
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(4))
+    for names, expected_calls in [
+        (["attn8", "__base__", "attn8"], {(module, 8): layers for module in ATTENTION}),
+        (["mlp8", "all16", "attn8"], {(module, 16): layers for module in ALL_LINEAR}),
+    ]:
+        ranks_seen.clear()
+        got = ours(model, pool, ids, [slots.get(name, EMPTY) for name in names])
+        torch.testing.assert_close(
+            got, peft_logits(tiny_llama_dir, adapters, ids, names), rtol=1e-5, atol=1e-5
+        )
+        counts: dict[tuple[str, int], int] = {}
+        for seen in ranks_seen:
+            counts[seen] = counts.get(seen, 0) + 1
+        assert counts == expected_calls
 
 
 def test_slot_reuse_leaves_nothing_of_the_previous_adapter(

@@ -13,7 +13,8 @@ layers), so segments run batched:
   one bag of `F.embedding_bag` over the slot buffers as they are, the shrink summing its slot's rows
   of Aᵀ weighted by the token's inputs and the expand its slot's rows of B weighted by its hidden
   values. No weights are copied and nothing is padded, so each distinct adapter's bytes are read
-  about once a step, which is what bounds this op on a CPU. Measured (`bench/RESULTS.md`): a SmolLM2
+  about once a step, which is what bounds this op on a CPU; and only the rank dims the module's
+  adapters in the step hold are read (`RANK_CHUNK`), however wide the slots. Measured (`bench/RESULTS.md`): a SmolLM2
   decode step with 42 distinct rank-16 adapters on q/k/v/o, 57 ms as padded matmul pairs, 38 as bags,
   against ~11 for reading their 310 MB once (`bench/step_bench.py`); a 512-token prefill step of 12
   adapters with chunks of 20–64 tokens, 120 → 49 ms; chunks of one length, within ±15% either way.
@@ -47,6 +48,13 @@ from services.inference.engine.lora.slots import EMPTY
 SHORT_SEGMENT = 16
 """Segments up to this many tokens form the short group; longer ones are grouped by length."""
 
+RANK_CHUNK = 16
+"""The by-token shrink reads a slot's rank dims in chunks of up to this many (one 64-byte cache line
+in float32), and only the chunks the module's rank in the step needs: slots allocated at a larger
+`r_max` then cost what the adapters' own ranks cost. Measured (`bench/RESULTS.md`): a SmolLM2 decode
+step's 120 q/k/v/o modules with rank-16 adapters in slots of rank 64, 135 ms reading every rank dim
+against 32 ms reading the first chunk; 29 ms with slots of rank 16."""
+
 Segment = tuple[int, int, int]  # (start, end, slot)
 
 
@@ -66,28 +74,45 @@ class PaddedSegments:
 
 @dataclass(frozen=True)
 class TokenBags:
-    """Every token with an adapter, one by one, for `F.embedding_bag` over the slot buffers: the rows of
-    each token's slot are indices into a buffer seen as `[n_slots * width, row]`, made at first use for
-    each width and shared by every module of the step."""
+    """Every token with an adapter, one by one, for `F.embedding_bag` over the slot buffers seen as
+    flat tables of rows. The bags are made at first use for each shape and shared by every module of
+    the step with that shape."""
 
     rows: torch.Tensor  # [N] int64: each token's row in T
     slots: torch.Tensor  # [N] int64: each token's slot
     scale: torch.Tensor  # [N, 1] float32: each token's slot scaling
     all_rows: bool  # rows = 0 … T-1: the deltas line up with y as they are
-    _bags: dict[int, tuple[torch.Tensor, torch.Tensor]]  # width -> (indices, offsets)
+    _bags: dict[tuple[str, int, int, int], tuple[torch.Tensor, torch.Tensor]]  # shape -> (indices, offsets)
 
-    def of_width(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's bag over a table of `width` rows per slot: the flat indices
-        (slot · width + 0 … width-1, token after token) and where each token's bag starts. int32:
-        a step reads the shrink's indices once per module, and they are as many as the inputs."""
-        found = self._bags.get(width)
-        if found is None:
-            device = self.slots.device
-            span = torch.arange(width, dtype=torch.int32, device=device)
-            indices = (self.slots.to(torch.int32)[:, None] * width + span).view(-1)
-            offsets = torch.arange(0, indices.numel(), width, dtype=torch.int32, device=device)
-            found = self._bags[width] = (indices, offsets)
-        return found
+    def shrink(self, d_in: int, chunks: int, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bags over Aᵀ stored `[n_slots, d_in, r_max]` and seen as rows of `r_max / chunks` values:
+        one bag per token and used chunk, that chunk of the token's slot's d_in rows (flat row
+        `(slot · d_in + i) · chunks + chunk`), token after token, chunk after chunk, so that the sums
+        line up as `[N, used · chunk width]`. int32: a step reads these once per module, and they are
+        as many as the inputs."""
+        key = ("shrink", d_in, chunks, used)
+        if key not in self._bags:
+            slots = self.slots.to(torch.int32)
+            first = (slots[:, None] * d_in + _span(d_in, slots)) * chunks  # [N, d_in]: each row's chunk 0
+            self._bags[key] = _bags_of((first[:, None, :] + _span(used, slots)[None, :, None]).view(-1), d_in)
+        return self._bags[key]
+
+    def expand(self, r_max: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bags over B stored `[n_slots, r_max, d_out]`: each token's slot's first `width` rows."""
+        key = ("expand", r_max, width, 0)
+        if key not in self._bags:
+            slots = self.slots.to(torch.int32)
+            self._bags[key] = _bags_of((slots[:, None] * r_max + _span(width, slots)).view(-1), width)
+        return self._bags[key]
+
+
+def _span(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int32, device=like.device)
+
+
+def _bags_of(indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices and where each bag of `size` of them starts."""
+    return indices, torch.arange(0, indices.numel(), size, dtype=torch.int32, device=indices.device)
 
 
 @dataclass(frozen=True)
@@ -110,8 +135,9 @@ class SegmentPlan:
         return self.short is not None and self.short.slots is None
 
 
-LoRAOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "SegmentPlan"], None]
-"""(y [T, d_out] updated in place, x [T, d_in], A [n_slots, r_max, d_in], B [n_slots, d_out, r_max], plan)"""
+LoRAOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "SegmentPlan", "int | None"], None]
+"""(y [T, d_out] updated in place, x [T, d_in], A [n_slots, r_max, d_in], B [n_slots, d_out, r_max], plan,
+rank: the most rank dims any of the step's slots holds in this module, None for r_max)"""
 
 
 def plan_segments(
@@ -245,11 +271,16 @@ def _by_slot(
 
 
 def long_groups(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, plan: SegmentPlan
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    plan: SegmentPlan,
+    rank: int | None = None,
 ) -> None:
     """The long segments (prefill chunks) alone, for ops whose own kernels take the short ones."""
     for group in plan.long_groups:
-        _apply_padded(y, x, a, b, group)
+        _apply_padded(y, x, a, b, group, rank)
 
 
 def lora_segment(
@@ -258,13 +289,20 @@ def lora_segment(
     a: torch.Tensor,  # [n_slots, r_max, d_in]
     b: torch.Tensor,  # [n_slots, d_out, r_max]
     plan: SegmentPlan,
+    rank: int | None = None,  # no slot of the step holds more rank dims in this module (None: r_max)
 ) -> None:
     if plan.bags is not None:
-        _apply_bags(y, x, a, b, plan.bags)
+        _apply_bags(y, x, a, b, plan.bags, a.shape[1] if rank is None else rank)
         return
-    long_groups(y, x, a, b, plan)
+    long_groups(y, x, a, b, plan, rank)
     if plan.short is not None:
-        _apply_padded(y, x, a, b, plan.short)
+        _apply_padded(y, x, a, b, plan.short, rank)
+
+
+def rank_chunk(r_max: int) -> int:
+    """The width of the rows the by-token shrink reads: the largest divisor of `r_max` up to
+    `RANK_CHUNK`, so that a slot's rank dims are whole chunks."""
+    return max(c for c in range(1, min(r_max, RANK_CHUNK) + 1) if r_max % c == 0)
 
 
 def bags_fit(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -276,16 +314,21 @@ def bags_fit(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cpu" and rows_of_a.is_contiguous() and rows_of_b.is_contiguous()
 
 
-def _apply_bags(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bags: TokenBags) -> None:
+def _apply_bags(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bags: TokenBags, rank: int
+) -> None:
     n_slots, r_max, d_in = a.shape
     d_out = b.shape[1]
-    a_rows = a.transpose(1, 2).reshape(n_slots * d_in, r_max)  # views: row s·d_in + i is Aᵀ[s, i]
+    chunk = rank_chunk(r_max)
+    chunks, used = r_max // chunk, -(-rank // chunk)
+    a_rows = a.transpose(1, 2).reshape(-1, chunk)  # views: row (s·d_in + i)·chunks + c is a chunk of Aᵀ[s, i]
     b_rows = b.transpose(1, 2).reshape(n_slots * r_max, d_out)  # row s·r_max + j is Bᵀ[s, j]
     xs = (x if bags.all_rows else x.index_select(0, bags.rows)).to(a.dtype)
-    indices, offsets = bags.of_width(d_in)
-    hidden = F.embedding_bag(indices, a_rows, offsets, mode="sum", per_sample_weights=xs.reshape(-1))
-    hidden.mul_(bags.scale)  # [N, r_max]
-    indices, offsets = bags.of_width(r_max)
+    weights = xs.reshape(-1) if used == 1 else xs[:, None, :].expand(-1, used, -1).reshape(-1)
+    indices, offsets = bags.shrink(d_in, chunks, used)
+    hidden = F.embedding_bag(indices, a_rows, offsets, mode="sum", per_sample_weights=weights)
+    hidden = hidden.view(xs.shape[0], used * chunk).mul_(bags.scale)
+    indices, offsets = bags.expand(r_max, used * chunk)
     delta = F.embedding_bag(indices, b_rows, offsets, mode="sum", per_sample_weights=hidden.view(-1))
     if y.dtype == delta.dtype:
         if bags.all_rows:
@@ -299,11 +342,17 @@ def _apply_bags(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 
 def _apply_padded(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: PaddedSegments
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    p: PaddedSegments,
+    rank: int | None = None,
 ) -> None:
     # [n_slots, d_in, r] and [n_slots, r, d_out]: as the pool stores them for this op (the rank cut
     # first, so a gather copies no more than the groups' ranks).
-    a_t, b_p = a.transpose(1, 2)[:, :, : p.rank], b.transpose(1, 2)[:, : p.rank]
+    r = p.rank if rank is None else min(p.rank, rank)
+    a_t, b_p = a.transpose(1, 2)[:, :, :r], b.transpose(1, 2)[:, :r]
     if p.slots is not None:
         a_t, b_p = a_t.index_select(0, p.slots), b_p.index_select(0, p.slots)
     groups = a_t.shape[0]

@@ -7,7 +7,10 @@ op reads in place by token (`ops.TokenBags`), and B's expand multiplies by that 
 twice as fast on CPU. The triton kernels read the rank as the innermost axis of both. Loading an
 adapter copies its matrices into one slot, zero-padded to `r_max`; a slot is zeroed wherever the new
 adapter has no weights, so nothing of the previous occupant survives. Per-slot rank and scaling
-(alpha / r) travel as host lists, read by the segment op.
+(alpha / r) travel as host lists, read by the segment op. Each step also gives every module the most
+rank its step's adapters hold there (`module_ranks`): a module none of them touches is skipped, and
+the others read no more rank dims than that, so slots allocated at the worker's default rank and
+modules cost what the adapters themselves hold.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class LoRAStep:
     seg_indptr: list[int]  # num_segments + 1: segment s covers tokens [seg_indptr[s], seg_indptr[s + 1])
     seg_slots: list[int]  # num_segments: slot of each segment, EMPTY for the base model
     plan: SegmentPlan | None = None  # set by LoRAPool.step for the duration of the forward pass
+    module_ranks: list[int] | None = None  # set with the plan: per wrapped module, the most rank dims
+    # any of the step's slots holds there (0: no adapter of the step touches it)
 
     @property
     def uses_adapters(self) -> bool:
@@ -44,10 +49,13 @@ class LoRAStep:
 class MultiLoRALinear(nn.Module):
     """A base `nn.Linear` plus, per token, the delta of that token's adapter slot."""
 
-    def __init__(self, base: nn.Linear, pool: LoRAPool, r_max: int, n_slots: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, base: nn.Linear, pool: LoRAPool, index: int, r_max: int, n_slots: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.base = base
         self.pool = pool
+        self.index = index  # in the pool's modules
         device = base.weight.device
         if pool.op_name == "segment":
             a = torch.zeros(n_slots, base.in_features, r_max, dtype=dtype, device=device).transpose(1, 2)
@@ -63,8 +71,13 @@ class MultiLoRALinear(nn.Module):
         step = self.pool.current
         if step is None or not step.uses_adapters:
             return y
-        assert step.plan is not None
-        self.pool.op(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, step.plan)
+        assert step.plan is not None and step.module_ranks is not None
+        rank = step.module_ranks[self.index]
+        if rank == 0:  # none of the step's adapters has weights here: reading their zeros adds nothing
+            return y
+        self.pool.op(
+            y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, step.plan, rank
+        )
         return y
 
 
@@ -96,11 +109,14 @@ class LoRAPool:
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
                 parent_name, _, child = name.rpartition(".")
-                wrapped = MultiLoRALinear(module, self, r_max, num_slots, dtype)
+                wrapped = MultiLoRALinear(module, self, len(self.layers), r_max, num_slots, dtype)
                 setattr(model.get_submodule(parent_name), child, wrapped)
                 self.layers[name] = wrapped
         if not self.layers:
             raise ValueError(f"the model has no linear module named any of {sorted(targets)}")
+        # Per module and slot, the rank its adapter holds there: adapters that leave a module out (or
+        # give it a smaller rank) cost nothing there in the steps they alone serve.
+        self.module_ranks = torch.zeros(len(self.layers), num_slots, dtype=torch.int32)
 
     @property
     def target_modules(self) -> set[str]:
@@ -117,6 +133,8 @@ class LoRAPool:
             step.plan = plan_segments(
                 step.seg_indptr, step.seg_slots, self.scaling, self.ranks, layer.lora_a.device, layout
             )
+            used = sorted({k for k in step.seg_slots if k != EMPTY})
+            step.module_ranks = self.module_ranks[:, used].amax(dim=1).tolist()
         self.current = step
         try:
             yield
@@ -144,9 +162,11 @@ class LoRAPool:
             if pair is None:
                 layer.lora_a[slot].zero_()
                 layer.lora_b[slot].zero_()
+                self.module_ranks[layer.index, slot] = 0
                 continue
             a, b = pair
             r = a.shape[0]
+            self.module_ranks[layer.index, slot] = r
             layer.lora_a[slot, :r].copy_(a)
             layer.lora_a[slot, r:].zero_()
             layer.lora_b[slot, :, :r].copy_(b)
@@ -161,6 +181,7 @@ class LoRAPool:
         for layer in self.layers.values():
             layer.lora_a[slot].zero_()
             layer.lora_b[slot].zero_()
+        self.module_ranks[:, slot] = 0
         self.ranks[slot] = 0
         self.scaling[slot] = 0.0
 

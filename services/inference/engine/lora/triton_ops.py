@@ -97,14 +97,15 @@ def lora_bgmv(
     a: torch.Tensor,  # [n_slots, r_max, d_in], contiguous
     b: torch.Tensor,  # [n_slots, d_out, r_max], contiguous
     plan: SegmentPlan,
+    rank: int | None = None,  # no slot of the step holds more rank dims in this module (None: r_max)
 ) -> None:
-    long_groups(y, x, a, b, plan)
+    long_groups(y, x, a, b, plan, rank)
     num_tokens = int(plan.valid_rows.shape[0])
     if not num_tokens:
         return
     if x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError("the triton LoRA op needs x and y rows to be contiguous")
-    rank = plan.short_rank
+    rank = plan.short_rank if rank is None else min(plan.short_rank, rank)
     block_r = max(16, triton.next_power_of_2(rank))
     hidden = torch.empty(num_tokens, block_r, dtype=torch.float32, device=x.device)
     d_in, d_out = x.shape[1], y.shape[1]

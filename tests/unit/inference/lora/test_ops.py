@@ -9,7 +9,13 @@ from typing import Literal
 import pytest
 import torch
 
-from services.inference.engine.lora.ops import SHORT_SEGMENT, bags_fit, lora_segment, plan_segments
+from services.inference.engine.lora.ops import (
+    SHORT_SEGMENT,
+    bags_fit,
+    lora_segment,
+    plan_segments,
+    rank_chunk,
+)
 from services.inference.engine.lora.slots import EMPTY
 
 
@@ -158,3 +164,31 @@ def test_a_decode_step_with_an_adapter_on_every_token_is_read_by_token(dtype: to
     lora_segment(y, x, *as_the_pool_stores(a, b), plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(("r_max", "rank"), [(64, 16), (40, 24), (8, 3), (16, 16)])
+def test_bags_read_only_the_rank_chunks_the_module_needs(r_max: int, rank: int) -> None:
+    """Slots allocated wider than the step's adapters (the worker's default rank is 64): the by-token
+    op reads the first chunks of each slot covering `rank` and nothing past them, which hold zeros
+    in the pool (NaN here, so that a read would show)."""
+    g = torch.Generator().manual_seed(3)
+    n_slots, d_in, d_out = 5, 20, 12
+    ranks, scaling = [rank, max(1, rank // 2), rank, 1, rank], [1.0, 2.0, 0.5, 3.0, 1.0]
+    a = torch.randn(n_slots, r_max, d_in, generator=g)
+    b = torch.randn(n_slots, d_out, r_max, generator=g)
+    for k, r in enumerate(ranks):
+        a[k, r:] = 0
+        b[k, :, r:] = 0
+    seg_slots = [3, 0, EMPTY, 1, 2]  # slot 4 idle
+    seg_indptr, token_slots = segments([2, 1, 2, LONG, 1], seg_slots)
+    x = torch.randn(seg_indptr[-1], d_in, generator=g)
+    y = torch.randn(seg_indptr[-1], d_out, generator=g)
+    expected = reference(y, x, a, b, scaling, ranks, token_slots)
+    read = rank_chunk(r_max) * -(-rank // rank_chunk(r_max))  # whole chunks
+    assert rank <= read <= r_max and r_max % rank_chunk(r_max) == 0
+    a[:, read:] = float("nan")
+    b[:, :, read:] = float("nan")
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), layout="by-token")
+    a, b = as_the_pool_stores(a, b)
+    lora_segment(y, x, a, b, plan, rank)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
