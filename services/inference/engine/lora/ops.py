@@ -14,10 +14,11 @@ layers), so segments run batched:
   of Aᵀ weighted by the token's inputs and the expand its slot's rows of B weighted by its hidden
   values. No weights are copied and nothing is padded, so each distinct adapter's bytes are read
   about once a step, which is what bounds this op on a CPU; and only the rank dims the module's
-  adapters in the step hold are read (`RANK_CHUNK`), however wide the slots. Measured (`bench/RESULTS.md`): a SmolLM2
-  decode step with 42 distinct rank-16 adapters on q/k/v/o, 57 ms as padded matmul pairs, 38 as bags,
-  against ~11 for reading their 310 MB once (`bench/step_bench.py`); a 512-token prefill step of 12
-  adapters with chunks of 20–64 tokens, 120 → 49 ms; chunks of one length, within ±15% either way.
+  adapters in the step hold are read (`RANK_CHUNK`), however wide the slots. Measured
+  (`bench/RESULTS.md`): a SmolLM2 decode step with 42 distinct rank-16 adapters on q/k/v/o, 57 ms
+  as padded matmul pairs, 38 as bags, against ~11 for reading their 310 MB once
+  (`bench/step_bench.py`); a 512-token prefill step of 12 adapters with chunks of 20–64 tokens,
+  120 → 49 ms; chunks of one length, within ±15% either way.
 - otherwise, as batched matmul pairs over padded groups (`PaddedSegments`):
   - **short segments** (a decode step's), one group, laid out one of two ways:
     - **by slot**, when most slots serve the step: every slot's tokens padded to a common length and
