@@ -37,6 +37,7 @@ how PEFT does it: needed for token-level parity with PEFT in low precision.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -300,6 +301,7 @@ def lora_segment(
         _apply_padded(y, x, a, b, plan.short, rank)
 
 
+@functools.cache
 def rank_chunk(r_max: int) -> int:
     """The width of the rows the by-token shrink reads: the largest divisor of `r_max` up to
     `RANK_CHUNK`, so that a slot's rank dims are whole chunks."""
@@ -337,9 +339,7 @@ def _apply_bags(
         else:
             y.index_add_(0, bags.rows, delta)
         return
-    # In low precision the sum is taken in float32 and rounded once, as PEFT does.
-    rows = bags.rows
-    y.index_copy_(0, rows, (y.index_select(0, rows).to(delta.dtype) + delta).to(y.dtype))
+    _add_rounding_once(y, bags.rows, delta)
 
 
 def _apply_padded(
@@ -365,7 +365,10 @@ def _apply_padded(
     if y.dtype == flat.dtype:
         y.index_add_(0, p.rows, flat)  # padding adds exact zeros to token 0
         return
-    # In low precision the sum is taken in float32 and rounded once, as PEFT does.
-    rows = p.valid_rows
-    flat = flat.index_select(0, p.valid_positions)
-    y.index_copy_(0, rows, (y.index_select(0, rows).to(flat.dtype) + flat).to(y.dtype))
+    _add_rounding_once(y, p.valid_rows, flat.index_select(0, p.valid_positions))
+
+
+def _add_rounding_once(y: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> None:
+    """y[rows] += delta for a low-precision y: the sum is taken in float32 and rounded once, as PEFT
+    does."""
+    y.index_copy_(0, rows, (y.index_select(0, rows).to(delta.dtype) + delta).to(y.dtype))
