@@ -46,14 +46,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
-import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
 from bench import workload
 from bench.engine_bench import model_dir, run_ours
 from bench.lora_bench import HostAdapter, adapter_name
-from bench.machine import cpu_flags, cpu_model, steal_seconds, thread_usage
+from bench.machine import cpu_flags, cpu_model, set_up_torch, steal_seconds, thread_usage
 from services.adapter_store.client import adapter_files, upload
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.grpc_client import open_channel
@@ -375,9 +373,7 @@ def main() -> None:
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     args.rank = max([args.rank, *ranks])  # the slots' maximum rank
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    set_up_torch(args.threads)
     for key, value in worker_environment(engine_settings(args)).items():
         os.environ[key] = value
     # Every request may arrive at once: the tenant's stream limit must not turn the replay into retries.

@@ -30,11 +30,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bench import workload
-from bench.machine import cpu_flags, cpu_model, gemm_gflops
+from bench.machine import cpu_flags, cpu_model, gemm_gflops, set_up_torch
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams, Sequence
 
@@ -199,10 +198,7 @@ def main() -> None:
     parser.add_argument("--workload-out", type=Path, help="where to write the generated workload")
     workload.add_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    # One JSON line on stdout is the contract; progress bars and warnings would only clutter it.
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    set_up_torch(args.threads)
 
     scratch = Path(tempfile.mkdtemp(prefix="engine-bench-"))
     path = model_dir(args.model, scratch)

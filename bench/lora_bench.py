@@ -36,8 +36,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -51,7 +49,7 @@ from bench.engine_bench import (
     run_hf,
     run_ours,
 )
-from bench.machine import cpu_flags, cpu_model, gemm_gflops
+from bench.machine import cpu_flags, cpu_model, gemm_gflops, set_up_torch
 from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
@@ -140,9 +138,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="ours and base runs per setting (medians)")
     workload.add_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    set_up_torch(args.threads)
     peers = {p for p in args.peers.split(",") if p}
     targets = args.targets.split(",")
 

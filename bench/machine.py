@@ -64,6 +64,17 @@ def _calls_per_second(call: Callable[[], object], seconds: float) -> float:
     return calls / elapsed
 
 
+def set_up_torch(threads: int) -> None:
+    """What every in-process benchmark does first: torch's intra-op threads, and transformers quiet
+    (one JSON line on stdout is each benchmark's contract; progress bars and warnings would clutter it)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def steal_seconds() -> float:
     """CPU time the hypervisor gave other machines while ours wanted it (0 on bare metal): a run
     with much of it measured a busy host, not our code."""

@@ -29,14 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
 from bench import workload
 from bench.engine_bench import decode_flops_per_token, model_dir
 from bench.lora_bench import HostAdapter, adapter_name, add_slot_arguments, slot_settings
-from bench.machine import cpu_flags, cpu_model, gemm_gflops, memory_read_gbps
+from bench.machine import cpu_flags, cpu_model, gemm_gflops, memory_read_gbps, set_up_torch
 from services.common.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
@@ -108,9 +106,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds on each engine, alternating")
     workload.add_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    set_up_torch(args.threads)
     targets = args.targets.split(",")
 
     scratch = Path(tempfile.mkdtemp(prefix="step-bench-"))
