@@ -93,9 +93,12 @@ def test_segments_match_a_per_token_loop(
         a, b = as_the_pool_stores(a, b)
     # Read in place by token in the pool's storage only (plainly stored buffers are copied first).
     assert bags_fit(a, b) == pool_storage
+    in_float32 = y.float()
     lora_segment(y, x, a, b, plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    lora_segment(in_float32, x, a, b, plan)  # summed in float32 and rounded once, as PEFT does
+    assert torch.equal(y, in_float32.to(dtype))
     for untouched in (2, 7):  # the EMPTY segment and the rank-0 slot keep the base output bit for bit
         rows = slice(seg_indptr[untouched], seg_indptr[untouched + 1])
         assert torch.equal(y[rows], expected[rows])
@@ -161,9 +164,13 @@ def test_a_decode_step_with_an_adapter_on_every_token_is_read_by_token(dtype: to
     expected = reference(y, x, a, b, scaling, ranks, token_slots)
     plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), layout="by-token")
     assert plan.bags is not None and plan.bags.all_rows
+    in_float32 = y.float()
     lora_segment(y, x, *as_the_pool_stores(a, b), plan)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    # PEFT's rounding: the base output and the delta summed in float32, then rounded once to y's dtype.
+    lora_segment(in_float32, x, *as_the_pool_stores(a, b), plan)
+    assert torch.equal(y, in_float32.to(dtype))
 
 
 @pytest.mark.parametrize(("r_max", "rank"), [(64, 16), (40, 24), (8, 3), (16, 16)])
