@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,15 @@ import pytest
 from services.common.tiny_models import FAMILIES, Family, build_tiny_model
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint, SeaweedFS
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CPU LoRA kernel once, first: the engine processes tests start then load it, rather than
+    the first of them compiling it inside a test's time limit."""
+    from services.inference.engine.lora.cpu_kernel import KernelUnavailable, kernel
+
+    with contextlib.suppress(KernelUnavailable):  # its own tests fail and say why; engines fall back
+        kernel()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -57,9 +57,13 @@ class WorkerSettings(ServiceSettings):
     """Attention backend: `torch` (SDPA, any device) or `flash_attn` (CUDA with flash-attn, bfloat16
     or float16)."""
 
-    lora_op: Literal["auto", "segment", "triton"] = "auto"
-    """Multi-LoRA op: `segment` (plain torch, any device), `triton` (BGMV kernels on CUDA), or `auto`
-    (triton on CUDA when it imports, else segment)."""
+    lora_op: Literal["auto", "segment", "cpu", "triton"] = "auto"
+    """Multi-LoRA op: `segment` (plain torch, any device), `cpu` (a compiled by-token kernel, CPU),
+    `triton` (BGMV kernels on CUDA), or `auto` (triton on CUDA when it imports, else segment; on CPU,
+    cpu where it builds, else segment with a warning saying why). `cpu` is built on first start with
+    torch's C++ extension loader (a C++ compiler and ninja; seconds, once per machine and CPU) into
+    `$OPENLORA_KERNEL_DIR` (default `~/.cache/openlora/kernels`); same outputs as `segment`, with the
+    adapters' share of a SmolLM2 decode step about a third lower (`bench/RESULTS.md`)."""
 
     device: str = "cpu"
     """Torch device of the model, KV cache and LoRA slots (`cpu`, `cuda`, `cuda:1`, ...)."""

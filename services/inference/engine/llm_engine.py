@@ -60,8 +60,9 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS
     """Linear modules wrapped for adapters; an adapter touching others is refused."""
     lora_op: str = "auto"
-    """The multi-LoRA op: `segment` (plain torch, any device), `triton` (BGMV kernels, CUDA) or `auto`
-    (triton on CUDA when it imports, else segment)."""
+    """The multi-LoRA op: `segment` (plain torch, any device), `cpu` (compiled by-token kernel, CPU),
+    `triton` (BGMV kernels, CUDA) or `auto` (triton on CUDA when it imports; on CPU, cpu where it
+    builds; else segment)."""
     quantization: Quantization = "none"
     """Base-weight quantisation: `int8` stores the decoder's linear weights as int8 (weight-only,
     torchao); activations, KV cache and adapters keep `dtype`."""

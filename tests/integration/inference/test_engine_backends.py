@@ -24,13 +24,13 @@ def test_flash_attn_is_refused_without_a_gpu() -> None:
         register("magic")
 
 
-def test_the_lora_op_is_chosen_by_name_and_auto_picks_segment_on_cpu(tiny_llama_dir: Path) -> None:
+def test_the_lora_op_is_chosen_by_name_and_auto_picks_the_compiled_one_on_cpu(tiny_llama_dir: Path) -> None:
     def config(op: str) -> EngineConfig:
         return EngineConfig(lora_slots=2, lora_max_rank=8, kv_cache_bytes=1 << 20, lora_op=op)
 
-    for name in ("auto", "segment"):
+    for name, picked in (("auto", "cpu"), ("cpu", "cpu"), ("segment", "segment")):
         engine = LLMEngine.from_pretrained(tiny_llama_dir, config(name))
-        assert engine.residency is not None and engine.residency.pool.op_name == "segment"
+        assert engine.residency is not None and engine.residency.pool.op_name == picked
     with pytest.raises(ValueError, match="unknown LoRA op"):
         LLMEngine.from_pretrained(tiny_llama_dir, config("magic"))
     if not torch.cuda.is_available():

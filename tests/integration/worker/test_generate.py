@@ -149,7 +149,7 @@ async def test_list_models_reports_model_engine_and_cache(cluster: Cluster, tiny
     reply = await cluster.worker.stub.ListModels(inference_pb2.ListModelsRequest())
     assert reply.base_model.name == tiny_llama_dir.name
     assert reply.base_model.max_context > 0 and reply.base_model.dtype == "float32"
-    assert (reply.attention_backend, reply.lora_op, reply.worker_id) == ("torch", "segment", "worker-test")
+    assert (reply.attention_backend, reply.lora_op, reply.worker_id) == ("torch", "cpu", "worker-test")
     assert reply.stats.kv_blocks_total > 0 and reply.stats.kv_blocks_used == 0
     listed = {f"{a.adapter.id}@{a.adapter.version}": a for a in reply.adapters}
     assert listed[key].tier == inference_pb2.DEVICE

@@ -18,7 +18,8 @@ layers), so segments run batched:
   (`bench/RESULTS.md`): a SmolLM2 decode step with 42 distinct rank-16 adapters on q/k/v/o, 57 ms
   as padded matmul pairs, 38 as bags, against ~11 for reading their 310 MB once
   (`bench/step_bench.py`); a 512-token prefill step of 12 adapters with chunks of 20–64 tokens,
-  120 → 49 ms; chunks of one length, within ±15% either way.
+  120 → 49 ms; chunks of one length, within ±15% either way. The `cpu` op (`cpu_kernel.py`) runs this
+  plan compiled, one call per module, with the same sums in the same order.
 - otherwise, as batched matmul pairs over padded groups (`PaddedSegments`):
   - **short segments** (a decode step's), one group, laid out one of two ways:
     - **by slot**, when most slots serve the step: every slot's tokens padded to a common length and

@@ -1,20 +1,21 @@
 """The adapter slot pool: per target module, stacked device buffers written in place.
 
 For every wrapped linear module, `A[n_slots, r_max, d_in]` and `B[n_slots, d_out, r_max]` are
-allocated once at start-up. For the plain-torch op they are transposed views of `[n_slots, d_in, r_max]`
-and `[n_slots, r_max, d_out]` storage: each slot is then a run of whole rows of Aᵀ and of B, which the
-op reads in place by token (`ops.TokenBags`), and B's expand multiplies by that contiguous form, about
-twice as fast on CPU. The triton kernels read the rank as the innermost axis of both. Loading an
-adapter copies its matrices into one slot, zero-padded to `r_max`; a slot is zeroed wherever the new
-adapter has no weights, so nothing of the previous occupant survives. Per-slot rank and scaling
-(alpha / r) travel as host lists, read by the segment op. Each step also gives every module the most
-rank its step's adapters hold there (`module_ranks`): a module none of them touches is skipped, and
-the others read no more rank dims than that, so slots allocated at the worker's default rank and
-modules cost what the adapters themselves hold.
+allocated once at start-up. For the plain-torch and cpu ops they are transposed views of
+`[n_slots, d_in, r_max]` and `[n_slots, r_max, d_out]` storage: each slot is then a run of whole rows of
+Aᵀ and of B, which the ops read in place by token (`ops.TokenBags`, `cpu_kernel`), and B's expand
+multiplies by that contiguous form, about twice as fast on CPU. The triton kernels read the rank as the
+innermost axis of both. Loading an adapter copies its matrices into one slot, zero-padded to `r_max`; a
+slot is zeroed wherever the new adapter has no weights, so nothing of the previous occupant survives.
+Per-slot rank and scaling (alpha / r) travel as host lists, read by the segment op. Each step also
+gives every module the most rank its step's adapters hold there (`module_ranks`): a module none of them
+touches is skipped, and the others read no more rank dims than that, so slots allocated at the worker's
+default rank and modules cost what the adapters themselves hold.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from torch import nn
 
 from services.inference.engine.lora.ops import LoRAOp, SegmentPlan, bags_fit, lora_segment, plan_segments
 from services.inference.engine.lora.slots import EMPTY, SlotTable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AdapterWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, d_in], B [d_out, r])
@@ -57,7 +60,7 @@ class MultiLoRALinear(nn.Module):
         self.pool = pool
         self.index = index  # in the pool's modules
         device = base.weight.device
-        if pool.op_name == "segment":
+        if pool.op_name in ("segment", "cpu"):
             a = torch.zeros(n_slots, base.in_features, r_max, dtype=dtype, device=device).transpose(1, 2)
             b = torch.zeros(n_slots, r_max, base.out_features, dtype=dtype, device=device).transpose(1, 2)
         else:
@@ -92,8 +95,8 @@ class LoRAPool:
         dtype: torch.dtype = torch.float32,
         op: str = "auto",
     ) -> None:
-        """`op`: "segment" (plain torch, any device), "triton" (CUDA) or "auto" (triton on CUDA when it
-        imports, else segment)."""
+        """`op`: "segment" (plain torch, any device), "cpu" (compiled, CPU), "triton" (CUDA) or "auto"
+        (triton on CUDA when it imports, else segment; cpu on CPU where it builds, else segment)."""
         if r_max < 1:
             raise ValueError("r_max must be >= 1")
         device = next(model.parameters()).device
@@ -187,9 +190,13 @@ class LoRAPool:
 
 
 def resolve_op(name: str, device: torch.device) -> tuple[str, LoRAOp]:
-    if name not in ("auto", "segment", "triton"):
-        raise ValueError(f"unknown LoRA op {name!r}: use auto, segment or triton")
-    if name == "segment" or (name == "auto" and device.type != "cuda"):
+    if name not in ("auto", "segment", "cpu", "triton"):
+        raise ValueError(f"unknown LoRA op {name!r}: use auto, segment, cpu or triton")
+    if name == "segment":
+        return "segment", lora_segment
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        return _cpu_op(explicit=name == "cpu", device=device)
+    if name == "auto" and device.type != "cuda":
         return "segment", lora_segment
     try:
         from services.inference.engine.lora.triton_ops import lora_bgmv
@@ -200,3 +207,18 @@ def resolve_op(name: str, device: torch.device) -> tuple[str, LoRAOp]:
     if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
         raise ValueError("the triton LoRA op runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
     return "triton", lora_bgmv
+
+
+def _cpu_op(explicit: bool, device: torch.device) -> tuple[str, LoRAOp]:
+    from services.inference.engine.lora.cpu_kernel import KernelUnavailable, kernel, lora_cpu
+
+    if device.type != "cpu":
+        raise ValueError(f"the cpu LoRA op runs on CPU, not {device}")
+    try:
+        kernel()
+    except KernelUnavailable as exc:
+        if explicit:
+            raise ValueError(str(exc)) from None
+        log.warning("%s; using the plain-torch segment op", exc)
+        return "segment", lora_segment
+    return "cpu", lora_cpu
