@@ -9,6 +9,7 @@ import torch
 
 from services.inference.engine.attention import register
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
+from tests.kit.cpu import cpu_lora_op
 
 
 def test_flash_attn_needs_a_half_precision_dtype() -> None:
@@ -28,7 +29,7 @@ def test_the_lora_op_is_chosen_by_name_and_auto_picks_the_compiled_one_on_cpu(ti
     def config(op: str) -> EngineConfig:
         return EngineConfig(lora_slots=2, lora_max_rank=8, kv_cache_bytes=1 << 20, lora_op=op)
 
-    for name, picked in (("auto", "cpu"), ("cpu", "cpu"), ("segment", "segment")):
+    for name, picked in (("auto", cpu_lora_op()), ("segment", "segment")):
         engine = LLMEngine.from_pretrained(tiny_llama_dir, config(name))
         assert engine.residency is not None and engine.residency.pool.op_name == picked
     with pytest.raises(ValueError, match="unknown LoRA op"):

@@ -18,6 +18,7 @@ from services.inference.engine.lora.cpu_kernel import KernelUnavailable, kernel,
 from services.inference.engine.lora.ops import SHORT_SEGMENT, lora_segment, plan_segments
 from services.inference.engine.lora.pool import resolve_op
 from services.inference.engine.lora.slots import EMPTY
+from tests.kit.cpu import cpu_lora_op, needs_a_compiler
 from tests.unit.inference.lora.test_ops import as_the_pool_stores, reference, segments
 
 CPU = torch.device("cpu")
@@ -35,6 +36,7 @@ def weights(
     return as_the_pool_stores(a, b)
 
 
+@needs_a_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("r_max", "rank"), [(16, 16), (64, 16), (40, 24), (8, 3), (32, 32)])
 def test_the_kernel_adds_the_same_bits_as_the_plain_op(dtype: torch.dtype, r_max: int, rank: int) -> None:
@@ -59,6 +61,7 @@ def test_the_kernel_adds_the_same_bits_as_the_plain_op(dtype: torch.dtype, r_max
     assert torch.equal(compiled[base_rows], y[base_rows])  # untouched, bit for bit
 
 
+@needs_a_compiler
 def test_a_decode_step_where_every_token_has_an_adapter_matches_too() -> None:
     """The shape of a real step: 64 tokens over 42 slots of 64, d_in 96, rank 16 of 16."""
     ranks = [16] * 64
@@ -73,6 +76,7 @@ def test_a_decode_step_where_every_token_has_an_adapter_matches_too() -> None:
     assert torch.equal(compiled, plain)
 
 
+@needs_a_compiler
 def test_indices_out_of_range_are_refused_not_read() -> None:
     a, b = weights(2, 8, 16, 8, [8, 8], seed=5)
     y, x = torch.zeros(3, 8), torch.randn(3, 16)
@@ -103,9 +107,10 @@ def test_without_a_compiler_auto_falls_back_and_an_explicit_cpu_says_why(
     finally:
         monkeypatch.undo()
         cpu_kernel._load.cache_clear()
-    assert resolve_op("auto", CPU)[0] == "cpu"
+    assert resolve_op("auto", CPU)[0] == cpu_lora_op()
 
 
+@needs_a_compiler
 def test_a_build_lands_whole_under_a_name_that_follows_the_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
