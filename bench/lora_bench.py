@@ -105,6 +105,9 @@ def add_slot_arguments(parser: argparse.ArgumentParser) -> None:
         "--slot-targets",
         help="modules the slots wrap, comma-separated (default --targets; the worker's: every linear one)",
     )
+    parser.add_argument(
+        "--lora-dtype", default="float32", choices=["float32", "model"], help="the slots' dtype (lora_dtype)"
+    )
 
 
 def slot_settings(args: argparse.Namespace, targets: list[str]) -> dict[str, Any]:
@@ -113,6 +116,7 @@ def slot_settings(args: argparse.Namespace, targets: list[str]) -> dict[str, Any
         "lora_slots": args.lora_slots,
         "lora_max_rank": args.slot_rank or args.rank,
         "lora_target_modules": tuple(args.slot_targets.split(",") if args.slot_targets else targets),
+        "lora_dtype": args.lora_dtype,
     }
 
 
@@ -208,6 +212,7 @@ def main() -> None:
                 "targets": targets,
                 "slot_rank": lora_config.lora_max_rank,
                 "slot_targets": list(lora_config.lora_target_modules),
+                "lora_dtype": lora_config.lora_dtype,
                 "n": spec.n,
                 "rate": "inf" if spec.rate == float("inf") else spec.rate,
                 "lora_slots": args.lora_slots,

@@ -156,6 +156,7 @@ def main() -> None:
                 "targets": targets,
                 "slot_rank": lora_config.lora_max_rank,
                 "slot_targets": list(lora_config.lora_target_modules),
+                "lora_dtype": lora_config.lora_dtype,
                 "base_step_ms": round(base_step, 2),
                 "lora_step_ms": round(lora_step, 2),
                 "lora_ms": round(lora_step - base_step, 2),

@@ -65,6 +65,14 @@ class WorkerSettings(ServiceSettings):
     `$OPENLORA_KERNEL_DIR` (default `~/.cache/openlora/kernels`); same outputs as `segment`, with the
     adapters' share of a SmolLM2 decode step about a third lower (`bench/RESULTS.md`)."""
 
+    lora_dtype: Literal["float32", "model"] = "float32"
+    """The LoRA slots' dtype: `float32` keeps adapters as PEFT does on a bf16/fp16 model (its
+    `autocast_adapter_dtype`), `model` stores them in the model's dtype, as vLLM does: half the slot
+    memory and half the bytes each step reads for its adapters (a bf16 SmolLM2 decode step's adapters
+    9.1 → 6.0 ms in the CPU kernel, `bench/RESULTS.md`), at the price of rounding fp32 adapter weights
+    to the model's precision. The `cpu` and `triton` ops still sum the delta in float32. No effect on a
+    float32 model."""
+
     device: str = "cpu"
     """Torch device of the model, KV cache and LoRA slots (`cpu`, `cuda`, `cuda:1`, ...)."""
 

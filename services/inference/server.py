@@ -250,6 +250,7 @@ class Worker:
             lora_max_rank=s.lora_max_rank,
             lora_target_modules=s.lora_target_modules,
             lora_op=s.lora_op,
+            lora_dtype=s.lora_dtype,
             quantization=s.quantization,
         )
         if s.store_address is not None and s.lora_slots:

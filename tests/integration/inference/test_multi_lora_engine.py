@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from services.common.errors import InvalidArgument
@@ -15,6 +16,7 @@ from services.inference.engine.lora.weights import peft_pairs
 from services.inference.engine.sequence import SamplingParams
 from tests.integration.inference.hf_reference import peft_greedy, peft_with_adapters
 from tests.kit.adapters import ALL_LINEAR, ATTENTION, make_peft_adapter
+from tests.kit.cpu import needs_a_compiler
 
 
 class Adapter:
@@ -118,3 +120,43 @@ def test_requests_waiting_for_a_slot_start_once_the_batch_before_them_finished(
             break
         engine.step()
     assert all(len(s.output_token_ids) == 6 for s in seqs), "requests were left waiting for a slot"
+
+
+@needs_a_compiler
+def test_slots_in_the_model_dtype_hold_half_the_bytes_and_lose_nothing_of_bf16_adapters(
+    tiny_llama_dir: Path, adapters: dict[str, tuple[Path, int, int]]
+) -> None:
+    """`lora_dtype=model` on a bf16 model: slots of half the bytes, and for adapters whose weights are
+    already bf16 the compiled op sums the same values in the same order as with float32 slots, so the
+    tokens are the same ones."""
+    rng = random.Random(11)
+    names = list(adapters)
+    jobs = [
+        ([rng.randrange(3, 500) for _ in range(rng.randint(4, 30))], names[i % len(names)]) for i in range(8)
+    ]
+    outputs = {}
+    slot_bytes = {}
+    for lora_dtype in ("float32", "model"):
+        config = EngineConfig(
+            dtype="bfloat16", lora_slots=8, lora_max_rank=16, kv_cache_bytes=8 << 20, lora_dtype=lora_dtype
+        )
+        engine = LLMEngine.from_pretrained(tiny_llama_dir, config)
+        assert engine.residency is not None and engine.residency.pool.op_name == "cpu"
+        for key, (folder, rank, alpha) in adapters.items():
+            adapter = Adapter(folder, rank, alpha)
+            adapter.weights = {  # weights a bf16 training run would have saved
+                name: (a.bfloat16().float(), b.bfloat16().float()) for name, (a, b) in adapter.weights.items()
+            }
+            engine.add_adapter(key, adapter)
+        params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+        seqs = [engine.add_request(f"r{i}", p, params, adapter_key=n) for i, (p, n) in enumerate(jobs)]
+        while any(not s.is_finished for s in seqs):
+            engine.step()
+        outputs[lora_dtype] = [list(s.output_token_ids) for s in seqs]
+        layers = engine.residency.pool.layers.values()
+        slot_bytes[lora_dtype] = sum(m.lora_a.nbytes + m.lora_b.nbytes for m in layers)
+        assert {m.lora_a.dtype for m in layers} == {
+            torch.float32 if lora_dtype == "float32" else torch.bfloat16
+        }
+    assert outputs["model"] == outputs["float32"]
+    assert slot_bytes["model"] * 2 == slot_bytes["float32"]

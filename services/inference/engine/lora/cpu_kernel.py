@@ -127,9 +127,11 @@ def lora_cpu(
     plan: SegmentPlan,
     rank: int | None = None,
 ) -> None:
-    """`ops.lora_segment`'s semantics; a by-token plan over float32 pool storage runs compiled."""
+    """`ops.lora_segment`'s semantics; a by-token plan over the pool's storage runs compiled. Slots
+    in the model's dtype (`lora_dtype=model`) are summed in float32 here and rounded once, where the
+    segment op's `embedding_bag`s round the hidden values and the delta to that dtype on the way."""
     bags = plan.bags
-    if bags is None or a.dtype != torch.float32 or x.dtype != y.dtype or not bags_fit(a, b):
+    if bags is None or a.dtype not in (torch.float32, y.dtype) or x.dtype != y.dtype or not bags_fit(a, b):
         lora_segment(y, x, a, b, plan, rank)
         return
     kernel()(

@@ -32,8 +32,9 @@ layers), so segments run batched:
 Padding positions read token 0 and are masked to zero before the expand, so they add exact zeros.
 The index tensors are planned once per step (`plan_segments`) and shared by every module.
 
-The delta is computed in float32 and added to the base output in float32 before casting back, which is
-how PEFT does it: needed for token-level parity with PEFT in low precision.
+With float32 slots (`lora_dtype=float32`, the default) the delta is computed in float32 and added to
+the base output in float32 before casting back, which is how PEFT does it: needed for token-level parity
+with PEFT in low precision. Slots in the model's dtype are computed in that dtype here.
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def _apply_padded(
         a_t, b_p = a_t.index_select(0, p.slots), b_p.index_select(0, p.slots)
     groups = a_t.shape[0]
     xs = x.index_select(0, p.rows).view(groups, p.length, -1).to(a.dtype)  # [G, L, d_in]
-    hidden = torch.bmm(xs, a_t) * p.mask  # [G, L, r]
+    hidden = torch.bmm(xs, a_t).mul_(p.mask)  # [G, L, r], in the slots' dtype
     delta = torch.bmm(hidden, b_p)  # [G, L, d_out]
     delta.mul_(p.scale)
     flat = delta.view(groups * p.length, -1)

@@ -136,3 +136,22 @@ def test_a_build_lands_whole_under_a_name_that_follows_the_cpu(
     assert done.stdout.strip() == "[[3.0, 3.0]]"
     assert [p.name for p in tmp_path.iterdir()] == [name]  # nothing else: the scratch folder was renamed
     assert (tmp_path / name / f"{name}.so").is_file()
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slots_in_the_model_dtype_sum_in_float32_as_float32_slots_do(dtype: torch.dtype) -> None:
+    """`lora_dtype=model`: for weights that dtype holds exactly, the same bits as float32 slots."""
+    ranks = [16, 8, 16]
+    a, b = weights(3, 16, 40, 24, ranks, seed=9)
+    a, b = a.to(dtype).float(), b.to(dtype).float()  # values the low-precision slots hold exactly
+    seg_slots = [0, EMPTY, 2, 1]
+    seg_indptr, _ = segments([2, 1, SHORT_SEGMENT + 3, 1], seg_slots)
+    plan = plan_segments(seg_indptr, seg_slots, [1.0, 2.0, 0.5], ranks, CPU, layout="by-token")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(seg_indptr[-1], 40, generator=g).to(dtype)
+    y = torch.randn(seg_indptr[-1], 24, generator=g).to(dtype)
+    in_float32_slots, in_low_slots = y.clone(), y.clone()
+    lora_cpu(in_float32_slots, x, a, b, plan, 16)
+    lora_cpu(in_low_slots, x, a.to(dtype), b.to(dtype), plan, 16)
+    assert torch.equal(in_low_slots, in_float32_slots)

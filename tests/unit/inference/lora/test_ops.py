@@ -104,6 +104,29 @@ def test_segments_match_a_per_token_loop(
         assert torch.equal(y[rows], expected[rows])
 
 
+@pytest.mark.parametrize("layout", ["by-token", "by-slot", "by-segment"])
+def test_slots_in_a_bf16_model_dtype_run_every_layout(
+    layout: Literal["by-token", "by-slot", "by-segment"],
+) -> None:
+    """`lora_dtype=model`: bf16 slots in the pool's storage, bf16 inputs and outputs, every layout."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 8, 24, generator=g).bfloat16()
+    b = torch.randn(3, 16, 8, generator=g).bfloat16()
+    ranks, scaling = [8, 4, 8], [1.0, 2.0, 0.5]
+    a[1, 4:] = 0
+    b[1, :, 4:] = 0
+    seg_slots = [0, EMPTY, 2, 1, 0]
+    seg_indptr, token_slots = segments([2, 1, 3, LONG, 1], seg_slots)
+    x = torch.randn(seg_indptr[-1], 24, generator=g).bfloat16()
+    y = torch.randn(seg_indptr[-1], 16, generator=g).bfloat16()
+    expected = reference(y, x, a.float(), b.float(), scaling, ranks, token_slots)
+    plan = plan_segments(seg_indptr, seg_slots, scaling, ranks, torch.device("cpu"), layout=layout)
+    lora_segment(y, x, *as_the_pool_stores(a, b), plan)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=3e-2, atol=6e-2)
+    assert torch.equal(y[2], expected[2])  # the base-model token is untouched
+
+
 def test_short_tokens_go_by_segment_when_few_slots_serve_them() -> None:
     """Two one-token segments among 32 slots: padding every slot would multiply 16 times the work."""
     cpu = torch.device("cpu")
