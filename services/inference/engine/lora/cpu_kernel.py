@@ -74,10 +74,15 @@ def _load() -> Callable[..., None] | str:
     final = kernel_dir() / name
     library = final / f"{name}.so"
     try:
-        if library.exists():
-            torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]
-        else:
+        if not library.exists():
             _build(name, final)
+        else:
+            try:
+                torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]
+            except OSError:  # a damaged cache entry (a truncated copy, a full disk): build it anew
+                log.warning("the cached CPU LoRA kernel %s does not load; building it again", library)
+                shutil.rmtree(final, ignore_errors=True)
+                _build(name, final)
         op: Callable[..., None] = torch.ops.openlora.lora_by_token
         return op
     except Exception as exc:  # a missing compiler, a read-only cache, a broken toolchain: all say why

@@ -135,7 +135,15 @@ def test_a_build_lands_whole_under_a_name_that_follows_the_cpu(
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[[3.0, 3.0]]"
     assert [p.name for p in tmp_path.iterdir()] == [name]  # nothing else: the scratch folder was renamed
-    assert (tmp_path / name / f"{name}.so").is_file()
+    library = tmp_path / name / f"{name}.so"
+    assert library.is_file()
+    library.write_bytes(b"not a shared library")  # a damaged cache entry is built anew, not trusted
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[[3.0, 3.0]]" and "building it again" in done.stderr
+    assert library.stat().st_size > 1000
 
 
 @needs_a_compiler
