@@ -70,8 +70,9 @@ class WorkerSettings(ServiceSettings):
     `autocast_adapter_dtype`), `model` stores them in the model's dtype, as vLLM does: half the slot
     memory and half the bytes each step reads for its adapters (a bf16 SmolLM2 decode step's adapters
     9.1 → 6.0 ms in the CPU kernel, `bench/RESULTS.md`), at the price of rounding fp32 adapter weights
-    to the model's precision. The `cpu` and `triton` ops still sum the delta in float32. No effect on a
-    float32 model."""
+    to the model's precision. The `cpu` op (and triton's decode kernels) still sum the delta in float32
+    and round once; the plain-torch `segment` op and triton's prefill groups compute it in the model's
+    dtype. No effect on a float32 model."""
 
     device: str = "cpu"
     """Torch device of the model, KV cache and LoRA slots (`cpu`, `cuda`, `cuda:1`, ...)."""

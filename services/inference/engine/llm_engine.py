@@ -66,8 +66,9 @@ class EngineConfig:
     lora_dtype: Literal["float32", "model"] = "float32"
     """The slots' dtype: `float32` keeps adapters as PEFT does on a low-precision model
     (`autocast_adapter_dtype`), `model` stores them in the model's dtype (as vLLM does), halving their
-    memory and the bytes a step reads; the delta is still summed in float32 by the compiled and triton
-    ops. No difference for a float32 model, nor for adapters whose weights are already in that dtype."""
+    memory and the bytes a step reads. The `cpu` op (and triton's decode kernels) still sum the delta in
+    float32, so with it adapters whose weights are already in that dtype give the same outputs; the
+    `segment` op and triton's prefill groups compute in the slots' dtype. No effect on a float32 model."""
     quantization: Quantization = "none"
     """Base-weight quantisation: `int8` stores the decoder's linear weights as int8 (weight-only,
     torchao); activations, KV cache and adapters keep `dtype`."""
@@ -82,6 +83,8 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be >= 1")
         if self.lora_slots < 0 or self.lora_max_rank < 1:
             raise ValueError("lora_slots must be >= 0 and lora_max_rank >= 1")
+        if self.lora_dtype not in ("float32", "model"):
+            raise ValueError(f"lora_dtype must be float32 or model, not {self.lora_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if self.attention_backend == "flash_attn" and self.dtype == "float32":

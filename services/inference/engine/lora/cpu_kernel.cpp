@@ -5,6 +5,7 @@
 // the rank dims), in float32, and a low-precision y takes base + delta rounded once, as PEFT does.
 // Tokens arrive grouped by slot, so a thread reads each adapter's rows about once and the op is bound
 // by reading the adapters' bytes; one call replaces the plain op's dozen tensor ops per module.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -91,8 +92,12 @@ void lora_by_token(at::Tensor y, const at::Tensor& x, const at::Tensor& a_t, con
   TORCH_CHECK(rank >= 0 && rank <= a_t.size(2), "rank out of range");
   const int64_t* row_of = rows.data_ptr<int64_t>();
   const int64_t* slot_of = slots.data_ptr<int64_t>();
+  at::assert_no_internal_overlap(y);
+  at::assert_no_overlap(y, x);
   for (int64_t t = 0; t < rows.numel(); ++t) {  // the kernel reads raw memory: no index may stray
     TORCH_CHECK(row_of[t] >= 0 && row_of[t] < y.size(0), "row ", row_of[t], " out of range");
+    // threads write rows apart: a row listed twice would be two unsynchronised writes
+    TORCH_CHECK(t == 0 || row_of[t] > row_of[t - 1], "rows must be strictly increasing");
     TORCH_CHECK(slot_of[t] >= 0 && slot_of[t] < a_t.size(0), "slot ", slot_of[t], " out of range");
   }
   if (rows.numel() == 0 || rank == 0) return;

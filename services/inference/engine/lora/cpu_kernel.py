@@ -17,13 +17,13 @@ built, `kernel()` raises `KernelUnavailable` saying why, and `auto` falls back t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,9 +67,22 @@ def _cpu_identity() -> bytes:
         return f"{platform.machine()} {platform.processor()}".encode()
 
 
-@functools.cache
+# One build or load per process, however many threads ask first: a second load of another copy of the
+# library would register the `openlora` ops twice, which torch refuses.
+_loading = threading.Lock()
+_loaded: Callable[..., None] | str | None = None
+
+
 def _load() -> Callable[..., None] | str:
     """The op, or why there is none (remembered: one try per process)."""
+    global _loaded
+    with _loading:
+        if _loaded is None:
+            _loaded = _load_once()
+        return _loaded
+
+
+def _load_once() -> Callable[..., None] | str:
     name = build_name()
     final = kernel_dir() / name
     library = final / f"{name}.so"

@@ -18,10 +18,20 @@ from services.inference.engine.lora.cpu_kernel import KernelUnavailable, kernel,
 from services.inference.engine.lora.ops import SHORT_SEGMENT, lora_segment, plan_segments
 from services.inference.engine.lora.pool import resolve_op
 from services.inference.engine.lora.slots import EMPTY
-from tests.kit.cpu import cpu_lora_op, needs_a_compiler
+from tests.kit.cpu import needs_a_compiler
 from tests.unit.inference.lora.test_ops import as_the_pool_stores, reference, segments
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def compiled_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lora_cpu` may not hand the work to the plain op: comparisons with it would then prove nothing."""
+
+    def fell_back(*args: object) -> None:
+        raise AssertionError("lora_cpu fell back to the segment op")
+
+    monkeypatch.setattr(cpu_kernel, "lora_segment", fell_back)
 
 
 def weights(
@@ -39,6 +49,7 @@ def weights(
 @needs_a_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("r_max", "rank"), [(16, 16), (64, 16), (40, 24), (8, 3), (32, 32)])
+@pytest.mark.usefixtures("compiled_only")
 def test_the_kernel_adds_the_same_bits_as_the_plain_op(dtype: torch.dtype, r_max: int, rank: int) -> None:
     n_slots, d_in, d_out = 5, 48, 40
     ranks = [rank, max(1, rank // 2), rank, 0, rank]
@@ -62,6 +73,7 @@ def test_the_kernel_adds_the_same_bits_as_the_plain_op(dtype: torch.dtype, r_max
 
 
 @needs_a_compiler
+@pytest.mark.usefixtures("compiled_only")
 def test_a_decode_step_where_every_token_has_an_adapter_matches_too() -> None:
     """The shape of a real step: 64 tokens over 42 slots of 64, d_in 96, rank 16 of 16."""
     ranks = [16] * 64
@@ -94,20 +106,25 @@ def test_without_a_compiler_auto_falls_back_and_an_explicit_cpu_says_why(
 ) -> None:
     monkeypatch.setenv("OPENLORA_KERNEL_DIR", str(tmp_path / "kernels"))  # nothing built there yet
     monkeypatch.setenv("CXX", "no-such-compiler")
-    cpu_kernel._load.cache_clear()
-    try:
-        with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
-            kernel()
-        with caplog.at_level(logging.WARNING):
-            assert resolve_op("auto", CPU)[0] == "segment"
-        assert "using the plain-torch segment op" in caplog.text
-        with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
-            resolve_op("cpu", CPU)
-        assert not list((tmp_path / "kernels").glob("*"))  # no half-built folder left behind
-    finally:
-        monkeypatch.undo()
-        cpu_kernel._load.cache_clear()
-    assert resolve_op("auto", CPU)[0] == cpu_lora_op()
+    monkeypatch.setattr(cpu_kernel, "_loaded", None)  # as in a new process (undone after the test)
+    with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
+        kernel()
+    with caplog.at_level(logging.WARNING):
+        assert resolve_op("auto", CPU)[0] == "segment"
+    assert "using the plain-torch segment op" in caplog.text
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        resolve_op("cpu", CPU)
+
+
+def test_a_compiler_that_fails_leaves_no_half_built_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENLORA_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # found on PATH, fails every compile
+    monkeypatch.setattr(cpu_kernel, "_loaded", None)
+    with pytest.raises(KernelUnavailable, match="could not be built"):
+        kernel()
+    assert not list(tmp_path.iterdir())
 
 
 @needs_a_compiler
@@ -148,6 +165,7 @@ def test_a_build_lands_whole_under_a_name_that_follows_the_cpu(
 
 @needs_a_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.usefixtures("compiled_only")
 def test_slots_in_the_model_dtype_sum_in_float32_as_float32_slots_do(dtype: torch.dtype) -> None:
     """`lora_dtype=model`: for weights that dtype holds exactly, the same bits as float32 slots."""
     ranks = [16, 8, 16]
