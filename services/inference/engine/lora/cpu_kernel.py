@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -35,7 +36,10 @@ from services.inference.engine.lora.ops import SegmentPlan, bags_fit, lora_segme
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp")
+# -ffp-contract=fast (GCC's own default for C++) fuses multiply-adds as fbgemm's `embedding_bag` does,
+# which is what keeps the kernel's sums bit-identical to the segment op's on x86.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
+STALE_SCRATCH_S = 3600  # a build folder this old was left by a killed build
 
 
 class KernelUnavailable(RuntimeError):
@@ -50,12 +54,25 @@ def kernel_dir() -> Path:
 
 
 def build_name() -> str:
-    """Changes with anything that changes the binary: the source, the flags, torch, this CPU."""
+    """Changes with anything that changes the binary: the source, the flags, torch (its build and C++
+    ABI too), the compiler, this CPU."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_identity()):
+    torch_build = f"{torch.__version__} {torch.version.git_version} {torch._C._GLIBCXX_USE_CXX11_ABI}"
+    flags = " ".join(FLAGS).encode()
+    for part in (SOURCE.read_bytes(), flags, torch_build.encode(), _compiler(), _cpu_identity()):
         digest.update(part)
         digest.update(b"\0")
     return f"openlora_lora_cpu_{digest.hexdigest()[:16]}"
+
+
+def _compiler() -> bytes:
+    try:
+        done = subprocess.run(
+            [os.environ.get("CXX", "c++"), "--version"], capture_output=True, timeout=30, check=False
+        )
+        return done.stdout
+    except (OSError, subprocess.SubprocessError):
+        return b"none"
 
 
 def _cpu_identity() -> bytes:
@@ -113,6 +130,9 @@ def _build(name: str, final: Path) -> None:
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob("openlora_lora_cpu_*.*"):  # scratch folders of killed builds
+        if time.time() - stale.stat().st_mtime > STALE_SCRATCH_S:
+            shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=final.parent))
     log.warning("building the CPU LoRA kernel into %s (once per machine and CPU; seconds)", final)
     started = time.monotonic()

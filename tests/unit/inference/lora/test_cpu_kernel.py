@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,12 +120,18 @@ def test_without_a_compiler_auto_falls_back_and_an_explicit_cpu_says_why(
 def test_a_compiler_that_fails_leaves_no_half_built_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Nor do killed builds, in time: a scratch folder older than an hour goes at the next build."""
     monkeypatch.setenv("OPENLORA_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # found on PATH, fails every compile
     monkeypatch.setattr(cpu_kernel, "_loaded", None)
+    killed, running = tmp_path / "openlora_lora_cpu_0.killed", tmp_path / "openlora_lora_cpu_0.running"
+    killed.mkdir()
+    running.mkdir()
+    two_hours_ago = time.time() - 7200
+    os.utime(killed, (two_hours_ago, two_hours_ago))
     with pytest.raises(KernelUnavailable, match="could not be built"):
         kernel()
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [running.name]
 
 
 @needs_a_compiler
