@@ -117,3 +117,19 @@ def test_step_orders_tokens_by_slot_into_segments(tiny_llama_dir: Path) -> None:
     assert [step.seg_indptr[i + 1] - step.seg_indptr[i] for i in range(3)] == [
         sizes[s] for s in step.seg_slots
     ]
+
+
+def test_float16_slots_refuse_an_adapter_float16_cannot_hold(tiny_llama_dir: Path) -> None:
+    """`lora_dtype=model` on a float16 model: weights past 65504 would load as inf, so they are refused
+    before a slot is touched."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float16)
+    pool = LoRAPool(model, num_slots=1, r_max=8, dtype=torch.float16)
+    adapter = HostAdapter(pool, 3)
+    pool.load("fits", adapter.weights, adapter.rank, adapter.scaling)
+    name = next(iter(adapter.weights))
+    adapter.weights[name][1][0, 0] = 1e6
+    with pytest.raises(ValueError, match="past float16's range"):
+        pool.load("overflows", adapter.weights, adapter.rank, adapter.scaling)
+    assert pool.table.slot_of("overflows") is None

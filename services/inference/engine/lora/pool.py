@@ -103,6 +103,7 @@ class LoRAPool:
         self.op_name, self.op = resolve_op(op, device)
         self.num_slots = num_slots
         self.r_max = r_max
+        self.dtype = dtype
         self.table = SlotTable(num_slots)
         self.ranks = [0] * num_slots
         self.scaling = [0.0] * num_slots
@@ -151,6 +152,13 @@ class LoRAPool:
         unknown = sorted(set(weights) - set(self.layers))
         if unknown:
             raise ValueError(f"adapter targets modules this worker does not serve: {', '.join(unknown[:4])}")
+        if self.dtype == torch.float16:  # bf16 spans fp32's range; fp16 stops at 65504 and would hold inf
+            largest = max((float(t.abs().max()) for pair in weights.values() for t in pair), default=0.0)
+            if largest > torch.finfo(torch.float16).max:
+                raise ValueError(
+                    f"adapter weights reach {largest:.3g}, past float16's range: "
+                    "this worker's slots need lora_dtype=float32 to serve it"
+                )
 
     @torch.no_grad()
     def load(self, key: Hashable, weights: AdapterWeights, rank: int, scaling: float) -> int:
