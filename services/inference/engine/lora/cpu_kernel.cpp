@@ -1,8 +1,9 @@
 // The multi-LoRA op by token on CPU, one call per module: for each token n with an adapter,
 //   y[rows[n]] += scale[n] * (x[rows[n]] @ At[slots[n], :, :rank]) @ Bt[slots[n], :rank, :]
 // over the pool's storage At [n_slots, d_in, r_max] and Bt [n_slots, r_max, d_out] (float32, or the
-// model's dtype), read in place. The sums run in the order of the plain-torch op (`ops._apply_bags`: over the inputs, then over
-// the rank dims), in float32, and a low-precision y takes base + delta rounded once, as PEFT does.
+// model's dtype), read in place. The sums run in the order of the plain-torch op (`ops._apply_bags`:
+// over the inputs, then over the rank dims), in float32, and a low-precision y takes base + delta
+// rounded once, as PEFT does.
 // Tokens arrive grouped by slot, so a thread reads each adapter's rows about once and the op is bound
 // by reading the adapters' bytes; one call replaces the plain op's dozen tensor ops per module.
 #include <ATen/MemoryOverlap.h>

@@ -8,11 +8,12 @@ float32, 14.4 → 9.1 with a bfloat16 model.
 
 Built on first use by torch's C++ extension loader (needs a C++ compiler and ninja; 5-30 s, once per
 machine) into `OPENLORA_KERNEL_DIR` (default `~/.cache/openlora/kernels`), under a name that hashes the
-source, the flags, torch's version and this CPU's flags: the build targets the CPU it runs on
-(`-march=native`), so a cache shared with another CPU never runs instructions that CPU lacks. Each
-build goes to a folder of its own and is renamed into place, so concurrent starts never wait on each
-other and a build killed half-way leaves nothing behind that blocks the next one. Where it cannot be
-built, `kernel()` raises `KernelUnavailable` saying why, and `auto` falls back to the plain-torch op.
+source, the flags, torch's build, the compiler and this CPU's flags (`build_name`): the build targets the
+CPU it runs on (`-march=native`), so a cache shared with another CPU never runs instructions that CPU
+lacks. Each build goes to a folder of its own and is renamed into place, so concurrent starts never wait
+on each other and a build killed half-way blocks nothing (its folder goes at a later build). Where it
+cannot be built, `kernel()` raises `KernelUnavailable` saying why, and `auto` falls back to the
+plain-torch op.
 """
 
 from __future__ import annotations
