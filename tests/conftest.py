@@ -15,12 +15,12 @@ from tests.kit.seaweedfs import S3Endpoint, SeaweedFS
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Build the CPU LoRA kernel once, first: the engine processes tests start then load it, rather than
-    the first of them compiling it inside a test's time limit."""
-    from services.inference.engine.lora.cpu_kernel import KernelUnavailable, kernel
+    """Build the engine's CPU kernels once, first: the engine processes tests start then load them,
+    rather than the first of them compiling them inside a test's time limit."""
+    from services.inference.engine.cpu_kernels import KernelUnavailable, library
 
-    with contextlib.suppress(KernelUnavailable):  # its own tests fail and say why; engines fall back
-        kernel()
+    with contextlib.suppress(KernelUnavailable):  # their own tests fail and say why; engines fall back
+        library()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

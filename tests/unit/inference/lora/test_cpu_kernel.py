@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.inference.engine import cpu_kernels
 from services.inference.engine.lora import cpu_kernel
 from services.inference.engine.lora.cpu_kernel import KernelUnavailable, kernel, lora_cpu
 from services.inference.engine.lora.ops import SHORT_SEGMENT, lora_segment, plan_segments
@@ -107,7 +108,7 @@ def test_without_a_compiler_auto_falls_back_and_an_explicit_cpu_says_why(
 ) -> None:
     monkeypatch.setenv("OPENLORA_KERNEL_DIR", str(tmp_path / "kernels"))  # nothing built there yet
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setattr(cpu_kernel, "_loaded", None)  # as in a new process (undone after the test)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)  # as in a new process (undone after the test)
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
         kernel()
     with caplog.at_level(logging.WARNING):
@@ -123,8 +124,8 @@ def test_a_compiler_that_fails_leaves_no_half_built_folder(
     """Nor do killed builds, in time: a scratch folder older than an hour goes at the next build."""
     monkeypatch.setenv("OPENLORA_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # found on PATH, fails every compile
-    monkeypatch.setattr(cpu_kernel, "_loaded", None)
-    killed, running = tmp_path / "openlora_lora_cpu_0.killed", tmp_path / "openlora_lora_cpu_0.running"
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    killed, running = tmp_path / "openlora_cpu_0.killed", tmp_path / "openlora_cpu_0.running"
     killed.mkdir()
     running.mkdir()
     two_hours_ago = time.time() - 7200
@@ -141,9 +142,9 @@ def test_a_build_lands_whole_under_a_name_that_follows_the_cpu(
     """Built in a folder of its own and renamed into place (in a process of its own: one process
     registers the op once); another CPU's flags give another name, so a shared cache never hands a CPU
     instructions it lacks."""
-    name = cpu_kernel.build_name()
-    monkeypatch.setattr(cpu_kernel, "_cpu_identity", lambda: b"flags : fpu sse2")
-    assert cpu_kernel.build_name() != name
+    name = cpu_kernels.build_name()
+    monkeypatch.setattr(cpu_kernels, "_cpu_identity", lambda: b"flags : fpu sse2")
+    assert cpu_kernels.build_name() != name
     monkeypatch.undo()
     script = (
         "import torch\n"
@@ -166,7 +167,7 @@ def test_a_build_lands_whole_under_a_name_that_follows_the_cpu(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[[3.0, 3.0]]" and "building it again" in done.stderr
+    assert done.stdout.strip() == "[[3.0, 3.0]]" and "building them again" in done.stderr
     assert library.stat().st_size > 1000
 
 
