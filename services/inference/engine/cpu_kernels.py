@@ -103,15 +103,15 @@ def _load() -> Any | str:
 def _load_once() -> Any | str:
     name = build_name()
     final = kernel_dir() / name
-    library = final / f"{name}.so"
+    built = final / f"{name}.so"
     try:
-        if not library.exists():
+        if not built.exists():
             _build(name, final)
         else:
             try:
-                torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]
+                torch.ops.load_library(str(built))  # type: ignore[no-untyped-call]
             except OSError:  # a damaged cache entry (a truncated copy, a full disk): build it anew
-                log.warning("the cached CPU kernels %s do not load; building them again", library)
+                log.warning("the cached CPU kernels %s do not load; building them again", built)
                 shutil.rmtree(final, ignore_errors=True)
                 _build(name, final)
         return torch.ops.openlora
