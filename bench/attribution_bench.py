@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.common.proto import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc, common_pb2  # noqa: E402
+from services.common.trust.credentials import token_interceptors  # noqa: E402
+from tests.kit.service_auth import TableCaller  # noqa: E402
+from tests.kit.service_auth import install as install_service_secret  # noqa: E402
 
 ADAPTERS = [f"adapter-{i}" for i in range(16)]
 TENANTS = ["acme", "globex", "initech"]
@@ -206,7 +209,10 @@ async def bench(args: argparse.Namespace, database_url: str) -> dict[str, object
     )
     try:
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        interceptors = token_interceptors(TableCaller(), "attribution")
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=options, interceptors=interceptors
+        ) as channel:
             await wait_serving(channel, server)
             await register_provenance(attribution_pb2_grpc.AttributionStub(channel))
             latencies: list[float] = []
@@ -243,6 +249,7 @@ async def bench(args: argparse.Namespace, database_url: str) -> dict[str, object
 
 
 def main() -> None:
+    install_service_secret()  # attribution checks who calls it, as in production
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -58,6 +58,7 @@ from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
+from services.common.trust.setup import operator_identity
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 
 Request = workload.WorkloadRequest
@@ -89,7 +90,8 @@ def worker_environment(settings: dict[str, Any]) -> dict[str, str]:
 
 
 async def upload_adapters(cluster: Cluster, folders: dict[int, Path]) -> None:
-    async with open_channel(cluster.store) as channel:
+    operator = operator_identity(cluster.secret_file)
+    async with open_channel(cluster.store, identity=operator, audience="store") as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         for index, folder in folders.items():
             # With provenance, so attribution computes rewards as it would in production.

@@ -31,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.grpc_client import health_status, open_channel
 from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from services.gateway.keys import hash_key, new_key
 from tests.kit.ports import free_ports
+from tests.kit.service_auth import as_role
+from tests.kit.service_auth import install as install_service_secret
 
 OPENLORA = str(Path(sys.executable).parent / "openlora")
 WARMUP = 10
@@ -139,7 +142,7 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             sampling=common_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True),
         )
         async with (
-            open_channel(f"127.0.0.1:{worker_port}") as direct_channel,
+            open_channel(f"127.0.0.1:{worker_port}", **as_role(GATEWAY, "worker")) as direct_channel,
             open_channel(f"127.0.0.1:{gateway_port}") as gateway_channel,
         ):
             paths = {
@@ -191,6 +194,7 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 
 def main() -> None:
+    install_service_secret()  # the worker checks who calls it, as in production
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

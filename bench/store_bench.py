@@ -27,6 +27,8 @@ from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2
 from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from tests.kit.seaweedfs import SeaweedFS
+from tests.kit.service_auth import install as install_service_secret
+from tests.kit.service_auth import trusted
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,7 +40,7 @@ async def run(
     port = await server.start()
     size_mb = sum(p.stat().st_size for p in adapter_files(adapter)) / 1e6
     try:
-        async with open_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", **trusted("store")) as channel:
             stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
             await stub.RegisterBaseModel(
                 pb.RegisterBaseModelRequest(name="smollm2-135m", config_json=json.dumps(SMOLLM2_135M_CONFIG))
@@ -74,6 +76,7 @@ async def run(
 
 
 def main() -> None:
+    install_service_secret()  # the store checks who calls it, as in production
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -36,10 +36,13 @@ from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
+from services.common.trust.roles import GATEWAY
 from services.inference.config import WorkerSettings
 from services.inference.server import Worker, model_folder
 from tests.integration.worker.processes import store_process
 from tests.kit.seaweedfs import SeaweedFS
+from tests.kit.service_auth import as_role, trusted
+from tests.kit.service_auth import install as install_service_secret
 
 TARGETS = {
     "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -120,7 +123,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
             resolutions: list[tuple[str, float]] = []
             timed_resolution(worker, resolutions)
             try:
-                async with open_channel(f"127.0.0.1:{port}") as channel:
+                async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
                     stub = inference_pb2_grpc.InferenceStub(channel)
                     base = [await ttft(stub, None) for _ in range(args.repeats)]
                     cold = [await ttft(stub, f"a{i}") for i in range(args.adapters)]
@@ -151,7 +154,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
 async def upload_adapters(
     store_port: int, model: Path, config: dict[str, Any], args: argparse.Namespace, work: Path
 ) -> float:
-    async with open_channel(f"127.0.0.1:{store_port}") as channel:
+    async with open_channel(f"127.0.0.1:{store_port}", **trusted("store")) as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         config_json = (model / "config.json").read_text()
         await stub.RegisterBaseModel(store_pb.RegisterBaseModelRequest(name=BASE, config_json=config_json))
@@ -175,6 +178,7 @@ def to_bf16(path: Path) -> None:
 
 
 def main() -> None:
+    install_service_secret()  # the worker and the store check who calls them, as in production
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -5,6 +5,7 @@ openlora <service> config     # effective settings, with the env variable of eac
 openlora adapters upload | import | list | show | download | delete | register-base
 openlora attribution migrate, openlora rewards show, openlora usage show
 openlora generate "prompt" --adapter ID | --mix ID:W,ID:W --stream
+openlora secret new          # a cluster secret for the services' tokens
 openlora up                   # the whole cluster on local ports, embedded defaults
 openlora demo                 # what the README's first command runs
 """
@@ -190,6 +191,30 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(rewards_app, name="rewards")  # openlora rewards show --contributor ...
 app.add_typer(usage_app, name="usage")  # openlora usage show --adapter ...
 app.command()(generate)  # openlora generate "prompt" --adapter ID | --mix ID:W,ID:W
+
+secret_app = typer.Typer(help="The cluster's shared secret for service tokens.", no_args_is_help=True)
+app.add_typer(secret_app, name="secret")
+
+
+@secret_app.command("new")
+def secret_new(
+    out: Annotated[
+        Path | None, typer.Option(help="Write it to this new file (owner-only) instead of printing it.")
+    ] = None,
+) -> None:
+    """Make a cluster secret: every service's OPENLORA_<SERVICE>_SERVICE_SECRET_FILE, and operators'
+    OPENLORA_SERVICE_SECRET_FILE, name a file holding it (in Kubernetes, one Secret)."""
+    from services.common.trust.setup import ensure_secret_file
+    from services.common.trust.tokens import new_secret
+
+    if out is None:
+        typer.echo(new_secret())
+        return
+    if out.exists():
+        console.print(f"[red]{out} exists[/red]: a secret file is never overwritten")
+        raise typer.Exit(1)
+    ensure_secret_file(out)
+    console.print(f"wrote {out} (mode 600)")
 
 
 @app.command()

@@ -12,6 +12,10 @@ import pytest
 from services.common.tiny_models import FAMILIES, Family, build_tiny_model
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint, SeaweedFS
+from tests.kit.service_auth import install as install_service_secret
+
+# Before any settings are read: every service the suite starts checks its callers, as in production.
+install_service_secret()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

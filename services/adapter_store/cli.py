@@ -20,6 +20,7 @@ from services.common.errors import ServiceError
 from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2
+from services.common.trust.setup import operator_identity
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -62,7 +63,8 @@ def serve_store(**overrides: Any) -> None:
 
 def _run(address: str, call: Callable[[adapter_store_pb2_grpc.AdapterStoreAsyncStub], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with open_channel(address) as channel:
+        # Straight to the store, an operator's tools sign with the cluster secret (a gateway ignores it).
+        async with open_channel(address, identity=operator_identity(), audience="store") as channel:
             return await call(adapter_store_pb2_grpc.AdapterStoreStub(channel))
 
     try:

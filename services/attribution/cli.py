@@ -92,7 +92,11 @@ def serve(
 
     settings = _settings(port=port, host=host, database_url=database_url, store_address=store_address)
     configure_logging("attribution", settings.log_level, settings.log_format)
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except (OSError, ValueError, RuntimeError) as exc:  # a port in use, no way to authenticate callers
+        err.print(f"[red]cannot run the attribution service[/red]: {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -18,6 +18,7 @@ from services.attribution.servicer import AttributionServicer, binding
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
 from services.common.telemetry import setup_telemetry
+from services.common.trust.setup import service_identity
 
 log = logging.getLogger("openlora.attribution")
 
@@ -51,7 +52,13 @@ def build(settings: AttributionSettings) -> AttributionServer:
     channel = None
     source = None
     if settings.store_address:
-        channel = open_channel(settings.store_address, settings, tracer_provider=provider)
+        channel = open_channel(
+            settings.store_address,
+            settings,
+            tracer_provider=provider,
+            identity=service_identity(settings, "attribution"),
+            audience="store",
+        )
         source = StoreProvenanceSource(channel, settings.store_timeout_s)
     service = AttributionService(engine, settings, source)
     tracer = (provider or trace.get_tracer_provider()).get_tracer("openlora.attribution")

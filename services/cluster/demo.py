@@ -25,6 +25,7 @@ from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
+from services.common.trust.setup import operator_identity
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ async def upload_adapters(cluster: Cluster, folder: Path) -> None:
     config = json.loads((cluster.model_dir / "config.json").read_text())
     from services.adapter_store.client import adapter_files, upload
 
-    async with open_channel(cluster.store) as channel:
+    operator = operator_identity(cluster.secret_file)
+    async with open_channel(cluster.store, identity=operator, audience="store") as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         for adapter in ADAPTERS:
             path = write_adapter(
@@ -128,7 +130,8 @@ async def generate_all(cluster: Cluster) -> list[tuple[str, Completion, float]]:
 
 
 async def show_ledger(cluster: Cluster, expected_tokens: int, timeout_s: float = 60.0) -> None:
-    async with open_channel(cluster.attribution) as channel:
+    operator = operator_identity(cluster.secret_file)
+    async with open_channel(cluster.attribution, identity=operator, audience="attribution") as channel:
         stub = attribution_pb2_grpc.AttributionStub(channel)
         deadline = time.monotonic() + timeout_s
         while True:  # usage is spooled by the worker and acked in batches: wait for the last one

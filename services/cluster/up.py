@@ -20,6 +20,7 @@ from services.cluster.supervisor import ChildSpec, Supervisor
 from services.common.grpc_client import open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc
+from services.common.trust.setup import ensure_secret_file, operator_identity, secret_env
 
 OPENLORA = [sys.executable, "-m", "services.cli"]
 # Loading bars and advice of the model libraries, which would drown the services' own log lines.
@@ -41,7 +42,7 @@ def _free_port() -> int:
 @dataclass
 class ClusterConfig:
     data_dir: Path
-    """Adapters, ledger, caches, spools and the API key file of this cluster."""
+    """Adapters, ledger, caches, spools, the API key file and the service secret of this cluster."""
     model: str = "smollm2"
     """`smollm2`, `tiny` (a random test-sized Llama, for quick runs) or a model folder."""
     workers: int = 1
@@ -69,6 +70,8 @@ class Cluster:
     tenant: str
     base_model: str
     model_dir: Path
+    secret_file: Path
+    """The services' shared secret; operator tools read it from OPENLORA_SERVICE_SECRET_FILE."""
     supervisor: Supervisor = field(repr=False)
 
 
@@ -118,6 +121,10 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
     database_url = config.database_url or f"sqlite:///{data / 'ledger.sqlite3'}"
     store = f"127.0.0.1:{ports['store']}"
     attribution = f"127.0.0.1:{ports['attribution']}"
+    # Every child signs its calls with this secret and checks its callers against it, so the
+    # services' ports refuse anyone else on the machine.
+    secret_file = ensure_secret_file(data / "service-secret")
+    services_secret = secret_env(secret_file)
     supervisor = Supervisor(out or sys.stdout)  # type: ignore[arg-type]
     try:
         say(f"starting the adapter store on {store}")
@@ -126,10 +133,10 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                 "store",
                 [*OPENLORA, *store_args],
                 ports["store"],
-                {"OPENLORA_STORE_LOG_LEVEL": config.log_level},
+                {**services_secret, "OPENLORA_STORE_LOG_LEVEL": config.log_level},
             )
         )
-        await _register_base_model(store, base_model, model_dir)
+        await _register_base_model(store, base_model, model_dir, secret_file)
         say(f"starting attribution on {attribution}")
         await supervisor.start(
             ChildSpec(
@@ -146,7 +153,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                     store,
                 ],
                 ports["attribution"],
-                {"OPENLORA_ATTRIBUTION_LOG_LEVEL": config.log_level},
+                {**services_secret, "OPENLORA_ATTRIBUTION_LOG_LEVEL": config.log_level},
             )
         )
         for i, port in enumerate(worker_ports):
@@ -154,6 +161,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
             home = data / f"worker-{i}"
             env = {
                 **QUIET_MODEL_STACK,
+                **services_secret,
                 "OPENLORA_WORKER_WORKER_ID": f"worker-{i}",
                 "OPENLORA_WORKER_STORE_BASE_MODEL": base_model,
                 "OPENLORA_WORKER_DTYPE": config.worker_dtype,
@@ -202,7 +210,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                     "0",
                 ],
                 gateway_port,
-                {"OPENLORA_GATEWAY_LOG_LEVEL": config.log_level},
+                {**services_secret, "OPENLORA_GATEWAY_LOG_LEVEL": config.log_level},
             )
         )
     except BaseException:
@@ -217,13 +225,14 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
         tenant=config.tenant,
         base_model=base_model,
         model_dir=model_dir,
+        secret_file=secret_file,
         supervisor=supervisor,
     )
 
 
-async def _register_base_model(store: str, name: str, model_dir: Path) -> None:
+async def _register_base_model(store: str, name: str, model_dir: Path, secret_file: Path) -> None:
     """Adapters uploaded for `name` are then checked against this model's shapes (idempotent)."""
-    async with open_channel(store) as channel:
+    async with open_channel(store, identity=operator_identity(secret_file), audience="store") as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         request = store_pb.RegisterBaseModelRequest(
             name=name, config_json=(model_dir / "config.json").read_text()
@@ -243,6 +252,7 @@ def describe(cluster: Cluster) -> str:
         f"attribution  {cluster.attribution}",
         *(f"worker-{i}     {w}" for i, w in enumerate(cluster.workers)),
         f"base model   {cluster.base_model} ({cluster.model_dir})",
+        f"secret       {cluster.secret_file}   (operator tools: OPENLORA_SERVICE_SECRET_FILE)",
         "",
         f'try:  OPENLORA_API_KEY={cluster.api_key} openlora generate "Hello" --target {cluster.gateway}',
     ]

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.trust.tokens import load_secret
+
 MiB = 1024 * 1024
 
 #: A TCP port; 0 asks the OS for a free one.
@@ -61,6 +63,18 @@ class ServiceSettings(BaseSettings):
     tls_client_ca_file: Path | None = None
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
 
+    service_secret_file: Path | None = None
+    """File holding the cluster's shared secret (at least 32 bytes; `openlora secret new` prints one).
+    The service signs the short-lived tokens it presents to the other services with it and checks
+    those presented to it against the role table (see the README's security section). `openlora up`
+    makes one per cluster. A worker, store or attribution service with neither this nor mutual TLS
+    refuses to start unless `open_rpcs` is set."""
+
+    open_rpcs: bool = False
+    """Serve the service-to-service RPCs to any caller without asking who it is. For development on
+    a closed machine only: a warning is logged at start-up. Not used by the gateway, whose public API
+    always takes API keys."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Lowest level of log records written."""
 
@@ -79,10 +93,12 @@ class ServiceSettings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "service_secret_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: no such file: {path}")
+        if self.service_secret_file is not None:
+            load_secret(self.service_secret_file)  # ValueError naming the file when it is too short
         if self.keepalive_timeout_s >= self.keepalive_time_s:
             raise ValueError("keepalive_timeout_s must be shorter than keepalive_time_s")
         return self

@@ -1,8 +1,10 @@
-"""Client channels between services, with the same limits, keepalive, TLS and tracing as the servers."""
+"""Client channels between services, with the same limits, keepalive, TLS and tracing as the servers,
+and the caller's service token on every call."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -10,6 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.config import ServiceSettings
 from services.common.grpc_server import channel_options
 from services.common.telemetry import client_interceptors
+from services.common.trust.credentials import CallerIdentity, token_interceptors
 
 
 def channel_credentials(
@@ -29,11 +32,19 @@ def open_channel(
     *,
     credentials: grpc.ChannelCredentials | None = None,
     tracer_provider: TracerProvider | None = None,
+    identity: CallerIdentity | None = None,
+    audience: str | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel to `target` (`host:port` or `dns:///name:port`); TLS when credentials are given."""
+    """An asyncio channel to `target` (`host:port` or `dns:///name:port`); TLS when credentials are given.
+    With an `identity`, every call carries its service token for `audience`, the component called
+    (`worker`, `store`, `attribution`)."""
     # Defaults without reading the environment: a client is configured by the service that owns it.
     options = channel_options(settings or ServiceSettings.model_construct())
-    interceptors = client_interceptors(tracer_provider)
+    interceptors: list[Any] = list(client_interceptors(tracer_provider))
+    if identity is not None:
+        if audience is None:
+            raise ValueError("a channel presenting a service identity needs the component it calls")
+        interceptors += token_interceptors(identity, audience)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -2,7 +2,8 @@
 
 `GrpcServer` wraps a `grpc.aio` server with what production needs and no service should rewrite:
 the standard health service (NOT_SERVING until the service says it is ready), server reflection,
-the call interceptor (request ids, error mapping, access log), OpenTelemetry tracing, message-size
+the call interceptor (who may call what, request ids, error mapping, access log), OpenTelemetry
+tracing, message-size
 and keepalive limits, optional TLS/mTLS, and a graceful shutdown on SIGTERM/SIGINT: health flips to
 NOT_SERVING, new calls are refused, in-flight calls (streams included) run to completion within the
 grace period, then whatever is left is cancelled.
@@ -26,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.config import ServiceSettings
 from services.common.interceptors import InflightCalls, ServerCallInterceptor
 from services.common.telemetry import server_interceptors
+from services.common.trust.setup import server_authorizer
 
 log = logging.getLogger("openlora.server")
 
@@ -91,6 +93,8 @@ class GrpcServer:
         self.tracer_provider = tracer_provider
         self.ready_on_start = ready_on_start
         self.inflight = InflightCalls()
+        # Raises NoServiceAuth (a ValueError) now, at construction, when callers cannot be told apart.
+        self.authorizer = server_authorizer(settings, component)
         self.health = HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -105,7 +109,10 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind, start serving, and return the bound port."""
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(self.tracer_provider), ServerCallInterceptor(self.inflight)],
+            interceptors=[
+                *server_interceptors(self.tracer_provider),
+                ServerCallInterceptor(self.inflight, self.authorizer),
+            ],
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )

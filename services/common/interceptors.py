@@ -6,10 +6,14 @@ For each application call it
 - turns a `ServiceError` into its status code (with google.rpc details), and any other exception
   into `INTERNAL` naming the request id: tracebacks go to the log, never to the client;
 - writes one access-log record (method, code, duration, responses streamed);
+- on the services other services call (worker, store, attribution), asks the `ServiceAuthorizer`
+  whether the caller's role may call the method before the handler runs, and keeps the role in
+  `caller_role` for the handler;
 - refuses new calls with `UNAVAILABLE` once the server drains for shutdown, and counts calls in
   flight so the drain can wait for them.
-Health and reflection calls are served but neither counted nor logged at INFO; nor is the gateway's
-relay call, which carries many streams and counts and logs each of them itself.
+Health and reflection calls are open to anyone and neither counted nor logged at INFO; nor is the
+gateway's relay call (authorized like any other), which carries many streams and counts and logs each
+of them itself.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import grpc
 from services.common.errors import ServiceError, Unavailable
 from services.common.log import request_id_var
 from services.common.request_checks import is_valid_id
+from services.common.trust.caller import ServiceAuthorizer, caller_role
+from services.common.trust.roles import is_open
 
 log = logging.getLogger("openlora.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
-_INFRA_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/openlora.v1.WorkerRelay/")
+_UNCOUNTED_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/openlora.v1.WorkerRelay/")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -111,11 +117,14 @@ def log_call(
 class _Call:
     """Bookkeeping of one intercepted call."""
 
-    def __init__(self, method: str, context: Context, inflight: InflightCalls) -> None:
+    def __init__(
+        self, method: str, context: Context, inflight: InflightCalls, authorizer: ServiceAuthorizer | None
+    ) -> None:
         self.method = method
         self.context = context
         self.inflight = inflight
-        self.infra = method.startswith(_INFRA_METHOD_PREFIXES)
+        self.authorizer = authorizer
+        self.infra = method.startswith(_UNCOUNTED_METHOD_PREFIXES)
         self.request_id = _incoming_request_id(context)
         self.code = grpc.StatusCode.OK
         self.responses = 0
@@ -125,6 +134,8 @@ class _Call:
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     def admit(self) -> None:
+        if self.authorizer is not None and not is_open(self.method):
+            caller_role.set(self.authorizer.authorize(self.method, self.context))
         if self.infra:
             return
         if self.inflight.draining:
@@ -166,8 +177,9 @@ StreamBehavior = Callable[[Any, Context], Any]
 
 
 class ServerCallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, inflight: InflightCalls) -> None:
+    def __init__(self, inflight: InflightCalls, authorizer: ServiceAuthorizer | None = None) -> None:
         self.inflight = inflight
+        self.authorizer = authorizer
 
     async def intercept_service(
         self,
@@ -198,7 +210,7 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def wrapped(request: Any, context: Context) -> Any:
-            call = _Call(method, context, self.inflight)
+            call = _Call(method, context, self.inflight, self.authorizer)
             try:
                 call.admit()
                 response = await behavior(request, context)
@@ -215,7 +227,7 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, behavior: StreamBehavior
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = _Call(method, context, self.inflight)
+            call = _Call(method, context, self.inflight, self.authorizer)
             result = None
             try:
                 call.admit()

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.grpc_server import channel_options
 from services.common.proto import SERVICE_NAMES, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import client_interceptors
+from services.common.trust.credentials import CallerIdentity, token_interceptors
 from services.gateway.config import GatewaySettings
 from services.gateway.routing import WorkerLoad
 from services.gateway.worker_link import WorkerLink
@@ -69,8 +70,12 @@ def upstream_channel(
     credentials: grpc.ChannelCredentials | None,
     tracer_provider: TracerProvider | None,
     server_name: str | None = None,
+    *,
+    identity: CallerIdentity | None,
+    audience: str,
 ) -> grpc.aio.Channel:
-    """A channel to a worker or the store; reconnects within `worker_retry_max_s` of a restart."""
+    """A channel to a worker or the store (`audience`); reconnects within `worker_retry_max_s` of a
+    restart. With an `identity`, every call carries the gateway's service token."""
     options: list[tuple[str, Any]] = [
         *channel_options(settings),
         # grpc's own reconnect backoff grows to 120 s; a restarted worker must be found sooner.
@@ -81,6 +86,8 @@ def upstream_channel(
     if credentials is not None and server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     interceptors = client_interceptors(tracer_provider)
+    if identity is not None:
+        interceptors += token_interceptors(identity, audience)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
@@ -223,10 +230,12 @@ class WorkerPool:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         tracer_provider: TracerProvider | None = None,
+        identity: CallerIdentity | None = None,
         on_change: Callable[[], None] = lambda: None,
         resolve: Resolver | None = None,
     ) -> None:
         self.settings = settings
+        self.identity = identity
         self.target = parse_workers(settings.workers)
         self.resolve = resolve or resolve_dns
         self.credentials = credentials
@@ -257,7 +266,13 @@ class WorkerPool:
         for address in addresses:
             if address not in self.endpoints:
                 channel = upstream_channel(
-                    address, self.settings, self.credentials, self.tracer_provider, server_name
+                    address,
+                    self.settings,
+                    self.credentials,
+                    self.tracer_provider,
+                    server_name,
+                    identity=self.identity,
+                    audience="worker",
                 )
                 endpoint = WorkerEndpoint(address, channel, self.settings, self.on_change)
                 self.endpoints[address] = endpoint

@@ -24,6 +24,7 @@ from services.common.proto import (
     common_pb2,
 )
 from services.common.proto import adapter_store_pb2 as store_pb
+from services.common.trust.setup import service_identity
 from services.gateway.access import AdapterAccess
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
@@ -62,8 +63,13 @@ class Gateway:
         if not self.keys.ring.keys:
             log.warning("no API keys configured: every call will be refused UNAUTHENTICATED")
         credentials = _upstream_credentials(settings)
+        identity = service_identity(settings, "gateway")
         self.pool = WorkerPool(
-            settings, credentials=credentials, tracer_provider=tracer_provider, on_change=self._pool_changed
+            settings,
+            credentials=credentials,
+            tracer_provider=tracer_provider,
+            identity=identity,
+            on_change=self._pool_changed,
         )
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry, lambda: list(self.pool.endpoints.values()))
@@ -75,7 +81,12 @@ class Gateway:
         bindings: list[ServiceBinding] = []
         if settings.store_address:
             self.store_channel = upstream_channel(
-                settings.store_address, settings, credentials, tracer_provider
+                settings.store_address,
+                settings,
+                credentials,
+                tracer_provider,
+                identity=identity,
+                audience="store",
             )
             store = adapter_store_pb2_grpc.AdapterStoreStub(self.store_channel)
 

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import MiB, Port, ServiceSettings
+from services.common.request_checks import check_tenant
 
 GiB = 1024 * MiB
 
@@ -43,6 +44,11 @@ class WorkerSettings(ServiceSettings):
     worker_id: str = Field(default_factory=socket.gethostname)
     """This worker's id, stamped on every usage record. Keep it stable across restarts (the pod
     name in Kubernetes): usage replayed from the spool after a restart carries it."""
+
+    default_tenant: str | None = None
+    """The tenant usage is billed to when a request does not come from the gateway (single-tenant
+    setups calling the worker directly with an operator's credential). Only the gateway may name a
+    tenant in a request; without this, direct requests are refused before any token is made."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of the base weights, activations and KV cache (adapters stay in float32). `auto`:
@@ -252,4 +258,6 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if self.lora_slots and not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module when lora_slots > 0")
+        if self.default_tenant is not None:
+            check_tenant("default_tenant", self.default_tenant)  # billed like a gateway-stamped tenant
         return self

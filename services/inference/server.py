@@ -32,6 +32,7 @@ from services.common.grpc_server import GrpcServer
 from services.common.metrics_http import MetricsEndpoint
 from services.common.proto import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import setup_telemetry
+from services.common.trust.setup import service_identity
 from services.inference.adapter_cache import AdapterCache, CacheConfig
 from services.inference.adapters import AdapterResolver
 from services.inference.base_model_guard import BaseModelGuard
@@ -226,6 +227,7 @@ class Worker:
             spool,
             s.attribution_address,
             s.worker_id,
+            identity=service_identity(s, "worker"),
             flush_interval_s=s.usage_flush_interval_s,
             backoff_s=(0.1, s.usage_backoff_max_s),
         )
@@ -254,7 +256,13 @@ class Worker:
             quantization=s.quantization,
         )
         if s.store_address is not None and s.lora_slots:
-            self._store_channel = open_channel(s.store_address, s, tracer_provider=self.tracer_provider)
+            self._store_channel = open_channel(
+                s.store_address,
+                s,
+                tracer_provider=self.tracer_provider,
+                identity=service_identity(s, "worker"),
+                audience="store",
+            )
             cache_config = CacheConfig(
                 host_bytes=s.cache_host_bytes,
                 disk_bytes=s.cache_disk_bytes,
@@ -338,7 +346,7 @@ class Worker:
             tracer=self.tracer,
         )
         tokenize = (lambda text: list(tokenizer.encode(text))) if tokenizer is not None else None
-        self.pending.target = InferenceServicer(service, tokenize)
+        self.pending.target = InferenceServicer(service, tokenize, default_tenant=s.default_tenant)
         log.info(
             "worker ready in %.1fs: model=%s context=%d lora_slots=%d engine_pid=%d torch_threads=%d",
             time.perf_counter() - started,

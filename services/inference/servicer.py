@@ -8,10 +8,11 @@ from typing import Any
 
 from services.common.grpc_server import ServiceBinding
 from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.trust.caller import caller_role
 from services.inference.engine.sequence import FinishReason
 from services.inference.relay_server import StreamSink
 from services.inference.service import Chunk, WorkerService
-from services.inference.validation import parse_request
+from services.inference.validation import ParsedRequest, parse_request
 
 _FINISH = {
     FinishReason.STOP: inference_pb2.STOP,
@@ -25,8 +26,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self,
         service: WorkerService,
         tokenize: Callable[[str], list[int]] | None,
+        *,
+        default_tenant: str | None = None,
     ) -> None:
         self.service = service
+        self.default_tenant = default_tenant
         self.tokenize = tokenize
         self.resolver = service.resolver
         self.cache = service.resolver.cache
@@ -34,15 +38,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> AsyncGenerator[inference_pb2.GenerateChunk]:
-        parsed = parse_request(request, self.service.limits, self.tokenize)
+        parsed = self._parse(request)
         async with contextlib.aclosing(self.service.generate(parsed)) as chunks:
             async for chunk in chunks:
                 yield to_message(chunk)
 
     async def serve(self, request: inference_pb2.GenerateRequest, context: Any, sink: StreamSink) -> None:
         """`Generate` for a stream on the gateway's relay: chunks go to `sink` as the engine steps."""
-        parsed = parse_request(request, self.service.limits, self.tokenize)
+        parsed = self._parse(request)
         await self.service.serve(parsed, _MessageSink(sink))
+
+    def _parse(self, request: inference_pb2.GenerateRequest) -> ParsedRequest:
+        # The caller is the role the server kit authenticated (streams on the gateway's relay call
+        # run in tasks that call started, so they see the gateway's role).
+        return parse_request(
+            request,
+            self.service.limits,
+            self.tokenize,
+            caller=caller_role.get(),
+            default_tenant=self.default_tenant,
+        )
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Any

@@ -12,9 +12,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.proto import common_pb2, inference_pb2
-from services.common.request_checks import check_generate_request
+from services.common.request_checks import check_generate_request, check_tenant
+from services.common.trust.roles import Role
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.engine.sequence import SamplingParams
 
@@ -43,10 +44,16 @@ class ParsedRequest:
 
 
 def parse_request(
-    request: inference_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]] | None
+    request: inference_pb2.GenerateRequest,
+    limits: Limits,
+    tokenize: Callable[[str], list[int]] | None,
+    *,
+    caller: Role | None,
+    default_tenant: str | None = None,
 ) -> ParsedRequest:
-    """Check every field of `request` against `limits`; `tokenize` turns prompt text into ids."""
-    check_generate_request(request, require_tenant=True)
+    """Check every field of `request` against `limits`; `tokenize` turns prompt text into ids. The
+    tenant billed depends on who sent it (`caller`, None on a server that does not check callers)."""
+    check_generate_request(request, require_tenant=False)
     request_id = request.request_id or uuid.uuid4().hex
     prompt, field = _prompt(request, limits, tokenize)
     if len(prompt) >= limits.max_context:
@@ -59,7 +66,27 @@ def parse_request(
     kind = request.WhichOneof("adapter")
     adapter_ref = request.adapter_ref if kind == "adapter_ref" else None
     mix = MixSpec.from_proto(request.mix, "mix") if kind == "mix" else None
-    return ParsedRequest(request_id, prompt, sampling, adapter_ref, mix, request.tenant)
+    tenant = billed_tenant(request.tenant, caller, default_tenant)
+    return ParsedRequest(request_id, prompt, sampling, adapter_ref, mix, tenant)
+
+
+def billed_tenant(named: str, caller: Role | None, default_tenant: str | None) -> str:
+    """Who pays for a request: the tenant it names when the gateway sent it (the gateway stamps it
+    from the caller's API key), this worker's default tenant for anyone else."""
+    if caller is Role.GATEWAY or (caller is None and named):
+        return check_tenant("tenant", named)
+    if named and named != default_tenant:
+        raise PermissionDenied(
+            f"tenant: only the gateway may name the tenant a request is billed to; this call is "
+            f"authenticated as {caller.value if caller else 'nobody'} (send it without a tenant"
+            + (f" to bill {default_tenant!r})" if default_tenant else ")")
+        )
+    if default_tenant is None:
+        raise FailedPrecondition(
+            "this worker bills requests that do not come from the gateway to no tenant: send them "
+            "through the gateway, or set OPENLORA_WORKER_DEFAULT_TENANT (single-tenant setups)"
+        )
+    return default_tenant
 
 
 def _prompt(

@@ -31,6 +31,7 @@ from services.common.proto import (
     inference_pb2_grpc,
 )
 from services.common.synthetic_adapters import write_adapter
+from services.common.trust.setup import operator_identity
 from tests.e2e.cluster_kit import running_cluster
 from tests.kit.otlp_receiver import OtlpReceiver
 from tests.kit.postgres import create_database, drop_database
@@ -128,10 +129,17 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 30.0) -> T:
         time.sleep(0.25)
 
 
+def operator(cluster: Cluster, audience: str) -> tuple[tuple[str, str]]:
+    """Metadata of a call an operator makes to `audience`, signed with the cluster's own secret."""
+    identity = operator_identity(cluster.secret_file)
+    assert identity is not None
+    return (identity.metadata(audience),)
+
+
 def ledger_tokens(cluster: Cluster) -> int:
     with grpc.insecure_channel(cluster.attribution) as channel:
         report = attribution_pb2_grpc.AttributionStub(channel).GetUsage(
-            attribution_pb2.UsageQuery(tenant=TENANT), timeout=10
+            attribution_pb2.UsageQuery(tenant=TENANT), timeout=10, metadata=operator(cluster, "attribution")
         )
     return int(report.totals.prompt_tokens + report.totals.completion_tokens)
 
@@ -155,7 +163,7 @@ def settled_ledger(cluster: Cluster, expected: int | None = None) -> int:
 def worker_idle(cluster: Cluster) -> bool | None:
     with grpc.insecure_channel(cluster.workers[0]) as channel:
         reply = inference_pb2_grpc.InferenceStub(channel).ListModels(
-            inference_pb2.ListModelsRequest(), timeout=10
+            inference_pb2.ListModelsRequest(), timeout=10, metadata=operator(cluster, "worker")
         )
     idle = reply.stats.running_requests == 0 and reply.stats.kv_blocks_used == 0
     return True if idle else None
@@ -179,7 +187,11 @@ def test_adapters_and_a_mix_are_billed_exactly_and_rewards_follow_provenance(clu
 
     with grpc.insecure_channel(cluster.attribution) as channel:
         stub = attribution_pb2_grpc.AttributionStub(channel)
-        rewards = stub.GetRewards(attribution_pb2.RewardsQuery(adapter_id=f"{TENANT}/alpha"), timeout=10)
+        rewards = stub.GetRewards(
+            attribution_pb2.RewardsQuery(adapter_id=f"{TENANT}/alpha"),
+            timeout=10,
+            metadata=operator(cluster, "attribution"),
+        )
     lines = {line.contributor_id: line for line in rewards.lines}
     assert set(lines) == {"alpha-trainer", "alpha-data"}
     # alpha's own request, plus half of every token of the equal-weight mix.
@@ -281,7 +293,11 @@ def usage_by_request(cluster: Cluster, request_ids: list[str]) -> dict[str, tupl
         stub = attribution_pb2_grpc.AttributionStub(channel)
         totals = {}
         for request_id in request_ids:
-            report = stub.GetUsage(attribution_pb2.UsageQuery(request_id=request_id), timeout=10)
+            report = stub.GetUsage(
+                attribution_pb2.UsageQuery(request_id=request_id),
+                timeout=10,
+                metadata=operator(cluster, "attribution"),
+            )
             totals[request_id] = (int(report.totals.prompt_tokens), int(report.totals.completion_tokens))
     return totals
 

@@ -12,6 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# Client certificates named for each service role (the role is the common name), and one naming none.
+ROLE_CLIENTS = ("gateway", "worker", "attribution", "operator", "stranger")
+
 
 @dataclass(frozen=True)
 class CertFiles:
@@ -20,6 +23,10 @@ class CertFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+    def role(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) of the client certificate whose common name is `name` (`ROLE_CLIENTS`)."""
+        return self.ca.parent / f"client-{name}.pem", self.ca.parent / f"client-{name}.key"
 
 
 def _name(common_name: str) -> x509.Name:
@@ -82,6 +89,7 @@ def make_certs(directory: Path) -> CertFiles:
     for (cert, key), cert_path, key_path in (
         (leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH), files.server_cert, files.server_key),
         (leaf("openlora-client", ExtendedKeyUsageOID.CLIENT_AUTH), files.client_cert, files.client_key),
+        *((leaf(name, ExtendedKeyUsageOID.CLIENT_AUTH), *files.role(name)) for name in ROLE_CLIENTS),
     ):
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, key_path)

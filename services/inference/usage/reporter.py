@@ -33,6 +33,7 @@ import grpc
 
 from services.common.grpc_client import open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc
+from services.common.trust.credentials import ServiceIdentity
 from services.inference.usage.dead_letter import DeadLetter, DeadLetterFile
 from services.inference.usage.records import RequestUsage
 from services.inference.usage.spool import SpoolFull, UsageSpool
@@ -85,6 +86,7 @@ class UsageReporter:
         target: str,
         worker_id: str,
         *,
+        identity: ServiceIdentity | None = None,
         max_batch_records: int = 4096,
         flush_interval_s: float = 0.05,
         backoff_s: tuple[float, float] = (0.1, 5.0),
@@ -92,6 +94,7 @@ class UsageReporter:
         self.spool = spool
         self.target = target
         self.worker_id = worker_id
+        self.identity = identity
         self.max_batch_records = max_batch_records
         self.flush_interval_s = flush_interval_s
         self.backoff_s = backoff_s
@@ -211,7 +214,7 @@ class UsageReporter:
 
     async def _stream_once(self) -> None:
         self._unanswered.clear()
-        async with open_channel(self.target) as channel:
+        async with open_channel(self.target, identity=self.identity, audience="attribution") as channel:
             call = attribution_pb2_grpc.AttributionStub(channel).StreamUsage()
             writer = asyncio.create_task(self._write_pending(call))
             # A writer that fails ends the call, or the read below would wait for acks forever.

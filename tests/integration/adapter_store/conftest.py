@@ -21,6 +21,7 @@ from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import adapter_store_pb2_grpc
 from tests.kit.adapters import make_peft_adapter
 from tests.kit.seaweedfs import S3Endpoint
+from tests.kit.service_auth import trusted
 
 BASE = "tiny-llama"
 
@@ -61,7 +62,7 @@ async def start_store(settings: StoreSettings, base_dir: Path) -> StoreUnderTest
     service = AdapterStoreService(settings)
     server = build_server(settings, service)
     port = await server.start()
-    channel = open_channel(f"127.0.0.1:{port}")
+    channel = open_channel(f"127.0.0.1:{port}", **trusted("store"))
     stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
     await stub.RegisterBaseModel(
         pb.RegisterBaseModelRequest(name=BASE, config_json=(base_dir / "config.json").read_text())

@@ -14,6 +14,7 @@ from services.common.grpc_client import open_channel
 from services.common.proto import attribution_pb2_grpc
 from tests.integration.attribution.wire import attribution_settings
 from tests.kit.postgres import create_database, drop_database
+from tests.kit.service_auth import trusted
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -49,5 +50,5 @@ async def attribution(ledger_url: str) -> AsyncIterator[AttributionServer]:
 
 @pytest.fixture
 async def stub(attribution: AttributionServer) -> AsyncIterator[attribution_pb2_grpc.AttributionAsyncStub]:
-    async with open_channel(f"127.0.0.1:{attribution.server.port}") as channel:
+    async with open_channel(f"127.0.0.1:{attribution.server.port}", **trusted("attribution")) as channel:
         yield attribution_pb2_grpc.AttributionStub(channel)

@@ -15,6 +15,7 @@ from services.common.grpc_client import open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import attribution_settings, batch, read_ack, request_tokens
 from tests.kit.postgres import create_database, drop_database
+from tests.kit.service_auth import trusted
 
 
 def count(attribution: AttributionServer) -> int:
@@ -93,7 +94,7 @@ async def test_killed_stream_loses_nothing_acked_and_resend_doubles_nothing(
     tokens = request_tokens("req-kill", prompt=100, completion=400)
     batches = [batch(i + 1, tokens[i * 50 : (i + 1) * 50]) for i in range(10)]
     port = attribution.server.port
-    async with open_channel(f"127.0.0.1:{port}") as channel:
+    async with open_channel(f"127.0.0.1:{port}", **trusted("attribution")) as channel:
         call = attribution_pb2_grpc.AttributionStub(channel).StreamUsage()
         acked = 0
         for message in batches[:4]:
@@ -173,7 +174,7 @@ async def test_database_gone_is_unavailable_not_internal() -> None:
     built = build(attribution_settings(url, grace_period_s=1.0))
     try:
         await built.server.start()
-        async with open_channel(f"127.0.0.1:{built.server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{built.server.port}", **trusted("attribution")) as channel:
             stub = attribution_pb2_grpc.AttributionStub(channel)
             assert (await stub.RecordUsage(iter([batch(1, request_tokens("a", 0, 2))]))).acked_sequence == 1
             drop_database(url)  # terminates the server's connections too

@@ -22,6 +22,7 @@ from services.common.grpc_client import health_status, open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import batch, read_ack, request_tokens
 from tests.kit.ports import free_port
+from tests.kit.service_auth import trusted
 
 ROOT = Path(__file__).resolve().parents[3]
 BATCH = 5_000
@@ -41,7 +42,7 @@ class ServerProcess:
         )
 
     async def wait_ready(self) -> None:
-        async with open_channel(f"127.0.0.1:{self.port}") as channel:
+        async with open_channel(f"127.0.0.1:{self.port}", **trusted("attribution")) as channel:
             for _ in range(300):
                 assert self.process.poll() is None, "server exited"
                 try:
@@ -89,7 +90,7 @@ async def test_killed_server_loses_nothing_acked_and_resend_doubles_nothing(
     servers.append(ServerProcess(ledger_url))
     await servers[0].wait_ready()
     acked = 0
-    async with open_channel(f"127.0.0.1:{servers[0].port}") as channel:
+    async with open_channel(f"127.0.0.1:{servers[0].port}", **trusted("attribution")) as channel:
         call = attribution_pb2_grpc.AttributionStub(channel).StreamUsage()
         for message in batches[:2]:
             await call.write(message)
@@ -104,7 +105,7 @@ async def test_killed_server_loses_nothing_acked_and_resend_doubles_nothing(
 
     servers.append(ServerProcess(ledger_url))
     await servers[1].wait_ready()
-    async with open_channel(f"127.0.0.1:{servers[1].port}") as channel:
+    async with open_channel(f"127.0.0.1:{servers[1].port}", **trusted("attribution")) as channel:
         ack = await attribution_pb2_grpc.AttributionStub(channel).RecordUsage(iter(batches[acked:]))
     assert isinstance(ack, attribution_pb2.RecordAck)
     assert ack.acked_sequence == len(batches)

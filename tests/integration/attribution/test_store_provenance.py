@@ -29,6 +29,7 @@ from tests.integration.attribution.wire import (
     register,
     request_tokens,
 )
+from tests.kit.service_auth import trusted
 
 TRAINER, DATA = adapter_store_pb2.TRAINER, adapter_store_pb2.DATA
 
@@ -77,7 +78,7 @@ async def with_store(
     built = build(settings)
     try:
         await built.server.start()
-        async with open_channel(f"127.0.0.1:{built.server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{built.server.port}", **trusted("attribution")) as channel:
             yield built, attribution_pb2_grpc.AttributionStub(channel)
     finally:
         await built.close()

@@ -19,6 +19,7 @@ from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
 from tests.integration.gateway.kit import InProcessWorkers
+from tests.kit.service_auth import trusted
 
 BASE = "mini-llama"
 MINI_CONFIG: dict[str, int | str] = {
@@ -65,7 +66,7 @@ async def store(tmp_path: Path) -> AsyncIterator[StoreUnderTest]:
     settings = StoreSettings(port=0, backend="local", local_dir=tmp_path / "store", log_level="WARNING")
     server = build_server(settings)
     port = await server.start()
-    channel = open_channel(f"127.0.0.1:{port}")
+    channel = open_channel(f"127.0.0.1:{port}", **trusted("store"))
     stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
     await stub.RegisterBaseModel(
         store_pb.RegisterBaseModelRequest(name=BASE, config_json=json.dumps(MINI_CONFIG))

@@ -21,6 +21,7 @@ import pytest
 
 from services.common.grpc_client import health_status, open_channel
 from services.common.proto import inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from tests.integration.gateway.kit import (
     ACME_KEY,
     GatewayUnderTest,
@@ -33,6 +34,7 @@ from tests.integration.gateway.kit import (
 from tests.integration.worker import kit as worker_kit
 from tests.integration.worker.processes import ServiceProcess, worker_process
 from tests.kit.ports import free_port
+from tests.kit.service_auth import as_role
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +114,7 @@ async def test_a_hundred_immediate_cancels_leave_both_workers_serving(
             # Every cancelled request aborted, none left in the engine; a dead step thread never gets here.
             await wait_until(lambda w=worker: w.requests_held() == 0, 60, f"{worker.address} idle")
             assert worker.process.process is not None and worker.process.process.poll() is None
-            async with open_channel(worker.address) as channel:
+            async with open_channel(worker.address, **as_role(GATEWAY, "worker")) as channel:
                 assert await health_status(channel) == "SERVING"
                 # Health said SERVING even with a dead step thread: each worker must still generate.
                 stub = inference_pb2_grpc.InferenceStub(channel)

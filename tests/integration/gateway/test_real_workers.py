@@ -45,6 +45,7 @@ from tests.integration.gateway.kit import (
 )
 from tests.integration.worker.processes import ServiceProcess, worker_process
 from tests.kit.ports import free_port, free_ports
+from tests.kit.service_auth import trusted
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +113,7 @@ async def cluster(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Cluster
     settings = StoreSettings(port=0, backend="local", local_dir=tmp_path / "store", log_level="WARNING")
     store = build_server(settings)
     store_port = await store.start()
-    async with open_channel(f"127.0.0.1:{store_port}") as channel:
+    async with open_channel(f"127.0.0.1:{store_port}", **trusted("store")) as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         config_json = (tiny_llama_dir / "config.json").read_text()
         await stub.RegisterBaseModel(store_pb.RegisterBaseModelRequest(name=BASE, config_json=config_json))

@@ -27,6 +27,7 @@ from services.common.proto import SERVICE_NAMES, adapter_store_pb2_grpc
 from services.common.proto import adapter_store_pb2 as pb
 from services.common.synthetic_adapters import write_adapter
 from services.inference.adapter_cache import AdapterCache, CacheConfig
+from tests.kit.service_auth import trusted
 
 BASE = "tiny-llama"
 
@@ -104,7 +105,7 @@ async def start_store(root: Path, base_dir: Path, **settings_overrides: Any) -> 
     )
     server = GrpcServer(settings, [binding], component="store")
     port = await server.start()
-    channel = open_channel(f"127.0.0.1:{port}")
+    channel = open_channel(f"127.0.0.1:{port}", **trusted("store"))
     stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
     await stub.RegisterBaseModel(
         pb.RegisterBaseModelRequest(name=BASE, config_json=(base_dir / "config.json").read_text())

@@ -13,12 +13,16 @@ import pytest
 import sqlalchemy as sa
 
 from services.attribution.server import build
+from services.common.trust.roles import WORKER
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.usage.spool import UsageSpool
 from tests.integration.attribution.wire import attribution_settings, request_tokens
 from tests.integration.inference.test_usage_reporter import ledger_count, wait_for
 from tests.kit.ports import free_port
+from tests.kit.service_auth import identity
+
+WORKER_IDENTITY = identity(WORKER)  # what a worker presents to attribution
 
 
 @contextlib.asynccontextmanager
@@ -50,7 +54,7 @@ async def test_a_poisoned_record_is_dead_lettered_and_the_next_1000_requests_are
 ) -> None:
     async with attribution_at(tmp_path) as (url, address):
         spool = UsageSpool(tmp_path / "spool")
-        reporter = UsageReporter(spool, address, "worker-p", flush_interval_s=0.01)
+        reporter = UsageReporter(spool, address, "worker-p", identity=WORKER_IDENTITY, flush_interval_s=0.01)
         await reporter.start()
         # Past every check a request passes: as if a worker had a bug, or an old worker's spool.
         reporter.record(request_tokens("job 42", prompt=1, completion=0))
@@ -77,7 +81,7 @@ async def test_a_batch_refused_whole_is_dead_lettered_and_the_acks_move_past_it(
     async with attribution_at(tmp_path, max_batch_records=100) as (url, address):
         spool = UsageSpool(tmp_path / "spool")
         # A worker set up for larger batches than attribution takes: its first batch is refused whole.
-        reporter = UsageReporter(spool, address, "worker-q", max_batch_records=150)
+        reporter = UsageReporter(spool, address, "worker-q", identity=WORKER_IDENTITY, max_batch_records=150)
         # 120 one-token requests: still 120 records once the reporter joins each request's ranges.
         for i in range(120):
             reporter.record(request_tokens(f"big-{i}", prompt=0, completion=1))
@@ -98,7 +102,7 @@ async def test_a_batch_refused_whole_is_dead_lettered_and_the_acks_move_past_it(
 async def test_the_sender_survives_an_unexpected_error(tmp_path: Path) -> None:
     async with attribution_at(tmp_path) as (url, address):
         spool = UsageSpool(tmp_path / "spool")
-        reporter = UsageReporter(spool, address, "worker-r", backoff_s=(0.05, 0.1))
+        reporter = UsageReporter(spool, address, "worker-r", identity=WORKER_IDENTITY, backoff_s=(0.05, 0.1))
         real_read = spool.pending_in_memory  # where the sender takes fresh batches from
         failures = iter([True])
 

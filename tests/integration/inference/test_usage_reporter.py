@@ -10,11 +10,15 @@ import pytest
 import sqlalchemy as sa
 
 from services.attribution.server import AttributionServer, build
+from services.common.trust.roles import WORKER
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.usage.spool import UsageSpool
 from tests.integration.attribution.wire import attribution_settings, request_tokens
 from tests.kit.ports import free_port
+from tests.kit.service_auth import identity
+
+WORKER_IDENTITY = identity(WORKER)  # what a worker presents to attribution
 
 
 async def start_attribution(url: str, port: int) -> AttributionServer:
@@ -65,7 +69,9 @@ async def test_records_reach_the_ledger_once_and_leave_the_spool(
 ) -> None:
     _, port = running_attribution
     spool = UsageSpool(tmp_path / "spool", segment_batches=4)
-    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-a", max_batch_records=50)
+    reporter = UsageReporter(
+        spool, f"127.0.0.1:{port}", "worker-a", identity=WORKER_IDENTITY, max_batch_records=50
+    )
     await reporter.start()
     for i in range(20):
         reporter.record(request_tokens(f"req-{i}", prompt=30, completion=20))
@@ -91,7 +97,13 @@ async def test_a_tracked_request_is_billed_one_range_per_flush_then_forgotten(
     running_attribution: tuple[AttributionServer, int], ledger_url: str, tmp_path: Path
 ) -> None:
     _, port = running_attribution
-    reporter = UsageReporter(UsageSpool(tmp_path / "spool"), f"127.0.0.1:{port}", "w", flush_interval_s=3600)
+    reporter = UsageReporter(
+        UsageSpool(tmp_path / "spool"),
+        f"127.0.0.1:{port}",
+        "w",
+        identity=WORKER_IDENTITY,
+        flush_interval_s=3600,
+    )
     await reporter.start()
     usage = RequestUsage(new_usage_id(), "acme", "w", (("alpha", "v1", 1.0),))
     reporter.track(usage)
@@ -113,7 +125,9 @@ async def test_a_tracked_request_is_billed_one_range_per_flush_then_forgotten(
 async def test_attribution_down_then_back_loses_and_doubles_nothing(ledger_url: str, tmp_path: Path) -> None:
     port = free_port()
     spool = UsageSpool(tmp_path / "spool")
-    reporter = UsageReporter(spool, f"127.0.0.1:{port}", "worker-b", backoff_s=(0.05, 0.5))
+    reporter = UsageReporter(
+        spool, f"127.0.0.1:{port}", "worker-b", identity=WORKER_IDENTITY, backoff_s=(0.05, 0.5)
+    )
     await reporter.start()
     for i in range(10):  # attribution is not running: everything goes to the spool
         reporter.record(request_tokens(f"down-{i}", prompt=10, completion=10))
@@ -131,7 +145,9 @@ async def test_attribution_down_then_back_loses_and_doubles_nothing(ledger_url: 
 
 async def test_a_restarted_worker_replays_its_spool(ledger_url: str, tmp_path: Path) -> None:
     port = free_port()
-    first = UsageReporter(UsageSpool(tmp_path / "spool"), f"127.0.0.1:{port}", "worker-c")
+    first = UsageReporter(
+        UsageSpool(tmp_path / "spool"), f"127.0.0.1:{port}", "worker-c", identity=WORKER_IDENTITY
+    )
     await first.start()
     first.record(request_tokens("before-crash", prompt=40, completion=60))
     await first.close(drain_timeout_s=0.2)  # attribution is down: the batch stays spooled
@@ -140,7 +156,7 @@ async def test_a_restarted_worker_replays_its_spool(ledger_url: str, tmp_path: P
     try:
         spool = UsageSpool(tmp_path / "spool")
         assert spool.backlog_batches == 1
-        second = UsageReporter(spool, f"127.0.0.1:{port}", "worker-c")
+        second = UsageReporter(spool, f"127.0.0.1:{port}", "worker-c", identity=WORKER_IDENTITY)
         await second.start()
         second.record(request_tokens("after-restart", prompt=1, completion=1))
         await wait_for(lambda: ledger_count(ledger_url) == 102 and spool.backlog_batches == 0)
@@ -152,7 +168,14 @@ async def test_a_restarted_worker_replays_its_spool(ledger_url: str, tmp_path: P
 
 async def test_a_full_spool_is_an_alarm_not_a_crash(tmp_path: Path) -> None:
     spool = UsageSpool(tmp_path / "spool", max_bytes=600)  # a few batches of two ranges each
-    reporter = UsageReporter(spool, "127.0.0.1:9", "worker-d", max_batch_records=20, flush_interval_s=0.01)
+    reporter = UsageReporter(
+        spool,
+        "127.0.0.1:9",
+        "worker-d",
+        identity=WORKER_IDENTITY,
+        max_batch_records=20,
+        flush_interval_s=0.01,
+    )
     await reporter.start()
     for i in range(10):
         reporter.record(request_tokens(f"r{i}", prompt=10, completion=10))

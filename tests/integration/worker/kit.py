@@ -21,11 +21,13 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.common.grpc_client import open_channel
 from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import LoadedAdapter
 from services.inference.config import WorkerSettings
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
 from services.inference.server import Worker
+from tests.kit.service_auth import as_role
 
 KV_CACHE_BYTES = 1 << 22  # 4 MiB: hundreds of blocks of the tiny model, small enough to see usage
 
@@ -65,7 +67,7 @@ class WorkerUnderTest:
         worker = Worker(settings)
         port = await worker.start()
         await worker.wait_ready()
-        channel = open_channel(f"127.0.0.1:{port}")
+        channel = open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker"))
         return cls(worker, channel, inference_pb2_grpc.InferenceStub(channel), port)
 
     async def stop(self) -> None:

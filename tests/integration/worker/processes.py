@@ -21,8 +21,10 @@ from typing import Any
 import grpc
 
 from services.common.grpc_client import health_status, open_channel
+from services.common.trust.roles import GATEWAY
 from tests.kit.ports import free_port
 from tests.kit.seaweedfs import S3Endpoint
+from tests.kit.service_auth import as_role
 
 ROOT = Path(__file__).resolve().parents[3]
 OPENLORA = str(Path(sys.executable).parent / "openlora")
@@ -48,7 +50,7 @@ class ServiceProcess:
     async def wait_ready(self, timeout_s: float = 120.0) -> None:
         assert self.process is not None
         deadline = asyncio.get_running_loop().time() + timeout_s
-        async with open_channel(f"127.0.0.1:{self.port}") as channel:
+        async with open_channel(f"127.0.0.1:{self.port}", **as_role(GATEWAY, "worker")) as channel:
             while asyncio.get_running_loop().time() < deadline:
                 if self.process.poll() is not None:
                     raise AssertionError(

@@ -26,6 +26,7 @@ import pytest
 from services.common.grpc_client import health_status, open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc, attribution_pb2, inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
 from services.inference.config import WorkerSettings
 from tests.integration.inference.cache_kit import BASE, small_adapter
@@ -46,6 +47,7 @@ from tests.integration.worker.processes import (
 )
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint
+from tests.kit.service_auth import as_role, trusted
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +101,7 @@ def database_url() -> Iterator[str]:
 
 
 async def _upload_adapters(tmp_path: Path, model: Path, store_port: int) -> list[str]:
-    async with open_channel(f"127.0.0.1:{store_port}") as channel:
+    async with open_channel(f"127.0.0.1:{store_port}", **trusted("store")) as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         config_json = (model / "config.json").read_text()
         await stub.RegisterBaseModel(store_pb.RegisterBaseModelRequest(name=BASE, config_json=config_json))
@@ -171,7 +173,7 @@ def expected_ledger(done: dict[str, Streamed]) -> dict[tuple[str, int], int]:
 
 async def reference_adapters(cluster: Cluster) -> dict[str, LoadedAdapter]:
     """The adapters as the store serves them, read by a cache of the test's own."""
-    async with open_channel(f"127.0.0.1:{cluster.store.port}") as channel:
+    async with open_channel(f"127.0.0.1:{cluster.store.port}", **trusted("store")) as channel:
         cache = AdapterCache(
             adapter_store_pb2_grpc.AdapterStoreStub(channel),
             CacheConfig(
@@ -190,7 +192,7 @@ async def test_32_streams_over_20_adapters_equal_the_engine_and_fill_the_ledger_
     cluster: Cluster,
 ) -> None:
     batch = plans("conc", 32, cluster.adapter_ids, seed=1)
-    async with open_channel(f"127.0.0.1:{cluster.worker.port}") as channel:
+    async with open_channel(f"127.0.0.1:{cluster.worker.port}", **as_role(GATEWAY, "worker")) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         streamed = await asyncio.gather(*(run(stub, p) for p in batch))
     adapters = await reference_adapters(cluster)
@@ -222,7 +224,7 @@ async def _load(
 async def test_attribution_down_30s_under_load_loses_and_doubles_nothing(cluster: Cluster) -> None:
     done: dict[str, Streamed] = {}
     stop = asyncio.Event()
-    async with open_channel(f"127.0.0.1:{cluster.worker.port}") as channel:
+    async with open_channel(f"127.0.0.1:{cluster.worker.port}", **as_role(GATEWAY, "worker")) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         load = asyncio.create_task(_load(stub, cluster.adapter_ids, stop, done))
         try:
@@ -244,7 +246,7 @@ async def test_attribution_down_30s_under_load_loses_and_doubles_nothing(cluster
 async def test_a_worker_killed_with_a_full_spool_replays_it_after_restart(cluster: Cluster) -> None:
     cluster.attribution.kill()  # usage can only pile up in the spool now
     batch = plans("crash", 24, cluster.adapter_ids, seed=7)
-    async with open_channel(f"127.0.0.1:{cluster.worker.port}") as channel:
+    async with open_channel(f"127.0.0.1:{cluster.worker.port}", **as_role(GATEWAY, "worker")) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         streamed = await asyncio.gather(*(run(stub, p) for p in batch))
     spool = cluster.tmp_path / "spool"
@@ -303,7 +305,7 @@ async def test_a_killed_engine_ends_every_stream_unavailable_and_bills_exactly_w
     # The adapters made resident first, so that the long streams all start at once.
     warm = [Plan(f"warm-{a}", [3, 4], a, 2) for a in adapters]
     received: dict[str, list[int]] = {plan.request_id: [] for plan in batch}  # tokens per chunk
-    async with open_channel(f"127.0.0.1:{cluster.worker.port}") as channel:
+    async with open_channel(f"127.0.0.1:{cluster.worker.port}", **as_role(GATEWAY, "worker")) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         warmed = await asyncio.gather(*(run(stub, p) for p in warm))
         streamed = {p.request_id: s for p, s in zip(warm, warmed, strict=True)}

@@ -14,8 +14,10 @@ import pytest
 
 from services.common.grpc_client import health_status, open_channel
 from services.common.proto import inference_pb2, inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from services.inference.server import Worker
 from tests.integration.worker.kit import collect, request, wait_until, worker_settings
+from tests.kit.service_auth import as_role
 
 
 async def _stream_until_first_chunk(
@@ -37,7 +39,7 @@ async def test_a_killed_engine_fails_its_streams_and_is_replaced(
     port = await worker.start()
     await worker.wait_ready()
     try:
-        async with open_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             assert await health_status(channel) == "SERVING"
             chunks: list[inference_pb2.GenerateChunk] = []
@@ -70,7 +72,7 @@ async def test_an_engine_that_keeps_dying_makes_the_worker_exit(tmp_path: Path, 
     running = asyncio.create_task(worker.run(ready.set_result))
     try:
         port = await asyncio.wait_for(asyncio.shield(ready), 120)
-        async with open_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             chunks: list[inference_pb2.GenerateChunk] = []
             in_flight = await _stream_until_first_chunk(stub, chunks)

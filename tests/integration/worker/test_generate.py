@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import LoadedAdapter
 from services.inference.server import Worker
 from tests.integration.attribution.wire import attribution_settings
@@ -32,6 +33,7 @@ from tests.integration.worker.kit import (
     worker_settings,
 )
 from tests.kit.cpu import cpu_lora_op
+from tests.kit.service_auth import as_role, trusted
 
 PROMPT, COMPLETION = attribution_pb2.PROMPT, attribution_pb2.COMPLETION
 
@@ -124,7 +126,9 @@ async def test_a_reused_request_id_bills_every_stream_to_its_own_tenant(cluster:
         lambda: ledger_counts(cluster.ledger_url).get(("job-42", COMPLETION)) == 5 * 8, what="usage"
     )
     assert len(served_requests(cluster.ledger_url)["job-42"]) == 5
-    async with open_channel(f"127.0.0.1:{cluster.attribution.server.port}") as channel:
+    async with open_channel(
+        f"127.0.0.1:{cluster.attribution.server.port}", **trusted("attribution")
+    ) as channel:
         attribution = attribution_pb2_grpc.AttributionStub(channel)
         for tenant, requests in (("demo", 4), ("evil", 1)):
             report = await attribution.GetUsage(
@@ -243,7 +247,7 @@ async def test_each_request_is_one_span_with_a_child_span_for_its_adapter_load(
     port = await worker.start()
     try:
         await worker.wait_ready()
-        async with open_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             for request_id in ("cold", "warm"):
                 await collect(

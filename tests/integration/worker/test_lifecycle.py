@@ -12,10 +12,12 @@ import pytest
 
 from services.common.grpc_client import health_status, open_channel
 from services.common.proto import inference_pb2, inference_pb2_grpc
+from services.common.trust.roles import GATEWAY
 from services.inference.engine.llm_engine import LLMEngine
 from services.inference.server import Worker
 from tests.integration.worker.kit import WorkerUnderTest, collect, request, worker_settings
 from tests.kit.ports import free_port
+from tests.kit.service_auth import as_role
 
 
 async def test_health_is_not_serving_until_the_model_is_loaded(
@@ -32,7 +34,7 @@ async def test_health_is_not_serving_until_the_model_is_loaded(
     worker = Worker(worker_settings(tmp_path, tiny_llama_dir))
     port = await worker.start()
     try:
-        async with open_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
             assert await health_status(channel) == "NOT_SERVING"
             assert await health_status(channel, "openlora.v1.Inference") == "NOT_SERVING"
             stub = inference_pb2_grpc.InferenceStub(channel)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.proto import common_pb2, inference_pb2
-from services.inference.validation import Limits, parse_request
+from services.common.trust.roles import GATEWAY, OPERATOR
+from services.inference.validation import Limits, billed_tenant, parse_request
 
 LIMITS = Limits(max_context=32, default_max_new_tokens=16, max_new_tokens_limit=20, vocab_size=100)
 
@@ -35,7 +36,7 @@ def mix(*components: tuple[str, str, float]) -> common_pb2.AdapterMix:
 
 
 def test_defaults_make_a_greedy_request_with_an_id() -> None:
-    parsed = parse_request(make(text="hello"), LIMITS, tokenize)
+    parsed = parse_request(make(text="hello"), LIMITS, tokenize, caller=GATEWAY)
     assert parsed.prompt_token_ids == tokenize("hello")
     assert len(parsed.request_id) == 32
     s = parsed.sampling
@@ -44,7 +45,9 @@ def test_defaults_make_a_greedy_request_with_an_id() -> None:
 
 
 def test_the_default_length_shrinks_to_fit_the_context() -> None:
-    parsed = parse_request(make(token_ids=inference_pb2.TokenIds(ids=[1] * 25)), LIMITS, tokenize)
+    parsed = parse_request(
+        make(token_ids=inference_pb2.TokenIds(ids=[1] * 25)), LIMITS, tokenize, caller=GATEWAY
+    )
     assert parsed.sampling.max_new_tokens == 7
 
 
@@ -64,7 +67,7 @@ def test_fields_are_carried_over() -> None:
             "stop": ["\n"],
         },
     )
-    parsed = parse_request(message, LIMITS, None)
+    parsed = parse_request(message, LIMITS, None, caller=GATEWAY)
     assert (parsed.request_id, parsed.tenant, parsed.prompt_token_ids) == ("r1", "acme", [3, 4])
     assert parsed.adapter_ref is not None and parsed.adapter_ref.version == "v2"
     s = parsed.sampling
@@ -73,7 +76,9 @@ def test_fields_are_carried_over() -> None:
 
 
 def test_two_explicit_versions_of_one_adapter_may_be_mixed() -> None:
-    parsed = parse_request(make(text="hi", mix=mix(("a", "v1", 1.0), ("a", "v2", 3.0))), LIMITS, tokenize)
+    parsed = parse_request(
+        make(text="hi", mix=mix(("a", "v1", 1.0), ("a", "v2", 3.0))), LIMITS, tokenize, caller=GATEWAY
+    )
     assert parsed.mix is not None and parsed.mix.shares == (0.25, 0.75)
 
 
@@ -109,11 +114,37 @@ def test_two_explicit_versions_of_one_adapter_may_be_mixed() -> None:
 )
 def test_bad_fields_are_named(fields: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        parse_request(make(**fields), LIMITS, tokenize)
+        parse_request(make(**fields), LIMITS, tokenize, caller=GATEWAY)
     assert caught.value.field == field
 
 
 def test_text_needs_a_tokenizer() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        parse_request(make(text="hi"), LIMITS, None)
+        parse_request(make(text="hi"), LIMITS, None, caller=GATEWAY)
     assert caught.value.field == "text" and "token_ids" in caught.value.problem
+
+
+def test_only_the_gateway_names_the_tenant_billed() -> None:
+    assert billed_tenant("acme", GATEWAY, None) == "acme"
+    assert billed_tenant("acme", GATEWAY, "solo") == "acme"
+    # Anyone else is billed to the worker's default tenant, and may not name another.
+    assert billed_tenant("", OPERATOR, "solo") == "solo"
+    assert billed_tenant("solo", OPERATOR, "solo") == "solo"
+    with pytest.raises(PermissionDenied, match=r"only the gateway may name the tenant.*as operator"):
+        billed_tenant("acme", OPERATOR, "solo")
+    with pytest.raises(FailedPrecondition, match="OPENLORA_WORKER_DEFAULT_TENANT"):
+        billed_tenant("", OPERATOR, None)
+    # A server that checks no callers (open_rpcs) believes the request, as before.
+    assert billed_tenant("acme", None, None) == "acme"
+    assert billed_tenant("", None, "solo") == "solo"
+    with pytest.raises(FailedPrecondition):
+        billed_tenant("", None, None)
+
+
+def test_a_direct_request_is_refused_before_it_is_parsed_into_work() -> None:
+    with pytest.raises(FailedPrecondition):
+        parse_request(make(text="hi", tenant=""), LIMITS, tokenize, caller=OPERATOR)
+    parsed = parse_request(
+        make(text="hi", tenant=""), LIMITS, tokenize, caller=OPERATOR, default_tenant="solo"
+    )
+    assert parsed.tenant == "solo"
