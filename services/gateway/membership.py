@@ -73,6 +73,7 @@ def upstream_channel(
     *,
     identity: CallerIdentity | None,
     audience: str,
+    client_streams: bool = True,
 ) -> grpc.aio.Channel:
     """A channel to a worker or the store (`audience`); reconnects within `worker_retry_max_s` of a
     restart. With an `identity`, every call carries the gateway's service token."""
@@ -87,7 +88,7 @@ def upstream_channel(
         options.append(("grpc.ssl_target_name_override", server_name))
     interceptors = client_interceptors(tracer_provider)
     if identity is not None:
-        interceptors += token_interceptors(identity, audience)
+        interceptors += token_interceptors(identity, audience, client_streams=client_streams)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
@@ -115,11 +116,13 @@ class WorkerEndpoint:
         channel: grpc.aio.Channel,
         settings: GatewaySettings,
         on_change: Callable[[], None],
+        *,
+        relay_metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple,
     ) -> None:
         self.address = address
         self.channel = channel
         self.stub = inference_pb2_grpc.InferenceStub(channel)
-        self.link = WorkerLink(channel, address)
+        self.link = WorkerLink(channel, address, relay_metadata)
         # Generate for a worker without the relay, its chunks left serialized for the client.
         self.generate_call: grpc.aio.UnaryStreamMultiCallable[Any, bytes] = channel.unary_stream(
             GENERATE_METHOD,
@@ -245,6 +248,10 @@ class WorkerPool:
         self._refresher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
+    def _relay_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gateway's token for a worker's relay call (a fresh one per call)."""
+        return (self.identity.metadata("worker"),) if self.identity is not None else ()
+
     async def start(self) -> None:
         if isinstance(self.target, DnsName):
             await self._refresh_dns()
@@ -273,8 +280,11 @@ class WorkerPool:
                     server_name,
                     identity=self.identity,
                     audience="worker",
+                    client_streams=False,  # the relay call carries its token itself
                 )
-                endpoint = WorkerEndpoint(address, channel, self.settings, self.on_change)
+                endpoint = WorkerEndpoint(
+                    address, channel, self.settings, self.on_change, relay_metadata=self._relay_metadata
+                )
                 self.endpoints[address] = endpoint
                 endpoint.start()
                 log.info("worker %s added", address)

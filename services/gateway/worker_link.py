@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, NamedTuple, cast
 
 import grpc
@@ -121,10 +121,16 @@ class _Inbox:
 class _RelayCall:
     """One relay call and the streams started on it."""
 
-    def __init__(self, stub: relay_pb2_grpc.WorkerRelayStub, address: str, on_end: Any) -> None:
+    def __init__(
+        self,
+        stub: relay_pb2_grpc.WorkerRelayStub,
+        address: str,
+        on_end: Any,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
         self.address = address
         # The stubs' types know the synchronous API only: this is an aio stream-stream call.
-        self.call: Any = cast(Any, stub.Relay)()
+        self.call: Any = cast(Any, stub.Relay)(metadata=metadata)
         self.inboxes: dict[int, _Inbox] = {}
         self.starts: list[Any] = []
         self.cancels: list[int] = []
@@ -206,7 +212,13 @@ class _RelayCall:
 class WorkerLink:
     """Generate streams to one worker over its relay call (see the module docstring)."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        address: str,
+        metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple,
+    ) -> None:
+        self.metadata = metadata  # the gateway's credential, for each relay call it opens
         self.address = address
         self.supported = True  # until the worker answers UNIMPLEMENTED
         self.calls_opened = 0
@@ -227,7 +239,7 @@ class WorkerLink:
         """The stream's chunks; raises what its own Generate call would (an `AioRpcError`), or
         `RelayUnsupported` before any chunk when the worker has no relay."""
         if self._call is None:
-            self._call = _RelayCall(self._stub, self.address, self._ended)
+            self._call = _RelayCall(self._stub, self.address, self._ended, self.metadata())
             self.calls_opened += 1
         call = self._call
         stream_id = next(self._ids)

@@ -77,8 +77,14 @@ class _StreamStream(_TokenAdder, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-def token_interceptors(identity: CallerIdentity, audience: str) -> list[Any]:
+def token_interceptors(identity: CallerIdentity, audience: str, *, client_streams: bool = True) -> list[Any]:
     """Interceptors adding `identity`'s token for `audience` (the component at the channel's other
     end) to every call. One per call shape: a grpc.aio channel files each interceptor under the first
-    shape it implements only."""
-    return [kind(identity, audience) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+    shape it implements only. `client_streams=False` leaves calls that stream requests alone: grpc.aio
+    routes every write of an intercepted one through a queue and a task of its own, which a hot
+    long-lived stream (the gateway's relay to a worker) should not pay; such a call passes
+    `identity.metadata(audience)` itself."""
+    kinds: tuple[type[_TokenAdder], ...] = (_UnaryUnary, _UnaryStream)
+    if client_streams:
+        kinds += (_StreamUnary, _StreamStream)
+    return [kind(identity, audience) for kind in kinds]
