@@ -239,6 +239,13 @@ def up(
             "else float32), float32, bfloat16, float16."
         ),
     ] = "auto",
+    tls: Annotated[
+        bool,
+        typer.Option(
+            help="Every hop over mutual TLS, with a CA made for this cluster in --data-dir/tls "
+            "(clients: --ca-file DATA_DIR/tls/ca.pem)."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole cluster locally (store, attribution, workers, gateway) until Ctrl-C.
 
@@ -256,6 +263,7 @@ def up(
         database_url=database_url,
         tenant=tenant,
         worker_dtype=dtype,
+        tls=tls,
     )
     try:
         sys.exit(asyncio.run(run_until_stopped(config)))

@@ -17,7 +17,7 @@ from rich.table import Table
 from services.adapter_store.client import adapter_files, download, upload
 from services.adapter_store.config import StoreSettings
 from services.common.errors import ServiceError
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import ClientTLS, open_channel
 from services.common.proto import adapter_store_pb2 as pb
 from services.common.proto import adapter_store_pb2_grpc, common_pb2
 from services.common.trust.setup import operator_identity
@@ -32,6 +32,29 @@ StoreAddress = Annotated[
     str,
     typer.Option("--store", envvar="OPENLORA_STORE_ADDRESS", help="Adapter store (or gateway) host:port."),
 ]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="OPENLORA_API_KEY",
+        help="Through a gateway: your API key (your adapters are then named <tenant>/<name>). "
+        "Without one, calls go to the store as an operator (OPENLORA_SERVICE_SECRET_FILE).",
+    ),
+]
+CaFile = Annotated[
+    Path | None,
+    typer.Option(envvar="OPENLORA_CA_FILE", help="CA bundle of the server's certificate (TLS)."),
+]
+UseTls = Annotated[bool, typer.Option("--tls", help="TLS trusting the system's CAs (on with --ca-file).")]
+
+
+class _ApiKey:
+    """A tenant's credential at the gateway, sent on every call like a service token."""
+
+    def __init__(self, key: str) -> None:
+        self.entry = ("authorization", f"Bearer {key}")
+
+    def metadata(self, audience: str, method: str = "") -> tuple[str, str]:
+        return self.entry
 
 
 def serve_store(**overrides: Any) -> None:
@@ -61,10 +84,20 @@ def serve_store(**overrides: Any) -> None:
     asyncio.run(server.serve_until_signal(on_started=started))
 
 
-def _run(address: str, call: Callable[[adapter_store_pb2_grpc.AdapterStoreAsyncStub], Awaitable[T]]) -> T:
+def _run(
+    address: str,
+    call: Callable[[adapter_store_pb2_grpc.AdapterStoreAsyncStub], Awaitable[T]],
+    api_key: str | None = None,
+    ca_file: Path | None = None,
+    tls: bool = False,
+) -> T:
+    # A tenant goes through the gateway with its API key; an operator straight to the store, signing
+    # with the cluster's secret.
+    identity = _ApiKey(api_key) if api_key else operator_identity()
+    client_tls = ClientTLS(ca_file) if ca_file is not None or tls else None
+
     async def go() -> T:
-        # Straight to the store, an operator's tools sign with the cluster secret (a gateway ignores it).
-        async with open_channel(address, identity=operator_identity(), audience="store") as channel:
+        async with open_channel(address, tls=client_tls, identity=identity, audience="store") as channel:
             return await call(adapter_store_pb2_grpc.AdapterStoreStub(channel))
 
     try:
@@ -146,6 +179,9 @@ def upload_cmd(
     dataset: Datasets = None,
     contributor: Contributors = None,
     store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """Upload a PEFT adapter (a new version when the id exists)."""
     paths = adapter_files(source)
@@ -158,7 +194,13 @@ def upload_cmd(
     )
     with _progress() as bar:
         task = bar.add_task(f"uploading {adapter_id}", total=sum(p.stat().st_size for p in paths))
-        info = _run(store, lambda stub: upload(stub, header, paths, progress=lambda n: bar.advance(task, n)))
+        info = _run(
+            store,
+            lambda stub: upload(stub, header, paths, progress=lambda n: bar.advance(task, n)),
+            api_key,
+            ca_file,
+            tls,
+        )
     _print_info(info)
 
 
@@ -175,6 +217,9 @@ def import_cmd(
     dataset: Datasets = None,
     contributor: Contributors = None,
     store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """Have the store fetch, validate and store an adapter from a URI."""
     request = pb.ImportRequest(
@@ -186,7 +231,7 @@ def import_cmd(
         provenance=_provenance(trainer, dataset or [], contributor or []),
     )
     with console.status(f"importing {source_uri}"):
-        info = _run(store, lambda stub: stub.Import(request))
+        info = _run(store, lambda stub: stub.Import(request), api_key, ca_file, tls)
     _print_info(info)
 
 
@@ -195,6 +240,9 @@ def list_cmd(
     owner: Annotated[str, typer.Option(help="Only this owner's adapters.")] = "",
     base_model: Annotated[str, typer.Option(help="Only adapters for this base model.")] = "",
     store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """List adapters (latest version of each), every page."""
 
@@ -211,7 +259,7 @@ def list_cmd(
                 return found
 
     table = Table("id", "version", "base model", "rank", "owner", "visibility", "size")
-    for info in _run(store, all_pages):
+    for info in _run(store, all_pages, api_key, ca_file, tls):
         table.add_row(
             info.id,
             info.version,
@@ -226,10 +274,16 @@ def list_cmd(
 
 @adapters_app.command("show")
 def show_cmd(
-    adapter: Annotated[str, typer.Argument(help="ID or ID@VERSION.")], store: StoreAddress = "127.0.0.1:50053"
+    adapter: Annotated[str, typer.Argument(help="ID or ID@VERSION.")],
+    store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """Show one adapter version."""
-    _print_info(_run(store, lambda stub: stub.Get(pb.GetAdapterRequest(adapter=_ref(adapter)))))
+    _print_info(
+        _run(store, lambda stub: stub.Get(pb.GetAdapterRequest(adapter=_ref(adapter))), api_key, ca_file, tls)
+    )
 
 
 @adapters_app.command("delete")
@@ -237,11 +291,16 @@ def delete_cmd(
     adapter: Annotated[str, typer.Argument(help="ID (every version) or ID@VERSION.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """Delete an adapter version, or every version."""
     if not yes and not typer.confirm(f"delete {adapter}?"):
         raise typer.Exit(1)
-    response = _run(store, lambda stub: stub.Delete(pb.DeleteAdapterRequest(adapter=_ref(adapter))))
+    response = _run(
+        store, lambda stub: stub.Delete(pb.DeleteAdapterRequest(adapter=_ref(adapter))), api_key, ca_file, tls
+    )
     console.print(
         f"deleted {len(response.deleted_versions)} version(s): {', '.join(response.deleted_versions)}"
     )
@@ -252,13 +311,20 @@ def download_cmd(
     adapter: Annotated[str, typer.Argument(help="ID or ID@VERSION.")],
     dest: Annotated[Path, typer.Argument(help="Folder to write adapter_config.json and the weights into.")],
     store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """Download an adapter's PEFT files, verifying their digests."""
     request = pb.GetAdapterRequest(adapter=_ref(adapter))
     with _progress() as bar:
         task = bar.add_task(f"downloading {adapter}", total=None)
         info = _run(
-            store, lambda stub: download(stub, request, dest, progress=lambda n: bar.advance(task, n))
+            store,
+            lambda stub: download(stub, request, dest, progress=lambda n: bar.advance(task, n)),
+            api_key,
+            ca_file,
+            tls,
         )
     console.print(f"{info.id}@{info.version} -> {dest} (sha256 {info.digest[:12]}...)")
 
@@ -268,10 +334,13 @@ def register_base_cmd(
     name: Annotated[str, typer.Argument(help="Name adapters will use as base_model.")],
     config: Annotated[Path, typer.Argument(exists=True, help="The model's config.json, or its folder.")],
     store: StoreAddress = "127.0.0.1:50053",
+    api_key: ApiKey = None,
+    ca_file: CaFile = None,
+    tls: UseTls = False,
 ) -> None:
     """Register a base model so adapters can be checked against its shapes."""
     path = config / "config.json" if config.is_dir() else config
     request = pb.RegisterBaseModelRequest(name=name, config_json=path.read_text())
-    spec = _run(store, lambda stub: stub.RegisterBaseModel(request))
+    spec = _run(store, lambda stub: stub.RegisterBaseModel(request), api_key, ca_file, tls)
     modules = ", ".join(f"{m.name} {m.in_features}->{m.out_features}" for m in spec.modules)
     console.print(f"registered {spec.name} ({spec.model_type}, {spec.num_layers} layers): {modules}")

@@ -15,7 +15,7 @@ from services.attribution.config import AttributionSettings
 from services.attribution.provenance import StoreProvenanceSource
 from services.attribution.service import AttributionService
 from services.attribution.servicer import AttributionServicer, binding
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import client_tls, open_channel
 from services.common.grpc_server import GrpcServer
 from services.common.telemetry import setup_telemetry
 from services.common.trust.setup import service_identity
@@ -55,6 +55,7 @@ def build(settings: AttributionSettings) -> AttributionServer:
         channel = open_channel(
             settings.store_address,
             settings,
+            tls=client_tls(settings, "store"),
             tracer_provider=provider,
             identity=service_identity(settings, "attribution"),
             audience="store",

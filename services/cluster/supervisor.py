@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from services.common.grpc_client import health_status, open_channel
+from services.common.grpc_client import ClientTLS, health_status, open_channel
 from services.common.parent_death import PARENT_PID_ENV
 
 COLOURS = ("36", "35", "33", "32", "34", "31")
@@ -29,6 +29,8 @@ class ChildSpec:
     """The gRPC port whose health decides readiness."""
     env: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 120.0
+    tls: ClientTLS | None = None
+    """How to reach the child's port when it speaks TLS only."""
 
 
 class ChildFailed(RuntimeError):
@@ -82,7 +84,7 @@ class Supervisor:
 
     async def _await_ready(self, child: _Child) -> None:
         deadline = time.monotonic() + child.spec.ready_timeout_s
-        async with open_channel(f"127.0.0.1:{child.spec.port}") as channel:
+        async with open_channel(f"127.0.0.1:{child.spec.port}", tls=child.spec.tls) as channel:
             while True:
                 if child.process.returncode is not None:
                     raise ChildFailed(

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cluster.supervisor import ChildSpec, Supervisor
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import ClientTLS, open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc
+from services.common.trust.local_ca import LocalPKI, make_local_pki
+from services.common.trust.roles import Role
 from services.common.trust.setup import ensure_secret_file, operator_identity, secret_env
 
 OPENLORA = [sys.executable, "-m", "services.cli"]
@@ -56,6 +58,8 @@ class ClusterConfig:
     """`auto`: bfloat16 on CUDA and CPUs with bf16 instructions, else float32."""
     log_level: str = "WARNING"
     """Of the children (their warnings and errors still stream with a prefix)."""
+    tls: bool = False
+    """Every hop over mutual TLS, with a CA made for this cluster in `data_dir/tls`."""
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Cluster:
     secret_file: Path
     """The services' shared secret; operator tools read it from OPENLORA_SERVICE_SECRET_FILE."""
     supervisor: Supervisor = field(repr=False)
+    tls: ClientTLS | None = None
+    """With `--tls`: how an operator reaches the services (the cluster's CA, the operator's certificate)."""
 
 
 def prepare_model(model: str, data_dir: Path, say: Callable[[str], None]) -> tuple[Path, str]:
@@ -125,6 +131,8 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
     # services' ports refuse anyone else on the machine.
     secret_file = ensure_secret_file(data / "service-secret")
     services_secret = secret_env(secret_file)
+    tls = _tls_env(data / "tls") if config.tls else None
+    operator_tls = tls.clients["operator"] if tls else None
     supervisor = Supervisor(out or sys.stdout)  # type: ignore[arg-type]
     try:
         say(f"starting the adapter store on {store}")
@@ -133,10 +141,11 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                 "store",
                 [*OPENLORA, *store_args],
                 ports["store"],
-                {**services_secret, "OPENLORA_STORE_LOG_LEVEL": config.log_level},
+                {**services_secret, **_env(tls, "store"), "OPENLORA_STORE_LOG_LEVEL": config.log_level},
+                tls=operator_tls,
             )
         )
-        await _register_base_model(store, base_model, model_dir, secret_file)
+        await _register_base_model(store, base_model, model_dir, secret_file, operator_tls)
         say(f"starting attribution on {attribution}")
         await supervisor.start(
             ChildSpec(
@@ -153,7 +162,12 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                     store,
                 ],
                 ports["attribution"],
-                {**services_secret, "OPENLORA_ATTRIBUTION_LOG_LEVEL": config.log_level},
+                {
+                    **services_secret,
+                    **_env(tls, "attribution"),
+                    "OPENLORA_ATTRIBUTION_LOG_LEVEL": config.log_level,
+                },
+                tls=operator_tls,
             )
         )
         for i, port in enumerate(worker_ports):
@@ -162,6 +176,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
             env = {
                 **QUIET_MODEL_STACK,
                 **services_secret,
+                **_env(tls, "worker"),
                 "OPENLORA_WORKER_WORKER_ID": f"worker-{i}",
                 "OPENLORA_WORKER_STORE_BASE_MODEL": base_model,
                 "OPENLORA_WORKER_DTYPE": config.worker_dtype,
@@ -186,7 +201,9 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                 "--cache-dir",
                 str(home / "cache"),
             ]
-            await supervisor.start(ChildSpec(f"worker-{i}", argv, port, env, ready_timeout_s=600))
+            await supervisor.start(
+                ChildSpec(f"worker-{i}", argv, port, env, ready_timeout_s=600, tls=operator_tls)
+            )
         key_file = data / "api-keys.json"
         api_key = write_api_key(key_file, config.tenant)
         workers = [f"127.0.0.1:{p}" for p in worker_ports]
@@ -210,7 +227,8 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                     "0",
                 ],
                 gateway_port,
-                {**services_secret, "OPENLORA_GATEWAY_LOG_LEVEL": config.log_level},
+                {**services_secret, **_env(tls, "gateway"), "OPENLORA_GATEWAY_LOG_LEVEL": config.log_level},
+                tls=operator_tls,
             )
         )
     except BaseException:
@@ -227,17 +245,59 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
         model_dir=model_dir,
         secret_file=secret_file,
         supervisor=supervisor,
+        tls=operator_tls,
     )
 
 
-async def _register_base_model(store: str, name: str, model_dir: Path, secret_file: Path) -> None:
+async def _register_base_model(
+    store: str, name: str, model_dir: Path, secret_file: Path, tls: ClientTLS | None
+) -> None:
     """Adapters uploaded for `name` are then checked against this model's shapes (idempotent)."""
-    async with open_channel(store, identity=operator_identity(secret_file), audience="store") as channel:
+    operator = operator_identity(secret_file)
+    async with open_channel(store, tls=tls, identity=operator, audience="store") as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         request = store_pb.RegisterBaseModelRequest(
             name=name, config_json=(model_dir / "config.json").read_text()
         )
         await stub.RegisterBaseModel(request, timeout=30)
+
+
+@dataclass(frozen=True)
+class _ClusterTLS:
+    pki: LocalPKI
+    clients: dict[str, ClientTLS]  # by role: the CA and the role's client certificate
+
+
+def _tls_env(directory: Path) -> _ClusterTLS:
+    pki = make_local_pki(directory)
+    return _ClusterTLS(pki, {r.value: ClientTLS(pki.ca, *pki.client(r.value)) for r in Role})
+
+
+# Which upstream hops of each service get TLS settings, by their settings' prefix.
+_HOPS = {"store": (), "attribution": ("STORE",), "worker": ("STORE", "ATTRIBUTION"), "gateway": ("UPSTREAM",)}
+
+
+def _env(tls: _ClusterTLS | None, service: str) -> dict[str, str]:
+    """The TLS settings of `service` in a `--tls` cluster: its server certificate (and, but for the
+    gateway, whose clients use API keys, the CA its callers' certificates must chain to), and for each
+    hop it calls, the CA and its own role's client certificate."""
+    if tls is None:
+        return {}
+    prefix = f"OPENLORA_{service.upper()}_"
+    env = {
+        f"{prefix}TLS_CERT_FILE": str(tls.pki.server_cert),
+        f"{prefix}TLS_KEY_FILE": str(tls.pki.server_key),
+    }
+    if service != "gateway":
+        env[f"{prefix}TLS_CLIENT_CA_FILE"] = str(tls.pki.ca)
+    cert, key = tls.pki.client(service)
+    for hop in _HOPS[service]:
+        env |= {
+            f"{prefix}{hop}_TLS_CA_FILE": str(tls.pki.ca),
+            f"{prefix}{hop}_TLS_CERT_FILE": str(cert),
+            f"{prefix}{hop}_TLS_KEY_FILE": str(key),
+        }
+    return env
 
 
 def say(text: str) -> None:
@@ -253,8 +313,10 @@ def describe(cluster: Cluster) -> str:
         *(f"worker-{i}     {w}" for i, w in enumerate(cluster.workers)),
         f"base model   {cluster.base_model} ({cluster.model_dir})",
         f"secret       {cluster.secret_file}   (operator tools: OPENLORA_SERVICE_SECRET_FILE)",
+        *([f"tls          every hop over mutual TLS; CA {cluster.tls.ca_file}"] if cluster.tls else []),
         "",
-        f'try:  OPENLORA_API_KEY={cluster.api_key} openlora generate "Hello" --target {cluster.gateway}',
+        f'try:  OPENLORA_API_KEY={cluster.api_key} openlora generate "Hello" --target {cluster.gateway}'
+        + (f" --ca-file {cluster.tls.ca_file}" if cluster.tls else ""),
     ]
     return "\n".join(lines)
 

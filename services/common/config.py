@@ -112,6 +112,17 @@ class ServiceSettings(BaseSettings):
         return f"{self.host}:{self.port}"
 
 
+def check_client_tls(settings: BaseSettings, hop: str) -> None:
+    """The `{hop}_tls*` fields of one upstream: key and certificate together, files that exist."""
+    cert, key = getattr(settings, f"{hop}_tls_cert_file"), getattr(settings, f"{hop}_tls_key_file")
+    if (cert is None) != (key is None):
+        raise ValueError(f"{hop}_tls_cert_file and {hop}_tls_key_file must be set together")
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(settings, f"{hop}_tls_{name}")
+        if path is not None and not path.is_file():
+            raise ValueError(f"{hop}_tls_{name}: no such file: {path}")
+
+
 def describe(settings_class: type[BaseSettings]) -> list[dict[str, Any]]:
     """One row per field: env variable, type, default and description (for docs and `config` commands)."""
     prefix = settings_class.model_config.get("env_prefix", "")

@@ -3,6 +3,7 @@ and the caller's service token on every call."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,55 @@ def channel_credentials(
     )
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """How one hop reaches its server over TLS: whom to trust (a CA bundle, or the system's CAs),
+    which certificate to present (mutual TLS), and the name the server's certificate must carry
+    when it is not the host in the address."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca_file, self.cert_file, self.key_file)
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def client_tls(settings: Any, hop: str) -> ClientTLS | None:
+    """The `{hop}_tls*` settings of one upstream (`store`, `attribution`, `upstream`); None for plaintext."""
+    ca_file = getattr(settings, f"{hop}_tls_ca_file")
+    if not (getattr(settings, f"{hop}_tls") or ca_file is not None):
+        return None
+    return ClientTLS(
+        ca_file,
+        getattr(settings, f"{hop}_tls_cert_file"),
+        getattr(settings, f"{hop}_tls_key_file"),
+        getattr(settings, f"{hop}_tls_server_name"),
+    )
+
+
 def open_channel(
     target: str,
     settings: ServiceSettings | None = None,
     *,
     credentials: grpc.ChannelCredentials | None = None,
+    tls: ClientTLS | None = None,
     tracer_provider: TracerProvider | None = None,
     identity: CallerIdentity | None = None,
     audience: str | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel to `target` (`host:port` or `dns:///name:port`); TLS when credentials are given.
-    With an `identity`, every call carries its service token for `audience`, the component called
-    (`worker`, `store`, `attribution`)."""
+    """An asyncio channel to `target` (`host:port` or `dns:///name:port`); TLS when `tls` (or raw
+    `credentials`) is given. With an `identity`, every call carries its service token for `audience`,
+    the component called (`worker`, `store`, `attribution`)."""
     # Defaults without reading the environment: a client is configured by the service that owns it.
     options = channel_options(settings or ServiceSettings.model_construct())
+    if tls is not None:
+        credentials = tls.credentials()
+        options += tls.options()
     interceptors: list[Any] = list(client_interceptors(tracer_provider))
     if identity is not None:
         if audience is None:

@@ -8,7 +8,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import Port, ServiceSettings
+from services.common.config import Port, ServiceSettings, check_client_tls
 
 
 class GatewaySettings(ServiceSettings):
@@ -69,6 +69,10 @@ class GatewaySettings(ServiceSettings):
     read again (also how long a changed visibility may take to apply). While the store is down,
     the last answer keeps being used so cached adapters keep serving."""
 
+    upstream_tls: bool = False
+    """Connect to the workers and the store over TLS, trusting the system's CAs unless
+    `upstream_tls_ca_file` names others. On as soon as a CA file is set."""
+
     upstream_tls_ca_file: Path | None = None
     """PEM CA bundle that signed the workers' and the store's certificates. When set, the gateway
     connects to them over TLS (for a `dns:///` name, certificates must carry that name)."""
@@ -78,6 +82,10 @@ class GatewaySettings(ServiceSettings):
 
     upstream_tls_key_file: Path | None = None
     """PEM private key of `upstream_tls_cert_file`."""
+
+    upstream_tls_server_name: str | None = None
+    """Name the workers' and the store's certificates must carry, when it is not the host in their
+    addresses (e.g. every worker's certificate names the headless Service)."""
 
     metrics_host: str = "127.0.0.1"
     """Address of the Prometheus `/metrics` endpoint (`0.0.0.0` to let a scraper on another host in)."""
@@ -94,14 +102,7 @@ class GatewaySettings(ServiceSettings):
             raise ValueError("worker_retry_max_s must not be shorter than worker_retry_s")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file: no such file: {self.api_keys_file}")
-        if (self.upstream_tls_cert_file is None) != (self.upstream_tls_key_file is None):
-            raise ValueError("upstream_tls_cert_file and upstream_tls_key_file must be set together")
-        if self.upstream_tls_cert_file is not None and self.upstream_tls_ca_file is None:
-            raise ValueError("upstream_tls_cert_file (mutual TLS) needs upstream_tls_ca_file")
-        for name in ("upstream_tls_ca_file", "upstream_tls_cert_file", "upstream_tls_key_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name}: no such file: {path}")
+        check_client_tls(self, "upstream")
         if self.store_address == "":
             self.store_address = None
         return self

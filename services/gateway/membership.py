@@ -269,7 +269,9 @@ class WorkerPool:
         return self.endpoints.get(address)
 
     def _update(self, addresses: list[str]) -> None:
-        server_name = self.target.host if isinstance(self.target, DnsName) else None
+        server_name = self.settings.upstream_tls_server_name or (
+            self.target.host if isinstance(self.target, DnsName) else None
+        )
         for address in addresses:
             if address not in self.endpoints:
                 channel = upstream_channel(

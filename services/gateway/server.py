@@ -15,7 +15,7 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from services.common.grpc_client import channel_credentials
+from services.common.grpc_client import client_tls
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.metrics_http import MetricsEndpoint
 from services.common.proto import (
@@ -42,11 +42,8 @@ STORE_LOOKUP_TIMEOUT_S = 5.0
 
 
 def _upstream_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
-    if settings.upstream_tls_ca_file is None:
-        return None
-    return channel_credentials(
-        settings.upstream_tls_ca_file, settings.upstream_tls_cert_file, settings.upstream_tls_key_file
-    )
+    tls = client_tls(settings, "upstream")
+    return tls.credentials() if tls is not None else None
 
 
 class Gateway:

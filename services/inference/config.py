@@ -10,7 +10,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import MiB, Port, ServiceSettings
+from services.common.config import MiB, Port, ServiceSettings, check_client_tls
 from services.common.request_checks import check_tenant
 
 GiB = 1024 * MiB
@@ -194,6 +194,23 @@ class WorkerSettings(ServiceSettings):
     """`host:port` of the adapter store (the default is the store's default port on this host).
     None serves the base model only: requests naming an adapter get FAILED_PRECONDITION."""
 
+    store_tls: bool = False
+    """Connect to the adapter store over TLS, trusting the system's CAs unless `store_tls_ca_file` names
+    others. On as soon as a CA file is set."""
+
+    store_tls_ca_file: Path | None = None
+    """PEM CA bundle that signed the adapter store's certificate (TLS on)."""
+
+    store_tls_cert_file: Path | None = None
+    """PEM client certificate presented to the adapter store (mutual TLS; its common name is this service's
+    role)."""
+
+    store_tls_key_file: Path | None = None
+    """PEM private key of `store_tls_cert_file`."""
+
+    store_tls_server_name: str | None = None
+    """Name the adapter store's certificate must carry, when it is not the host in the address."""
+
     store_base_model: str | None = None
     """The adapter store's name for this worker's base model (as registered with `RegisterBaseModel`).
     When set, adapters registered for another base model are refused even if their shapes fit; None
@@ -225,6 +242,23 @@ class WorkerSettings(ServiceSettings):
     attribution_address: str | None = "127.0.0.1:50054"
     """`host:port` of the attribution service receiving usage (the default is its default port on
     this host). While it is unreachable usage waits in the spool. None turns usage recording off."""
+
+    attribution_tls: bool = False
+    """Connect to attribution over TLS, trusting the system's CAs unless `attribution_tls_ca_file` names
+    others. On as soon as a CA file is set."""
+
+    attribution_tls_ca_file: Path | None = None
+    """PEM CA bundle that signed attribution's certificate (TLS on)."""
+
+    attribution_tls_cert_file: Path | None = None
+    """PEM client certificate presented to attribution (mutual TLS; its common name is this service's
+    role)."""
+
+    attribution_tls_key_file: Path | None = None
+    """PEM private key of `attribution_tls_cert_file`."""
+
+    attribution_tls_server_name: str | None = None
+    """Name attribution's certificate must carry, when it is not the host in the address."""
 
     spool_dir: Path = Field(default_factory=lambda: _data_dir("usage-spool"))
     """Directory of the durable usage spool; unacked usage in it is replayed at start-up."""
@@ -258,6 +292,8 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if self.lora_slots and not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module when lora_slots > 0")
+        check_client_tls(self, "store")
+        check_client_tls(self, "attribution")
         if self.default_tenant is not None:
             check_tenant("default_tenant", self.default_tenant)  # billed like a gateway-stamped tenant
         return self

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import MiB
 from services.common.errors import Unavailable
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import client_tls, open_channel
 from services.common.grpc_server import GrpcServer
 from services.common.metrics_http import MetricsEndpoint
 from services.common.proto import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -228,6 +228,7 @@ class Worker:
             s.attribution_address,
             s.worker_id,
             identity=service_identity(s, "worker"),
+            tls=client_tls(s, "attribution"),
             flush_interval_s=s.usage_flush_interval_s,
             backoff_s=(0.1, s.usage_backoff_max_s),
         )
@@ -259,6 +260,7 @@ class Worker:
             self._store_channel = open_channel(
                 s.store_address,
                 s,
+                tls=client_tls(s, "store"),
                 tracer_provider=self.tracer_provider,
                 identity=service_identity(s, "worker"),
                 audience="store",

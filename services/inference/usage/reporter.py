@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common.grpc_client import open_channel
+from services.common.grpc_client import ClientTLS, open_channel
 from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from services.common.trust.credentials import ServiceIdentity
 from services.inference.usage.dead_letter import DeadLetter, DeadLetterFile
@@ -87,6 +87,7 @@ class UsageReporter:
         worker_id: str,
         *,
         identity: ServiceIdentity | None = None,
+        tls: ClientTLS | None = None,
         max_batch_records: int = 4096,
         flush_interval_s: float = 0.05,
         backoff_s: tuple[float, float] = (0.1, 5.0),
@@ -95,6 +96,7 @@ class UsageReporter:
         self.target = target
         self.worker_id = worker_id
         self.identity = identity
+        self.tls = tls
         self.max_batch_records = max_batch_records
         self.flush_interval_s = flush_interval_s
         self.backoff_s = backoff_s
@@ -214,7 +216,9 @@ class UsageReporter:
 
     async def _stream_once(self) -> None:
         self._unanswered.clear()
-        async with open_channel(self.target, identity=self.identity, audience="attribution") as channel:
+        async with open_channel(
+            self.target, tls=self.tls, identity=self.identity, audience="attribution"
+        ) as channel:
             call = attribution_pb2_grpc.AttributionStub(channel).StreamUsage()
             writer = asyncio.create_task(self._write_pending(call))
             # A writer that fails ends the call, or the read below would wait for acks forever.
