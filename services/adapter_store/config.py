@@ -79,6 +79,23 @@ class StoreSettings(ServiceSettings):
     import_timeout_s: float = Field(default=60.0, gt=0)
     """Network timeout of one import fetch."""
 
+    import_s3_buckets: list[str] = Field(default_factory=list)
+    """Buckets `s3://` imports may read (`team-loras` or `team-*`); empty refuses every s3 import.
+    They connect with the `import_s3_*` settings below, never with the store's own bucket credentials,
+    so a tenant cannot import from the store's bucket or any other its identity may read."""
+
+    import_s3_endpoint_url: str | None = None
+    """S3 endpoint of `s3://` import sources; None is AWS."""
+
+    import_s3_region: str = "us-east-1"
+    """Region of `s3://` import sources."""
+
+    import_s3_access_key_id: str | None = None
+    """Access key for `s3://` import sources; None sends unsigned requests (public buckets only)."""
+
+    import_s3_secret_access_key: str | None = None
+    """Secret key paired with `import_s3_access_key_id`."""
+
     @model_validator(mode="after")
     def _check_store(self) -> Self:
         if self.backend == "s3" and not self.s3_bucket:

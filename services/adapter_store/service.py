@@ -155,7 +155,9 @@ class AdapterStoreService:
                 f"scheme {scheme!r} is not enabled on this store "
                 f"(enabled: {', '.join(sorted(self.sources)) or 'none'})",
             )
-        context = SourceContext(self.policy, self._s3_client_factory())
+        context = SourceContext(
+            self.policy, self._s3_client_factory(), tuple(self.settings.import_s3_buckets)
+        )
         with tempfile.TemporaryDirectory(prefix="openlora-import-") as tmp:
             fetched_dir = Path(tmp) / "fetched"
             fetched_dir.mkdir()
@@ -165,15 +167,23 @@ class AdapterStoreService:
             return self.ingest(meta, fetched.files, Path(tmp))
 
     def _s3_client_factory(self) -> Callable[[], Any] | None:
+        """A client for import sources, with the credentials configured for them (the store's own
+        bucket credentials would let a tenant import whatever the store's identity may read)."""
+        s = self.settings
+
         def make() -> Any:
             import boto3
+            from botocore import UNSIGNED
+            from botocore.config import Config
 
+            anonymous = s.import_s3_access_key_id is None
             return boto3.client(
                 "s3",
-                endpoint_url=self.settings.s3_endpoint_url,
-                region_name=self.settings.s3_region,
-                aws_access_key_id=self.settings.s3_access_key_id,
-                aws_secret_access_key=self.settings.s3_secret_access_key,
+                endpoint_url=s.import_s3_endpoint_url,
+                region_name=s.import_s3_region,
+                aws_access_key_id=s.import_s3_access_key_id,
+                aws_secret_access_key=s.import_s3_secret_access_key,
+                config=Config(signature_version=UNSIGNED) if anonymous else None,
             )
 
         return make

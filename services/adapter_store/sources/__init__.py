@@ -29,6 +29,7 @@ ENTRY_POINT_GROUP = "openlora.adapter_sources"
 class SourceContext:
     policy: FetchPolicy
     s3_client_factory: object | None = None  # () -> boto3 client, for s3:// sources
+    s3_buckets: tuple[str, ...] = ()  # bucket patterns s3:// sources may read
 
 
 @dataclass

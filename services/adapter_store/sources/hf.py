@@ -1,7 +1,8 @@
 """`hf://org/repo[@revision]`: the two PEFT files of a Hugging Face Hub repository.
 
 huggingface_hub does the fetching, so HF_ENDPOINT (a mirror or an in-house hub), HF_TOKEN and the
-shared HF cache apply as everywhere else. Only the two files are fetched, never pickles.
+shared HF cache apply as everywhere else. Only the two files are fetched, never pickles, and each
+only after the Hub's metadata said it fits the store's size limit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _REPO = re.compile(
 
 class HuggingFaceSource:
     def fetch(self, uri: str, dest: Path, context: SourceContext) -> FetchedAdapter:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, hf_hub_url
         from huggingface_hub.errors import (
             EntryNotFoundError,
             HfHubHTTPError,
@@ -37,16 +38,22 @@ class HuggingFaceSource:
             raise InvalidArgument("source_uri", "expected hf://org/repo or hf://org/repo@revision")
         repo, revision = match["repo"], match["rev"]
         files = {}
+        endpoint = os.environ.get("HF_ENDPOINT")  # read at call time: huggingface_hub snapshots it on import
         for name in (CONFIG, WEIGHTS):
             try:
+                size = _size_on_hub(hf_hub_url(repo, name, revision=revision, endpoint=endpoint), context)
+                if size is not None and size > context.policy.max_bytes:
+                    raise InvalidArgument(
+                        "source_uri",
+                        f"{name} is {size} bytes on the Hub, over the {context.policy.max_bytes}-byte limit",
+                    )
                 cached = Path(
                     hf_hub_download(
                         repo,
                         name,
                         revision=revision,
                         etag_timeout=context.policy.timeout_s,
-                        # Read at call time: huggingface_hub snapshots these when it is first imported.
-                        endpoint=os.environ.get("HF_ENDPOINT"),
+                        endpoint=endpoint,
                         cache_dir=os.environ.get("HF_HUB_CACHE"),
                     )
                 )
@@ -67,3 +74,16 @@ class HuggingFaceSource:
             files[name] = dest / name
             shutil.copyfile(cached, files[name])
         return FetchedAdapter(files, suggest_id(repo), {"revision": revision or "main"})
+
+
+def _size_on_hub(url: str, context: SourceContext) -> int | None:
+    """The file's size as the Hub states it (HEAD request), before anything is downloaded."""
+    from huggingface_hub import get_hf_file_metadata
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return get_hf_file_metadata(url, timeout=context.policy.timeout_s).size
+    except HfHubHTTPError:
+        raise  # the Hub's answer (no such repo, file, revision): the caller says which
+    except Exception as exc:  # the HTTP client's own errors: the Hub could not be reached
+        raise Unavailable(f"asking the Hub about {url} failed: {exc}", retry_after_s=5) from None

@@ -1,11 +1,13 @@
 """`s3://bucket/prefix`: the two PEFT files under a prefix, or `s3://bucket/key.tar`.
 
-Uses the store's own S3 connection settings (endpoint, credentials), so it reaches the buckets the
-store's identity may read.
+Only buckets the operator listed (`import_s3_buckets`), read with the credentials configured for
+import sources (`import_s3_*`), never the store's own: a tenant must not be able to import from the
+store's bucket, or from any other bucket the store's identity may read.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,8 +26,12 @@ class S3Source:
         bucket, key = parsed.netloc, parsed.path.strip("/")
         if not bucket:
             raise InvalidArgument("source_uri", "s3:// URIs need a bucket: s3://bucket/prefix")
-        if context.s3_client_factory is None:
-            raise InvalidArgument("source_uri", "s3 imports are not configured on this store")
+        if context.s3_client_factory is None or not context.s3_buckets:
+            raise InvalidArgument(
+                "source_uri", "s3 imports are not configured on this store (import_s3_buckets is empty)"
+            )
+        if not any(fnmatch.fnmatchcase(bucket, pattern) for pattern in context.s3_buckets):
+            raise InvalidArgument("source_uri", f"bucket {bucket!r} is not one s3 imports may read")
         client = context.s3_client_factory()  # type: ignore[operator]
         name = key.rsplit("/", 1)[-1]
         refuse_pickle(name, "source_uri")

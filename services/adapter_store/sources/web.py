@@ -1,7 +1,8 @@
 """`https://host/path/adapter.tar` (or a folder URL holding the two PEFT files); `http://` when enabled.
 
-Every host, including each redirect's, passes the fetch policy first: allow-list, and no private,
-loopback or link-local addresses unless the operator allows them.
+Every host, including each redirect's, passes the fetch policy: allow-list, and no private, loopback
+or link-local addresses unless the operator allows them. The connection goes to the address that was
+checked (`pinned_http`), never to a second DNS answer, and never through a proxy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from urllib.parse import urlparse
 
 from services.adapter_store.bundle import ARCHIVE_SUFFIXES, refuse_pickle
 from services.adapter_store.safetensors_file import FIELD as WEIGHTS
-from services.adapter_store.sources import FetchedAdapter, SourceContext, suggest_id
+from services.adapter_store.sources import FetchedAdapter, SourceContext, pinned_http, suggest_id
 from services.adapter_store.sources.fetch_limits import write_limited
 from services.adapter_store.sources.policy import FetchPolicy
 from services.adapter_store.validation import CONFIG
@@ -43,7 +44,7 @@ class WebSource:
         path = parsed.path.rstrip("/")
         name = path.rsplit("/", 1)[-1]
         refuse_pickle(name, "source_uri")
-        opener = urllib.request.build_opener(_CheckedRedirects(context.policy, (parsed.scheme,)))
+        opener = pinned_http.opener(context.policy, _CheckedRedirects(context.policy, (parsed.scheme,)))
         if name.lower().endswith(ARCHIVE_SUFFIXES):
             target = dest / name
             self._download(opener, uri, target, context.policy)

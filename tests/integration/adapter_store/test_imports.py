@@ -19,11 +19,12 @@ async def started(
     tmp_path: Path, base: Path, s3: S3Endpoint | None = None, **settings: object
 ) -> StoreUnderTest:
     values: dict[str, object] = {}
-    if s3 is not None:  # s3:// imports use the store's S3 connection, whatever its backend
+    if s3 is not None:  # s3:// imports use their own S3 connection, whatever the store's backend
         values = {
-            "s3_endpoint_url": s3.endpoint_url,
-            "s3_access_key_id": s3.access_key,
-            "s3_secret_access_key": s3.secret_key,
+            "import_s3_endpoint_url": s3.endpoint_url,
+            "import_s3_access_key_id": s3.access_key,
+            "import_s3_secret_access_key": s3.secret_key,
+            "import_s3_buckets": ["imports-*"],
         }
     return await start_store(store_settings("local", tmp_path, None, **(values | settings)), base)
 
@@ -131,8 +132,15 @@ async def test_s3_import(
         info = await import_uri(store, "s3://imports-src/team/poet")
         assert info.id == "team/poet" and info.rank == 8
         assert "NoSuchKey" in await refused(store, "s3://imports-src/team/nothing-here")
+        # The store's own bucket, or any other its identity could read, is not an import source.
+        assert "not one s3 imports may read" in await refused(store, "s3://openlora-adapters/team/poet")
     finally:
         await stop(store)
+    unlisted = await started(tmp_path / "unlisted", tiny_llama_dir, s3=s3_server, import_s3_buckets=[])
+    try:
+        assert "import_s3_buckets is empty" in await refused(unlisted, "s3://imports-src/team/poet")
+    finally:
+        await stop(unlisted)
         for obj in client.list_objects_v2(Bucket="imports-src").get("Contents", []):
             client.delete_object(Bucket="imports-src", Key=obj["Key"])
         client.delete_bucket(Bucket="imports-src")
@@ -152,3 +160,10 @@ async def test_hf_import_through_hf_endpoint(
             assert "expected hf://org/repo" in await refused(store, "hf://no-org")
         finally:
             await stop(store)
+        # The Hub's metadata says the weights are over the limit: refused before they are fetched.
+        weights = (peft_adapter / "adapter_model.safetensors").stat().st_size
+        small = await started(tmp_path / "small", tiny_llama_dir, max_adapter_bytes=max(1024, weights // 2))
+        try:
+            assert "bytes on the Hub, over the" in await refused(small, "hf://acme/poet-lora@main")
+        finally:
+            await stop(small)

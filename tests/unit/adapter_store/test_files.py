@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.adapter_store.safetensors_file import read_header, write_canonical
+from services.adapter_store.sources import policy as policy_module
 from services.adapter_store.sources.policy import FetchPolicy
 from services.adapter_store.staging import DeclaredFile, FileSplitter
 from services.common.errors import InvalidArgument
@@ -66,3 +67,29 @@ def test_policy_refuses_hosts_that_do_not_resolve(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     with pytest.raises(InvalidArgument, match="does not resolve"):
         FetchPolicy().check_host("nowhere.invalid")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::7f00:1",  # NAT64 (RFC 6052) of 127.0.0.1
+        "64:ff9b:1::a00:1",  # local-use NAT64 (RFC 8215) of 10.0.0.1
+        "::ffff:169.254.169.254",  # IPv4-mapped cloud metadata
+        "2002:c0a8:1::",  # 6to4 of 192.168.0.1
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo
+        "::127.0.0.1",  # IPv4-compatible
+        "100.64.0.1",  # carrier-grade NAT
+    ],
+)
+def test_private_addresses_written_inside_others_are_refused(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(policy_module, "system_resolve", lambda host, port: [address])
+    with pytest.raises(InvalidArgument, match="non-public"):
+        FetchPolicy().check_host("innocent.example")
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::", "8.8.8.8", "2606:4700::1111"])
+def test_public_addresses_in_the_same_forms_pass(address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy_module, "system_resolve", lambda host, port: [address])
+    FetchPolicy().check_host("public.example")
