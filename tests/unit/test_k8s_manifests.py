@@ -100,3 +100,38 @@ def test_the_example_api_key_secret_is_a_valid_key_file() -> None:
     ]
     ring = parse_key_ring(secret["stringData"]["api-keys.json"], TenantLimits(64, 0), "secrets.example.yaml")
     assert ring.limits["acme"].max_concurrent_streams == 32
+
+
+def test_network_policies_let_in_exactly_the_roles_the_table_allows() -> None:
+    """Each service's gRPC port admits the pods whose role may call one of its RPCs (operators come
+    through port-forward), everything else is denied; only the gateway is open to the world."""
+    from services.common.trust.roles import AUTHORIZATION, OPERATOR
+
+    policies = {d["metadata"]["name"]: d["spec"] for d in documents() if d["kind"] == "NetworkPolicy"}
+    deny = policies.pop("openlora-default-deny")
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    grpc_port = {"store": 50053, "attribution": 50054, "worker": 50052, "gateway": 50051}
+    for component, port in grpc_port.items():
+        spec = policies[f"openlora-{component}"]
+        assert spec["podSelector"] == {"matchLabels": {"app": f"openlora-{component}"}}
+        (rule,) = [r for r in spec["ingress"] if {"port": port, "protocol": "TCP"} in r["ports"]]
+        if component == "gateway":
+            assert "from" not in rule  # clients from anywhere
+            continue
+        callers = {role for roles in AUTHORIZATION[component].values() for role in roles} - {OPERATOR}
+        admitted = {peer["podSelector"]["matchLabels"]["app"] for peer in rule["from"]}
+        assert admitted == {f"openlora-{role.value}" for role in callers}, component
+
+
+def test_every_service_mounts_the_shared_secret_its_settings_name() -> None:
+    (config,) = [d for d in documents() if d["kind"] == "ConfigMap"]
+    for prefix in SETTINGS:
+        assert config["data"][f"{prefix}SERVICE_SECRET_FILE"] == "/etc/openlora/service/secret"
+    for doc in documents():
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["service-secret"]["secret"]["secretName"] == "openlora-service-secret"
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["service-secret"] == "/etc/openlora/service", doc["metadata"]["name"]
