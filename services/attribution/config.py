@@ -10,7 +10,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import Port, ServiceSettings, check_client_tls
+from services.common.config import Port, ServiceSettings, StoreClientTLS
 
 
 def default_database_url() -> str:
@@ -19,7 +19,7 @@ def default_database_url() -> str:
     return f"sqlite:///{base / 'openlora' / 'attribution.sqlite3'}"
 
 
-class AttributionSettings(ServiceSettings):
+class AttributionSettings(ServiceSettings, StoreClientTLS):
     """Settings of the attribution service (`openlora attribution serve`)."""
 
     model_config = SettingsConfigDict(env_prefix="OPENLORA_ATTRIBUTION_")
@@ -41,23 +41,6 @@ class AttributionSettings(ServiceSettings):
     store_address: str | None = None
     """`host:port` of the adapter store, asked once per adapter version for its provenance. None means
     provenance comes only from `RegisterProvenance` pushes."""
-
-    store_tls: bool = False
-    """Connect to the adapter store over TLS, trusting the system's CAs unless `store_tls_ca_file` names
-    others. On as soon as a CA file is set."""
-
-    store_tls_ca_file: Path | None = None
-    """PEM CA bundle that signed the adapter store's certificate (TLS on)."""
-
-    store_tls_cert_file: Path | None = None
-    """PEM client certificate presented to the adapter store (mutual TLS; its common name is this service's
-    role)."""
-
-    store_tls_key_file: Path | None = None
-    """PEM private key of `store_tls_cert_file`."""
-
-    store_tls_server_name: str | None = None
-    """Name the adapter store's certificate must carry, when it is not the host in the address."""
 
     store_timeout_s: float = Field(default=5.0, gt=0)
     """Deadline of one provenance lookup in the adapter store."""
@@ -94,5 +77,4 @@ class AttributionSettings(ServiceSettings):
         scheme = self.database_url.split(":", 1)[0]
         if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
             raise ValueError(f"database_url: unsupported scheme {scheme!r} (sqlite or postgresql+psycopg)")
-        check_client_tls(self, "store")
         return self

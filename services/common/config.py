@@ -123,6 +123,34 @@ def check_client_tls(settings: BaseSettings, hop: str) -> None:
             raise ValueError(f"{hop}_tls_{name}: no such file: {path}")
 
 
+class StoreClientTLS(BaseSettings):
+    """How a service that calls the adapter store (a worker, attribution) reaches it over TLS."""
+
+    model_config = SettingsConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    store_tls: bool = False
+    """Connect to the adapter store over TLS, trusting the system's CAs unless `store_tls_ca_file`
+    names others. On as soon as a CA file is set."""
+
+    store_tls_ca_file: Path | None = None
+    """PEM CA bundle that signed the adapter store's certificate (TLS on)."""
+
+    store_tls_cert_file: Path | None = None
+    """PEM client certificate presented to the adapter store (mutual TLS; its common name is this
+    service's role)."""
+
+    store_tls_key_file: Path | None = None
+    """PEM private key of `store_tls_cert_file`."""
+
+    store_tls_server_name: str | None = None
+    """Name the adapter store's certificate must carry, when it is not the host in the address."""
+
+    @model_validator(mode="after")
+    def _check_store_tls(self) -> Self:
+        check_client_tls(self, "store")
+        return self
+
+
 def describe(settings_class: type[BaseSettings]) -> list[dict[str, Any]]:
     """One row per field: env variable, type, default and description (for docs and `config` commands)."""
     prefix = settings_class.model_config.get("env_prefix", "")

@@ -10,7 +10,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import MiB, Port, ServiceSettings, check_client_tls
+from services.common.config import MiB, Port, ServiceSettings, StoreClientTLS, check_client_tls
 from services.common.request_checks import check_tenant
 
 GiB = 1024 * MiB
@@ -26,7 +26,7 @@ def _cache_dir() -> Path:
     return Path(base) / "openlora" / "adapters"
 
 
-class WorkerSettings(ServiceSettings):
+class WorkerSettings(ServiceSettings, StoreClientTLS):
     """Settings of an inference worker (`openlora worker serve`)."""
 
     model_config = SettingsConfigDict(env_prefix="OPENLORA_WORKER_")
@@ -194,23 +194,6 @@ class WorkerSettings(ServiceSettings):
     """`host:port` of the adapter store (the default is the store's default port on this host).
     None serves the base model only: requests naming an adapter get FAILED_PRECONDITION."""
 
-    store_tls: bool = False
-    """Connect to the adapter store over TLS, trusting the system's CAs unless `store_tls_ca_file` names
-    others. On as soon as a CA file is set."""
-
-    store_tls_ca_file: Path | None = None
-    """PEM CA bundle that signed the adapter store's certificate (TLS on)."""
-
-    store_tls_cert_file: Path | None = None
-    """PEM client certificate presented to the adapter store (mutual TLS; its common name is this service's
-    role)."""
-
-    store_tls_key_file: Path | None = None
-    """PEM private key of `store_tls_cert_file`."""
-
-    store_tls_server_name: str | None = None
-    """Name the adapter store's certificate must carry, when it is not the host in the address."""
-
     store_base_model: str | None = None
     """The adapter store's name for this worker's base model (as registered with `RegisterBaseModel`).
     When set, adapters registered for another base model are refused even if their shapes fit; None
@@ -292,7 +275,6 @@ class WorkerSettings(ServiceSettings):
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if self.lora_slots and not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module when lora_slots > 0")
-        check_client_tls(self, "store")
         check_client_tls(self, "attribution")
         if self.default_tenant is not None:
             check_tenant("default_tenant", self.default_tenant)  # billed like a gateway-stamped tenant

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,31 +108,17 @@ def test_the_adapters_cli_reaches_the_store_through_the_gateway_with_an_api_key(
     """The documented tenant workflow: `openlora adapters … --api-key … --ca-file …` against the gateway."""
     assert cluster.tls is not None and cluster.tls.ca_file is not None
     asyncio.run(upload_adapter(cluster, tmp_path / "adapter"))
-    import os
-    import subprocess
-    import sys
+    # A tenant's environment: an API key, not the operator's secret.
+    env = {k: v for k, v in os.environ.items() if k != "OPENLORA_SERVICE_SECRET_FILE"}
+    command = [sys.executable, "-m", "services.cli", "adapters", "list", "--store", cluster.gateway]
+    command += ["--ca-file", str(cluster.tls.ca_file)]
 
-    env = {
-        k: v for k, v in os.environ.items() if k != "OPENLORA_SERVICE_SECRET_FILE"
-    }  # a tenant, not an operator
-    env["OPENLORA_API_KEY"] = cluster.api_key
-    common = ["--store", cluster.gateway, "--ca-file", str(cluster.tls.ca_file)]
-    listed = subprocess.run(
-        [sys.executable, "-m", "services.cli", "adapters", "list", *common],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def adapters_list(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, env=env | extra, capture_output=True, text=True, timeout=60)
+
+    listed = adapters_list(OPENLORA_API_KEY=cluster.api_key)
     assert listed.returncode == 0, listed.stderr
     assert f"{TENANT}/secure" in listed.stdout
     # Without the key the gateway refuses, and says how to authenticate.
-    env.pop("OPENLORA_API_KEY")
-    refused = subprocess.run(
-        [sys.executable, "-m", "services.cli", "adapters", "list", *common],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = adapters_list()
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
