@@ -6,6 +6,7 @@ openlora adapters upload | import | list | show | download | delete | register-b
 openlora attribution migrate, openlora rewards show, openlora usage show
 openlora generate "prompt" --adapter ID | --mix ID:W,ID:W --stream
 openlora secret new          # a cluster secret for the services' tokens
+openlora health HOST:PORT     # exit 0 when a service is SERVING (a probe that speaks mutual TLS)
 openlora up                   # the whole cluster on local ports, embedded defaults
 openlora demo                 # what the README's first command runs
 """
@@ -191,6 +192,48 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(rewards_app, name="rewards")  # openlora rewards show --contributor ...
 app.add_typer(usage_app, name="usage")  # openlora usage show --adapter ...
 app.command()(generate)  # openlora generate "prompt" --adapter ID | --mix ID:W,ID:W
+
+
+@app.command()
+def health(
+    address: Annotated[str, typer.Argument(help="host:port of any OpenLoRA service.")],
+    service: Annotated[
+        str, typer.Option(help="Service name to ask about; empty: the server as a whole.")
+    ] = "",
+    ca_file: Annotated[Path | None, typer.Option(help="CA bundle of the server's certificate (TLS).")] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option(help="Client certificate, for a server that wants one (mutual TLS).")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Key of --cert-file.")] = None,
+    server_name: Annotated[
+        str | None, typer.Option(help="Name the server's certificate carries, if not the address's host.")
+    ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="TLS trusting the system's CAs (on with --ca-file).")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 5.0,
+) -> None:
+    """Ask a service's grpc.health.v1 and exit 0 only if it is SERVING: a probe for servers that speak
+    mutual TLS, which the kubelet's own gRPC probes cannot."""
+    import asyncio
+
+    import grpc
+
+    from services.common.grpc_client import ClientTLS, health_status, open_channel
+
+    client_tls = ClientTLS(ca_file, cert_file, key_file, server_name) if ca_file or cert_file or tls else None
+
+    async def ask() -> str:
+        async with open_channel(address, tls=client_tls) as channel:
+            return await health_status(channel, service, timeout=timeout)
+
+    try:
+        status = asyncio.run(ask())
+    except grpc.aio.AioRpcError as exc:
+        status = f"{exc.code().name}: {exc.details() or ''}"
+    typer.echo(status)
+    raise typer.Exit(0 if status == "SERVING" else 1)
+
 
 secret_app = typer.Typer(help="The cluster's shared secret for service tokens.", no_args_is_help=True)
 app.add_typer(secret_app, name="secret")

@@ -122,3 +122,28 @@ def test_the_adapters_cli_reaches_the_store_through_the_gateway_with_an_api_key(
     # Without the key the gateway refuses, and says how to authenticate.
     refused = adapters_list()
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_openlora_health_probes_a_mutual_tls_service(cluster: Cluster) -> None:
+    """What the Kubernetes mTLS overlay's exec probes run."""
+    assert cluster.tls is not None and cluster.tls.ca_file and cluster.tls.cert_file and cluster.tls.key_file
+    command = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "health",
+        cluster.store,
+        "--ca-file",
+        str(cluster.tls.ca_file),
+    ]
+    with_certificate = [
+        *command,
+        "--cert-file",
+        str(cluster.tls.cert_file),
+        "--key-file",
+        str(cluster.tls.key_file),
+    ]
+    serving = subprocess.run(with_certificate, capture_output=True, text=True, timeout=60)
+    assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING"), serving.stderr
+    refused = subprocess.run([*command, "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stdout.startswith("UNAVAILABLE")

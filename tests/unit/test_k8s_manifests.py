@@ -135,3 +135,49 @@ def test_every_service_mounts_the_shared_secret_its_settings_name() -> None:
         assert volumes["service-secret"]["secret"]["secretName"] == "openlora-service-secret"
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["service-secret"] == "/etc/openlora/service", doc["metadata"]["name"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_mutual_tls_overlay_secures_every_hop_behind_the_gateway() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(K8S.parent / "k8s-mtls")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    workloads = {
+        d["metadata"]["name"].removeprefix("openlora-"): d["spec"]["template"]["spec"]
+        for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] in ("Deployment", "StatefulSet")
+    }
+    hops = {
+        "store": [],
+        "attribution": ["STORE"],
+        "worker": ["STORE", "ATTRIBUTION"],
+        "gateway": ["UPSTREAM"],
+    }
+    for name, pod in workloads.items():
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for variable in env:
+            if variable.startswith("OPENLORA_"):
+                check_setting(variable)
+        prefix = f"OPENLORA_{name.upper()}_"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == f"openlora-tls-{name}"
+        for hop in hops[name]:  # every hop it calls presents its certificate
+            assert env[f"{prefix}{hop}_TLS_CERT_FILE"] == "/etc/openlora/tls/tls.crt", (name, hop)
+        if name == "gateway":
+            continue  # its clients use API keys; the kubelet's gRPC probes still reach it
+        assert env[f"{prefix}TLS_CLIENT_CA_FILE"] == "/etc/openlora/tls/ca.crt"
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert "grpc" not in container[probe]
+            assert container[probe]["exec"]["command"][:2] == ["openlora", "health"], (name, probe)
+    certificates = list(
+        yaml.safe_load_all((K8S.parent / "k8s-mtls" / "certificates.example.yaml").read_text())
+    )
+    from services.common.trust.roles import Role
+
+    names = {c["spec"]["commonName"] for c in certificates}
+    assert {r.value for r in Role} <= names
