@@ -47,7 +47,7 @@ AUTHORIZATION: dict[str, dict[str, frozenset[Role]]] = {
         _STORE + "Delete": frozenset({GATEWAY, OPERATOR}),
         _STORE + "Download": frozenset({GATEWAY, WORKER, OPERATOR}),
         _STORE + "RegisterBaseModel": frozenset({OPERATOR}),
-        _STORE + "ListBaseModels": frozenset({GATEWAY, WORKER, OPERATOR}),
+        _STORE + "ListBaseModels": frozenset({GATEWAY, OPERATOR}),
     },
     "attribution": {
         _ATTRIBUTION + "RecordUsage": frozenset({WORKER}),

@@ -168,3 +168,25 @@ def test_a_service_with_no_way_to_authenticate_refuses_to_start(tmp_path: Path) 
     )
     authorizer = server_authorizer(closed, "attribution")
     assert authorizer is not None and authorizer.verifier is not None and not authorizer.certificates
+
+
+def test_the_readme_table_is_the_code_table() -> None:
+    """The README's "Who may call what" lists every RPC with exactly the roles the code allows."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("### Who may call what", 1)[1].split("\n#", 1)[0]
+    services = {"worker": "worker", "store": "store", "attribution": "attribution"}
+    documented: dict[tuple[str, str], set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] not in services:
+            continue
+        for rpc in re.findall(r"`([A-Za-z/]+)`", cells[1]):
+            documented[(cells[0], rpc.rsplit("/", 1)[-1])] = {r.strip() for r in cells[2].split(",")}
+    in_code = {
+        (component, method.rsplit("/", 1)[-1]): {r.value for r in roles}
+        for component, methods in AUTHORIZATION.items()
+        for method, roles in methods.items()
+    }
+    assert documented == in_code
