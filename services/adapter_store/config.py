@@ -79,6 +79,11 @@ class StoreSettings(ServiceSettings):
     import_timeout_s: float = Field(default=60.0, gt=0)
     """Network timeout of one import fetch."""
 
+    import_proxy_url: str | None = None
+    """`http://host:port` of an egress proxy web imports go through (environment proxies are never
+    used). The store still checks each URL's host against the allow-list and its addresses, but the
+    proxy resolves it again when it connects: keeping it from internal networks is then the proxy's job."""
+
     import_s3_buckets: list[str] = Field(default_factory=list)
     """Buckets `s3://` imports may read (`team-loras` or `team-*`); empty refuses every s3 import.
     They connect with the `import_s3_*` settings below, never with the store's own bucket credentials,

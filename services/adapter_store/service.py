@@ -75,6 +75,7 @@ class AdapterStoreService:
             file_roots=tuple(settings.import_file_roots),
             max_bytes=settings.max_adapter_bytes,
             timeout_s=settings.import_timeout_s,
+            proxy_url=settings.import_proxy_url,
         )
 
     # base models

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, threading.Thread]:
+def serve_handler(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, threading.Thread]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -36,7 +36,7 @@ def static_files(root: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server, thread = _serve(Handler)
+    server, thread = serve_handler(Handler)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
@@ -84,7 +84,7 @@ def fake_hub(repos: dict[str, Path]) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server, thread = _serve(Handler)
+    server, thread = serve_handler(Handler)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

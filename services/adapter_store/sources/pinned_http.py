@@ -4,8 +4,8 @@ urllib resolves a host when it connects; checking the host's addresses beforehan
 which a name can re-resolve (DNS rebinding) from the public address that was checked to 127.0.0.1 or
 the pod network. These handlers resolve once, inside the connection, check what they got, and connect
 to it, while TLS still verifies the certificate against the host name. Redirects go through the same
-connections. Proxies from the environment are never used: a proxy would fetch on the store's behalf
-from wherever it sits.
+connections. Proxies from the environment are never used (a proxy fetches on the store's behalf from
+wherever it sits); an egress proxy the operator configured is.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class PinnedHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 def opener(policy: FetchPolicy, *extra: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
-    """An opener whose every connection is checked and pinned by `policy`, with no proxies."""
+    """An opener whose every connection is checked and pinned by `policy`, through the operator's
+    proxy when one is configured and never through the environment's."""
+    proxies = {"http": policy.proxy_url, "https": policy.proxy_url} if policy.proxy_url else {}
     return urllib.request.build_opener(
-        urllib.request.ProxyHandler({}), PinnedHTTPHandler(policy), PinnedHTTPSHandler(policy), *extra
+        urllib.request.ProxyHandler(proxies), PinnedHTTPHandler(policy), PinnedHTTPSHandler(policy), *extra
     )

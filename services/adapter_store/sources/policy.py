@@ -3,7 +3,8 @@
 A host is checked where it is connected to: `connect` resolves it once, refuses it when any of its
 addresses is not public (`addresses.is_public`, which also unwraps IPv4 written inside IPv6: NAT64,
 6to4, Teredo, mapped), and connects to an address from that same answer. `check_host` runs the same
-check up front, for a clear error before any download starts.
+check up front, for a clear error before any download starts. Through an operator's egress proxy
+(`proxy_url`) only the up-front check is the store's; the proxy makes the connection.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from services.adapter_store.sources.addresses import is_public
 from services.common.errors import InvalidArgument
@@ -37,6 +39,14 @@ class FetchPolicy:
     file_roots: tuple[Path, ...] = ()
     max_bytes: int = 1 << 30
     timeout_s: float = 60.0
+    proxy_url: str | None = None  # the operator's egress proxy: connected to as configured
+
+    @property
+    def proxy_address(self) -> tuple[str, int] | None:
+        if self.proxy_url is None:
+            return None
+        parsed = urlparse(self.proxy_url)
+        return (parsed.hostname or "", parsed.port or 80)
 
     def checked_addresses(self, host: str, port: int = 0) -> list[str]:
         """The addresses of `host` an import may connect to: all of one lookup, or InvalidArgument."""
@@ -78,6 +88,8 @@ class FetchPolicy:
         """A socket to `address`'s host at an address checked by this very lookup (http.client's
         `_create_connection`): no second resolution a rebinding DNS server could answer differently."""
         host, port = address
+        if (host, port) == self.proxy_address:  # the operator's own proxy, wherever it sits
+            return open_socket(address, *args, **kwargs)
         failure: OSError | None = None
         for checked in self.checked_addresses(host, port):
             try:

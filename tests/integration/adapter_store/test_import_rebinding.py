@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ import pytest
 from services.adapter_store.sources import policy
 from tests.integration.adapter_store.test_imports import import_uri, refused, started, stop
 from tests.kit.adapters import tar_folder
-from tests.kit.http_servers import static_files
+from tests.kit.http_servers import serve_handler, static_files
 
 PUBLIC = "93.184.216.34"
 
@@ -100,3 +101,40 @@ async def test_with_private_networks_allowed_the_pinned_connection_still_serves(
         await stop(store)
     assert info.id == "poet"
     assert {host for host, _ in network.connections} == {"127.0.0.1"}
+
+
+async def test_an_operators_egress_proxy_is_used_and_the_host_still_checked(
+    tmp_path: Path, tiny_llama_dir: Path, peft_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `import_proxy_url`, the fetch goes to the proxy (on a private address, as proxies are),
+    never straight to the host, and a host resolving to an internal address is still refused."""
+    archive = tar_folder(peft_adapter)
+    asked: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # a forward proxy sees the absolute URL
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(archive)))
+            self.end_headers()
+            self.wfile.write(archive)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server, thread = serve_handler(Proxy)
+    network = Network([PUBLIC])
+    use(network, monkeypatch)
+    proxy = f"http://127.0.0.1:{server.server_address[1]}"
+    store = await started(tmp_path / "store", tiny_llama_dir, import_schemes=["http"], import_proxy_url=proxy)
+    try:
+        info = await import_uri(store, "http://files.example/poet.tar")
+        network.answers = ["10.0.0.7"]
+        details = await refused(store, "http://intranet.example/poet.tar")
+    finally:
+        await stop(store)
+        server.shutdown()
+        thread.join()
+    assert info.id == "poet" and asked == ["http://files.example/poet.tar"]
+    assert "10.0.0.7, a non-public address" in details
+    assert {host for host, _ in network.connections} == {"127.0.0.1"}  # only ever the proxy
