@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from services.common.grpc_client import ClientTLS
 from services.common.grpc_server import channel_options
 from services.common.proto import SERVICE_NAMES, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import client_interceptors
@@ -67,9 +69,8 @@ def parse_workers(spec: str) -> list[str] | DnsName:
 def upstream_channel(
     target: str,
     settings: GatewaySettings,
-    credentials: grpc.ChannelCredentials | None,
+    tls: ClientTLS | None,
     tracer_provider: TracerProvider | None,
-    server_name: str | None = None,
     *,
     identity: CallerIdentity | None,
     audience: str,
@@ -84,13 +85,12 @@ def upstream_channel(
         ("grpc.min_reconnect_backoff_ms", int(settings.worker_retry_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(settings.worker_retry_max_s * 1000)),
     ]
-    if credentials is not None and server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
     interceptors = client_interceptors(tracer_provider)
     if identity is not None:
         interceptors += token_interceptors(identity, audience, client_streams=client_streams)
-    if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    if tls is not None:
+        options += tls.options()
+        return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
@@ -231,7 +231,7 @@ class WorkerPool:
         self,
         settings: GatewaySettings,
         *,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTLS | None = None,
         tracer_provider: TracerProvider | None = None,
         identity: CallerIdentity | None = None,
         on_change: Callable[[], None] = lambda: None,
@@ -241,7 +241,10 @@ class WorkerPool:
         self.identity = identity
         self.target = parse_workers(settings.workers)
         self.resolve = resolve or resolve_dns
-        self.credentials = credentials
+        if tls is not None and tls.server_name is None and isinstance(self.target, DnsName):
+            # Workers found by DNS are dialled by pod IP: their certificates carry the Service's name.
+            tls = dataclasses.replace(tls, server_name=self.target.host)
+        self.tls = tls
         self.tracer_provider = tracer_provider
         self.on_change = on_change
         self.endpoints: dict[str, WorkerEndpoint] = {}
@@ -269,17 +272,13 @@ class WorkerPool:
         return self.endpoints.get(address)
 
     def _update(self, addresses: list[str]) -> None:
-        server_name = self.settings.upstream_tls_server_name or (
-            self.target.host if isinstance(self.target, DnsName) else None
-        )
         for address in addresses:
             if address not in self.endpoints:
                 channel = upstream_channel(
                     address,
                     self.settings,
-                    self.credentials,
+                    self.tls,
                     self.tracer_provider,
-                    server_name,
                     identity=self.identity,
                     audience="worker",
                     client_streams=False,  # the relay call carries its token itself

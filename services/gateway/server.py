@@ -41,11 +41,6 @@ log = logging.getLogger("openlora.gateway")
 STORE_LOOKUP_TIMEOUT_S = 5.0
 
 
-def _upstream_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
-    tls = client_tls(settings, "upstream")
-    return tls.credentials() if tls is not None else None
-
-
 class Gateway:
     def __init__(self, settings: GatewaySettings, *, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
@@ -59,11 +54,11 @@ class Gateway:
         )
         if not self.keys.ring.keys:
             log.warning("no API keys configured: every call will be refused UNAUTHENTICATED")
-        credentials = _upstream_credentials(settings)
+        tls = client_tls(settings, "upstream")
         identity = service_identity(settings, "gateway")
         self.pool = WorkerPool(
             settings,
-            credentials=credentials,
+            tls=tls,
             tracer_provider=tracer_provider,
             identity=identity,
             on_change=self._pool_changed,
@@ -80,7 +75,7 @@ class Gateway:
             self.store_channel = upstream_channel(
                 settings.store_address,
                 settings,
-                credentials,
+                tls,
                 tracer_provider,
                 identity=identity,
                 audience="store",

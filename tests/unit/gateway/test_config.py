@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from services.common.grpc_client import ClientTLS
 from services.gateway.config import GatewaySettings
 from services.gateway.membership import DnsName, parse_workers
 
@@ -50,3 +51,26 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("OPENLORA_GATEWAY_LOAD_FACTOR", "2")
     settings = GatewaySettings()
     assert settings.workers == "dns:///workers:50052" and settings.load_factor == 2
+
+
+def test_upstream_tls_names_the_certificates_workers_and_the_store_carry(tmp_path: Path) -> None:
+    """Workers found by DNS are dialled by IP, so their certificates are checked against the Service's
+    name, unless `upstream_tls_server_name` says otherwise; the store's channel uses the same setting."""
+    from services.common.grpc_client import client_tls
+    from services.gateway.membership import WorkerPool
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("unused by this test")
+    dns = GatewaySettings(workers="dns:///openlora-worker.ns.svc:50052", upstream_tls_ca_file=ca)
+    assert WorkerPool(dns, tls=client_tls(dns, "upstream")).tls == ClientTLS(
+        ca, None, None, "openlora-worker.ns.svc"
+    )
+    named = GatewaySettings(
+        workers="dns:///openlora-worker.ns.svc:50052",
+        upstream_tls_ca_file=ca,
+        upstream_tls_server_name="workers",
+    )
+    assert client_tls(named, "upstream") == ClientTLS(ca, None, None, "workers")
+    assert WorkerPool(named, tls=client_tls(named, "upstream")).tls == ClientTLS(ca, None, None, "workers")
+    listed = GatewaySettings(workers="10.0.0.1:50052", upstream_tls=True)
+    assert WorkerPool(listed, tls=client_tls(listed, "upstream")).tls == ClientTLS(None, None, None, None)
