@@ -21,7 +21,7 @@ from services.common.grpc_client import ClientTLS, open_channel
 from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.proto import adapter_store_pb2_grpc
 from services.common.trust.local_ca import LocalPKI, make_local_pki
-from services.common.trust.roles import Role
+from services.common.trust.roles import OPERATOR
 from services.common.trust.setup import ensure_secret_file, operator_identity, secret_env
 
 OPENLORA = [sys.executable, "-m", "services.cli"]
@@ -131,8 +131,8 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
     # services' ports refuse anyone else on the machine.
     secret_file = ensure_secret_file(data / "service-secret")
     services_secret = secret_env(secret_file)
-    tls = _tls_env(data / "tls") if config.tls else None
-    operator_tls = tls.clients["operator"] if tls else None
+    tls = make_local_pki(data / "tls") if config.tls else None
+    operator_tls = ClientTLS(tls.ca, *tls.client(OPERATOR.value)) if tls else None
     supervisor = Supervisor(out or sys.stdout)  # type: ignore[arg-type]
     try:
         say(f"starting the adapter store on {store}")
@@ -262,22 +262,11 @@ async def _register_base_model(
         await stub.RegisterBaseModel(request, timeout=30)
 
 
-@dataclass(frozen=True)
-class _ClusterTLS:
-    pki: LocalPKI
-    clients: dict[str, ClientTLS]  # by role: the CA and the role's client certificate
-
-
-def _tls_env(directory: Path) -> _ClusterTLS:
-    pki = make_local_pki(directory)
-    return _ClusterTLS(pki, {r.value: ClientTLS(pki.ca, *pki.client(r.value)) for r in Role})
-
-
 # Which upstream hops of each service get TLS settings, by their settings' prefix.
 _HOPS = {"store": (), "attribution": ("STORE",), "worker": ("STORE", "ATTRIBUTION"), "gateway": ("UPSTREAM",)}
 
 
-def _env(tls: _ClusterTLS | None, service: str) -> dict[str, str]:
+def _env(tls: LocalPKI | None, service: str) -> dict[str, str]:
     """The TLS settings of `service` in a `--tls` cluster: its server certificate (and, but for the
     gateway, whose clients use API keys, the CA its callers' certificates must chain to), and for each
     hop it calls, the CA and its own role's client certificate."""
@@ -285,15 +274,15 @@ def _env(tls: _ClusterTLS | None, service: str) -> dict[str, str]:
         return {}
     prefix = f"OPENLORA_{service.upper()}_"
     env = {
-        f"{prefix}TLS_CERT_FILE": str(tls.pki.server_cert),
-        f"{prefix}TLS_KEY_FILE": str(tls.pki.server_key),
+        f"{prefix}TLS_CERT_FILE": str(tls.server_cert),
+        f"{prefix}TLS_KEY_FILE": str(tls.server_key),
     }
     if service != "gateway":
-        env[f"{prefix}TLS_CLIENT_CA_FILE"] = str(tls.pki.ca)
-    cert, key = tls.pki.client(service)
+        env[f"{prefix}TLS_CLIENT_CA_FILE"] = str(tls.ca)
+    cert, key = tls.client(service)
     for hop in _HOPS[service]:
         env |= {
-            f"{prefix}{hop}_TLS_CA_FILE": str(tls.pki.ca),
+            f"{prefix}{hop}_TLS_CA_FILE": str(tls.ca),
             f"{prefix}{hop}_TLS_CERT_FILE": str(cert),
             f"{prefix}{hop}_TLS_KEY_FILE": str(key),
         }

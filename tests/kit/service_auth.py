@@ -50,11 +50,6 @@ def as_role(role: Role, audience: str) -> dict[str, Any]:
     return {"identity": identity(role), "audience": audience}
 
 
-def token_metadata(role: Role, audience: str) -> tuple[tuple[str, str]]:
-    """The metadata of one call presenting `role` to `audience` (for synchronous stubs)."""
-    return (identity(role).metadata(audience),)
-
-
 class TableCaller:
     """Calls each method as a role the table allows it for (an operator's where it may): for tests
     about what a service does, not about who may ask; the authorization matrix tests the rest."""
