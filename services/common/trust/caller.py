@@ -8,15 +8,12 @@ handler that must know (a worker believing a request's tenant) reads it.
 
 from __future__ import annotations
 
-import logging
 from contextvars import ContextVar
 from typing import Any
 
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.trust.roles import Role, allowed_roles
 from services.common.trust.tokens import TOKEN_METADATA_KEY, TokenVerifier
-
-log = logging.getLogger("openlora.trust")
 
 #: The authenticated role of the call being served (None on open methods and unauthenticated servers).
 caller_role: ContextVar[Role | None] = ContextVar("caller_role", default=None)
