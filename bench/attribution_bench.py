@@ -35,7 +35,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.common.proto import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc, common_pb2  # noqa: E402
+from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc, common_pb2  # noqa: E402
+
 from services.common.trust.credentials import token_interceptors  # noqa: E402
 from tests.kit.service_auth import TableCaller  # noqa: E402
 from tests.kit.service_auth import install as install_service_secret  # noqa: E402

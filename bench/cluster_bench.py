@@ -46,17 +46,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
+from openlora.files import adapter_files
+from openlora.transfer import upload
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from bench import workload
 from bench.engine_bench import model_dir, run_ours
 from bench.lora_bench import HostAdapter, adapter_name
 from bench.machine import cpu_flags, cpu_model, set_up_torch, steal_seconds, thread_usage
-from services.adapter_store.client import adapter_files, upload
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.grpc_client import open_channel
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine

@@ -29,8 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from services.gateway.keys import hash_key, new_key
 from tests.kit.ports import free_ports

@@ -24,7 +24,9 @@ from grpc_health.v1._async import HealthServicer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2
+from openlora.v1 import common_pb2, inference_pb2
+
+from services.common.contracts import SERVICE_NAMES
 
 TOKEN_CHUNK = inference_pb2.GenerateChunk(token_ids=[7], text="w").SerializeToString()
 

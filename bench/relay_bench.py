@@ -31,11 +31,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
+from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from bench.gateway_bench import OPENLORA, start, wait_serving
 from bench.machine import cpu_flags, steal_seconds
 from services.common.grpc_client import open_channel
-from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from services.gateway.keys import hash_key, new_key
 from tests.kit.ports import free_ports
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.adapter_store.client import adapter_files, download, upload
+from openlora.files import adapter_files
+from openlora.transfer import download, upload
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2
+
 from services.adapter_store.config import StoreSettings
 from services.adapter_store.server import build_server
 from services.common.grpc_client import open_channel
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import adapter_store_pb2_grpc, common_pb2
 from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from tests.kit.seaweedfs import SeaweedFS
 from tests.kit.service_auth import install as install_service_secret

@@ -31,10 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.adapter_store.client import adapter_files, upload
+from openlora.files import adapter_files
+from openlora.transfer import upload
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
+
 from services.common.grpc_client import open_channel
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
 from services.common.trust.roles import GATEWAY
 from services.inference.config import WorkerSettings

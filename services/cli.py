@@ -29,7 +29,7 @@ from services.adapter_store.config import StoreSettings
 from services.attribution.cli import app as attribution_app
 from services.attribution.cli import rewards_app, usage_app
 from services.attribution.config import AttributionSettings
-from services.client.cli import generate
+from services.cluster.generate_cli import generate
 from services.common.config import ServiceSettings, describe
 from services.common.parent_death import die_with_parent_if_asked
 from services.gateway.config import GatewaySettings
@@ -323,6 +323,10 @@ def demo(
     keep: Annotated[
         Path | None, typer.Option(help="Keep the cluster's data in this folder instead of a temporary one.")
     ] = None,
+    serve: Annotated[
+        bool,
+        typer.Option(help="Afterwards keep the cluster up, with the demo's adapters, for your own clients."),
+    ] = False,
 ) -> None:
     """The whole cluster end to end: adapters with provenance, concurrent streams, a mix, the ledger."""
     import asyncio
@@ -331,7 +335,7 @@ def demo(
     from services.common.log import configure_logging
 
     configure_logging("demo", "WARNING", "text")
-    asyncio.run(run_demo(model, keep))
+    sys.exit(asyncio.run(run_demo(model, keep, serve)))
 
 
 @app.command()
@@ -339,7 +343,7 @@ def version() -> None:
     """Print the installed version."""
     from importlib.metadata import version as dist_version
 
-    print(dist_version("openlora"))
+    print(dist_version("openlora-server"))
 
 
 def main() -> None:

@@ -9,17 +9,18 @@ from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
+from openlora.files import adapter_files
+from openlora.transfer import download, upload
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from services.adapter_store.client import adapter_files, download, upload
 from services.adapter_store.config import StoreSettings
 from services.common.errors import ServiceError
 from services.common.grpc_client import ClientTLS, open_channel
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import adapter_store_pb2_grpc, common_pb2
 from services.common.trust.setup import operator_identity
 
 T = TypeVar("T")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from openlora.v1 import adapter_store_pb2 as pb
+
 from services.adapter_store.base_models import BaseModelSpec
 from services.adapter_store.catalog import Manifest
-from services.common.proto import adapter_store_pb2 as pb
 
 
 def provenance_to_dict(provenance: pb.Provenance) -> dict[str, Any]:

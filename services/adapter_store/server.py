@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from openlora.v1 import adapter_store_pb2_grpc
+
 from services.adapter_store.config import StoreSettings
 from services.adapter_store.service import AdapterStoreService
 from services.adapter_store.servicer import AdapterStoreServicer
+from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_server import GrpcServer, ServiceBinding
-from services.common.proto import SERVICE_NAMES, adapter_store_pb2_grpc
 from services.common.telemetry import setup_telemetry
 
 

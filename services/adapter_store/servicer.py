@@ -9,6 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from openlora.files import DeclaredFile, FileMismatch, FileSplitter
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc
+
 from services.adapter_store.convert import (
     base_model_to_proto,
     info_to_proto,
@@ -16,10 +20,8 @@ from services.adapter_store.convert import (
     visibility_name,
 )
 from services.adapter_store.service import AdapterMeta, AdapterStoreService
-from services.adapter_store.staging import DeclaredFile, FileSplitter, stage_upload
+from services.adapter_store.staging import stage_upload
 from services.common.errors import InvalidArgument
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import adapter_store_pb2_grpc
 
 
 def _meta(header: Any) -> AdapterMeta:
@@ -59,6 +61,8 @@ class AdapterStoreServicer(adapter_store_pb2_grpc.AdapterStoreServicer):
             staged = stager.finish()
             manifest = await asyncio.to_thread(self.service.ingest, _meta(header), staged, workdir)
             return info_to_proto(manifest)
+        except FileMismatch as exc:
+            raise InvalidArgument(exc.field, exc.message) from None
         finally:
             if stager is not None:
                 stager.abort()

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import grpc
+from openlora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -26,7 +27,6 @@ from services.attribution import validation
 from services.attribution.domain import Contributor, Provenance, Role
 from services.attribution.models import ProvenanceContributor, ProvenanceRow
 from services.common.errors import AlreadyExists, InvalidArgument, ServiceError, Unavailable
-from services.common.proto import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
 
 log = logging.getLogger("openlora.attribution.provenance")
 

@@ -9,6 +9,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc, common_pb2
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -25,7 +26,6 @@ from services.attribution.queries import TimeRange, UsageCount
 from services.attribution.service import AttributionService
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import ServiceBinding
-from services.common.proto import attribution_pb2, attribution_pb2_grpc, common_pb2
 
 log = logging.getLogger("openlora.attribution")
 _PROPAGATOR = TraceContextTextMapPropagator()

@@ -9,6 +9,8 @@ import bisect
 import time
 from collections.abc import Callable
 
+from openlora.v1 import adapter_store_pb2, attribution_pb2
+
 from services.attribution.domain import (
     AdapterShare,
     Contributor,
@@ -20,7 +22,6 @@ from services.attribution.domain import (
     UsageBatch,
 )
 from services.common.errors import InvalidArgument
-from services.common.proto import adapter_store_pb2, attribution_pb2
 from services.common.request_checks import (
     MAX_ADAPTER_ID_CHARS,
     check_id,

@@ -18,12 +18,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Unpack
 
-from services.client import AsyncClient, Completion, MixComponent
-from services.cluster.up import QUIET_MODEL_STACK, Cluster, ClusterConfig, start_cluster
+from openlora import AsyncClient, Completion, GenerateOptions, MixComponent
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
+
+from services.cluster.up import (
+    QUIET_MODEL_STACK,
+    Cluster,
+    ClusterConfig,
+    describe,
+    serve_until_stopped,
+    start_cluster,
+    stop_on_signals,
+)
 from services.common.grpc_client import open_channel
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 
@@ -66,7 +76,8 @@ def _chat(text: str, model_dir: Path) -> str:
 
 async def upload_adapters(cluster: Cluster, folder: Path) -> None:
     config = json.loads((cluster.model_dir / "config.json").read_text())
-    from services.adapter_store.client import adapter_files, upload
+    from openlora.files import adapter_files
+    from openlora.transfer import upload
 
     operator = operator_identity(cluster.secret_file)
     async with open_channel(cluster.store, identity=operator, audience="store") as channel:
@@ -106,11 +117,14 @@ async def upload_adapters(cluster: Cluster, folder: Path) -> None:
 async def generate_all(cluster: Cluster) -> list[tuple[str, Completion, float]]:
     async with AsyncClient(cluster.gateway, api_key=cluster.api_key) as client:
 
-        async def one(label: str, prompt: str, **options: object) -> tuple[str, Completion, float]:
+        async def one(
+            label: str, prompt: str, **options: Unpack[GenerateOptions]
+        ) -> tuple[str, Completion, float]:
             started = time.perf_counter()
             completion = Completion("")
             first: float | None = None
-            async for chunk in client.stream(prompt, max_new_tokens=MAX_NEW_TOKENS, **options):
+            options.setdefault("max_new_tokens", MAX_NEW_TOKENS)
+            async for chunk in client.stream(prompt, **options):
                 if first is None and chunk.token_ids:
                     first = time.perf_counter() - started
                 completion.add(chunk)
@@ -155,9 +169,11 @@ async def show_ledger(cluster: Cluster, expected_tokens: int, timeout_s: float =
             raise RuntimeError(f"the ledger holds {recorded} tokens, {expected_tokens} were streamed")
 
 
-async def run_demo(model: str = "smollm2", keep: Path | None = None) -> None:
+async def run_demo(model: str = "smollm2", keep: Path | None = None, serve: bool = False) -> int:
+    """The tour; with `serve`, the cluster then stays up (its adapters in place) until Ctrl-C."""
     started = time.perf_counter()
     os.environ.update(QUIET_MODEL_STACK)  # the model is prepared in this process
+    status = 0
     with tempfile.TemporaryDirectory(prefix="openlora-demo-") as scratch:
         data = keep or Path(scratch)
         step(f"starting the cluster ({model}) in {data}")
@@ -171,7 +187,14 @@ async def run_demo(model: str = "smollm2", keep: Path | None = None) -> None:
             streamed = sum(c.prompt_tokens + c.completion_tokens for _, c, _ in results)
             step("the ledger: every token, credited to the people behind each adapter")
             await show_ledger(cluster, streamed)
+            step(f"demo finished in {time.perf_counter() - started:.0f} s")
+            if serve:
+                step(
+                    "the cluster stays up, with the demo's adapters (demo/poet, demo/chef, ...), until Ctrl-C"
+                )
+                print(describe(cluster), flush=True)
+                status = await serve_until_stopped(cluster, stop_on_signals())
         finally:
             step("stopping the cluster")
             await cluster.supervisor.stop()
-    step(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return status

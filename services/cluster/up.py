@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc
+
 from services.cluster.supervisor import ChildSpec, Supervisor
 from services.common.grpc_client import ClientTLS, open_channel
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc
 from services.common.trust.local_ca import LocalPKI, make_local_pki
 from services.common.trust.roles import OPERATOR
 from services.common.trust.setup import ensure_secret_file, operator_identity, secret_env
@@ -304,27 +305,27 @@ def describe(cluster: Cluster) -> str:
         f"secret       {cluster.secret_file}   (operator tools: OPENLORA_SERVICE_SECRET_FILE)",
         *([f"tls          every hop over mutual TLS; CA {cluster.tls.ca_file}"] if cluster.tls else []),
         "",
-        f'try:  OPENLORA_API_KEY={cluster.api_key} openlora generate "Hello" --target {cluster.gateway}'
-        + (f" --ca-file {cluster.tls.ca_file}" if cluster.tls else ""),
+        "clients (`openlora generate`, the Python client) read where to connect from the environment:",
+        f"  export OPENLORA_TARGET={cluster.gateway} OPENLORA_API_KEY={cluster.api_key}"
+        + (f" OPENLORA_CA_FILE={cluster.tls.ca_file}" if cluster.tls else ""),
+        '  openlora generate "Hello"',
     ]
     return "\n".join(lines)
 
 
-async def run_until_stopped(config: ClusterConfig) -> int:
-    """`openlora up`: start, print where everything is, stream logs until Ctrl-C or a child dies."""
+def stop_on_signals() -> asyncio.Event:
+    """An event Ctrl-C (or SIGTERM) sets, instead of interrupting whatever is awaited."""
     import signal
 
-    from services.common.log import configure_logging
-
-    configure_logging("up", config.log_level, "text")
-    os.environ.update(QUIET_MODEL_STACK)  # preparing the model happens in this process
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    cluster = await start_cluster(config, say)
-    print(describe(cluster), flush=True)
+    return stop
+
+
+async def serve_until_stopped(cluster: Cluster, stop: asyncio.Event) -> int:
+    """Keep the cluster up until `stop` is set (0) or a child dies (1), then stop it in order."""
     died = asyncio.create_task(cluster.supervisor.wait_for_exit())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -338,3 +339,15 @@ async def run_until_stopped(config: ClusterConfig) -> int:
         say("stopping (gateway first, then workers, attribution, store)")
     await cluster.supervisor.stop()
     return status
+
+
+async def run_until_stopped(config: ClusterConfig) -> int:
+    """`openlora up`: start, print where everything is, stream logs until Ctrl-C or a child dies."""
+    from services.common.log import configure_logging
+
+    configure_logging("up", config.log_level, "text")
+    os.environ.update(QUIET_MODEL_STACK)  # preparing the model happens in this process
+    stop = stop_on_signals()
+    cluster = await start_cluster(config, say)
+    print(describe(cluster), flush=True)
+    return await serve_until_stopped(cluster, stop)

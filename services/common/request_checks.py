@@ -13,8 +13,9 @@ import math
 import re
 from collections.abc import Sequence
 
+from openlora.v1 import inference_pb2
+
 from services.common.errors import InvalidArgument
-from services.common.proto import inference_pb2
 
 MAX_ID_CHARS = 128
 MAX_ADAPTER_ID_CHARS = 256

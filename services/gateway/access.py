@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import common_pb2, inference_pb2
 from services.gateway.upstream import UpstreamError
 
 # Retry hint when the store cannot be asked about an adapter never seen before.

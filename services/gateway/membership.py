@@ -20,11 +20,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from openlora.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_client import ClientTLS
 from services.common.grpc_server import channel_options
-from services.common.proto import SERVICE_NAMES, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import client_interceptors
 from services.common.trust.credentials import CallerIdentity, token_interceptors
 from services.gateway.config import GatewaySettings

@@ -17,11 +17,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
+from openlora.v1 import inference_pb2
 from opentelemetry import propagate
 
 from services.common.errors import Unavailable
 from services.common.interceptors import REQUEST_ID_KEY
-from services.common.proto import inference_pb2
 from services.gateway.access import requested_adapters
 from services.gateway.limits import Lease
 from services.gateway.membership import WorkerEndpoint, WorkerPool

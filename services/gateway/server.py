@@ -12,18 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_client import client_tls
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.metrics_http import MetricsEndpoint
-from services.common.proto import (
-    SERVICE_NAMES,
-    adapter_store_pb2_grpc,
-    common_pb2,
-)
-from services.common.proto import adapter_store_pb2 as store_pb
 from services.common.trust.setup import service_identity
 from services.gateway.access import AdapterAccess
 from services.gateway.auth import Authenticator

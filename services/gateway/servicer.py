@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from openlora.v1 import inference_pb2, inference_pb2_grpc
 
+from services.common.contracts import SERVICE_NAMES
 from services.common.errors import Unavailable
 from services.common.grpc_server import ServiceBinding
 from services.common.log import current_request_id
-from services.common.proto import SERVICE_NAMES, inference_pb2, inference_pb2_grpc
 from services.common.request_checks import check_generate_request
 from services.gateway.access import AdapterAccess
 from services.gateway.auth import Authenticator

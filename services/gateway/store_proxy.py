@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc
 
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import adapter_store_pb2_grpc
 from services.gateway.access import hidden, ownership
 from services.gateway.auth import Authenticator
 from services.gateway.metrics import GatewayMetrics

@@ -24,9 +24,9 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, NamedTuple, cast
 
 import grpc
+from openlora.v1 import inference_pb2, relay_pb2, relay_pb2_grpc
 
 from services.common.interceptors import REQUEST_ID_KEY, STATUS_DETAILS_KEY
-from services.common.proto import inference_pb2, relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger("openlora.gateway.link")
 

@@ -17,10 +17,10 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from openlora.v1 import common_pb2
 from opentelemetry import trace
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.common.proto import common_pb2
 from services.inference.adapter_cache import AdapterCache, LoadedAdapter
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.base_model_guard import BaseModelGuard

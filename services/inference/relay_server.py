@@ -29,9 +29,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from openlora.v1 import inference_pb2, relay_pb2, relay_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
+from services.common.contracts import SERVICE_NAMES
 from services.common.errors import ResourceExhausted, ServiceError
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.interceptors import (
@@ -42,7 +44,6 @@ from services.common.interceptors import (
     log_call,
 )
 from services.common.log import request_id_var
-from services.common.proto import SERVICE_NAMES, inference_pb2, relay_pb2, relay_pb2_grpc
 from services.common.request_checks import is_valid_id
 
 log = logging.getLogger("openlora.rpc")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from openlora.v1 import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -30,7 +31,6 @@ from services.common.errors import Unavailable
 from services.common.grpc_client import client_tls, open_channel
 from services.common.grpc_server import GrpcServer
 from services.common.metrics_http import MetricsEndpoint
-from services.common.proto import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.common.telemetry import setup_telemetry
 from services.common.trust.setup import service_identity
 from services.inference.adapter_cache import AdapterCache, CacheConfig

@@ -6,8 +6,10 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_server import ServiceBinding
-from services.common.proto import SERVICE_NAMES, common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.trust.caller import caller_role
 from services.inference.engine.sequence import FinishReason
 from services.inference.relay_server import StreamSink

@@ -12,8 +12,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from openlora.v1 import common_pb2, inference_pb2
+
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.common.proto import common_pb2, inference_pb2
 from services.common.request_checks import check_generate_request, check_tenant
 from services.common.trust.roles import Role
 from services.inference.adapter_cache.mixing import MixSpec

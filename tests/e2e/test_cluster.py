@@ -17,19 +17,20 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import sqlalchemy as sa
-
-from services.adapter_store.client import adapter_files, upload
-from services.attribution.models import UsageEvent
-from services.client import AsyncClient, Client, MixComponent
-from services.cluster.up import Cluster, ClusterConfig
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import (
+from openlora import AsyncClient, Client, MixComponent
+from openlora.files import adapter_files
+from openlora.transfer import upload
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import (
     adapter_store_pb2_grpc,
     attribution_pb2,
     attribution_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
 )
+
+from services.attribution.models import UsageEvent
+from services.cluster.up import Cluster, ClusterConfig
 from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 from tests.e2e.cluster_kit import running_cluster

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from openlora.v1 import inference_pb2, relay_pb2
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from services.common.interceptors import InflightCalls
-from services.common.proto import inference_pb2, relay_pb2
 from services.inference.adapters import AdapterResolver
 from services.inference.engine.sequence import FinishReason
 from services.inference.engine_process import protocol

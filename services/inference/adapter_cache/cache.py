@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from openlora.v1 import adapter_store_pb2_grpc
+
 from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
-from services.common.proto import adapter_store_pb2_grpc
 from services.inference.adapter_cache.config import CacheConfig
 from services.inference.adapter_cache.disk_tier import DiskTier
 from services.inference.adapter_cache.errors import AdapterCorrupt

@@ -17,8 +17,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from openlora.v1 import common_pb2 as pb
+
 from services.common.errors import InvalidArgument
-from services.common.proto import common_pb2 as pb
 from services.common.request_checks import check_mix_components
 from services.inference.adapter_cache.loaded import LoadedAdapter
 from services.inference.engine.lora.mixes import Component, Strategy, mix

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from openlora.transfer import DownloadError, download
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2
 
-from services.adapter_store.client import DownloadError, download
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import adapter_store_pb2_grpc, common_pb2
 from services.inference.adapter_cache.errors import AdapterCorrupt, store_error
 from services.inference.adapter_cache.loaded import adapter_key
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import json_format
-
-from services.common.proto import attribution_pb2
+from openlora.v1 import attribution_pb2
 
 log = logging.getLogger("openlora.usage")
 FILE_NAME = "dead-letter.jsonl"

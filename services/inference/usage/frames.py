@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from services.common.proto import attribution_pb2
+from openlora.v1 import attribution_pb2
 
 MAGIC = 0x5355_4C4F  # b"OLUS" on disk
 _MAGIC_BYTES = struct.pack("<I", MAGIC)

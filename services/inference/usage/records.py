@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from services.common.proto import attribution_pb2, common_pb2
+from openlora.v1 import attribution_pb2, common_pb2
 
 Component = tuple[str, str, float]  # adapter id, version, share of each token
 

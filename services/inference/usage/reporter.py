@@ -30,9 +30,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 
 from services.common.grpc_client import ClientTLS, open_channel
-from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from services.common.trust.credentials import ServiceIdentity
 from services.inference.usage.dead_letter import DeadLetter, DeadLetterFile
 from services.inference.usage.records import RequestUsage

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
+from openlora.v1 import attribution_pb2
 
-from services.common.proto import attribution_pb2
 from services.inference.usage import frames
 
 log = logging.getLogger("openlora.usage")

@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 import pytest
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc
 
 from services.adapter_store.blobs import BlobBackend
 from services.adapter_store.config import StoreSettings
@@ -17,8 +19,6 @@ from services.adapter_store.server import build_server
 from services.adapter_store.service import AdapterStoreService
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import adapter_store_pb2_grpc
 from tests.kit.adapters import make_peft_adapter
 from tests.kit.seaweedfs import S3Endpoint
 from tests.kit.service_auth import trusted

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import adapter_store_pb2 as pb
 
-from services.common.proto import adapter_store_pb2 as pb
 from tests.integration.adapter_store.conftest import BASE, StoreUnderTest, start_store, store_settings
 from tests.kit.adapters import tar_folder
 from tests.kit.http_servers import fake_hub, static_files

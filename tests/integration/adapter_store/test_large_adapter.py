@@ -7,10 +7,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from openlora.files import adapter_files
+from openlora.transfer import download, upload
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import common_pb2
 
-from services.adapter_store.client import adapter_files, download, upload
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import common_pb2
 from services.common.synthetic_adapters import write_adapter
 from tests.integration.adapter_store.conftest import start_store, store_settings
 from tests.kit.adapters import sha256_file

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import adapter_store_pb2 as pb
 
-from services.common.proto import adapter_store_pb2 as pb
 from tests.integration.adapter_store.bad_adapters import CASES, good
 from tests.integration.adapter_store.conftest import BASE, StoreUnderTest
 from tests.integration.adapter_store.test_round_trip import header

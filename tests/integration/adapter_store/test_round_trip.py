@@ -7,11 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.files import adapter_files
+from openlora.transfer import download, upload
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import common_pb2
 from safetensors.torch import load_file
 
-from services.adapter_store.client import adapter_files, download, upload
-from services.common.proto import adapter_store_pb2 as pb
-from services.common.proto import common_pb2
 from tests.integration.adapter_store.conftest import BASE, StoreUnderTest
 from tests.kit.adapters import make_peft_adapter, tar_folder
 

@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from openlora.v1 import attribution_pb2_grpc
 from sqlalchemy import Engine
 
 from services.attribution import db
 from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
-from services.common.proto import attribution_pb2_grpc
 from tests.integration.attribution.wire import attribution_settings
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.service_auth import trusted

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
 from services.attribution.models import (
@@ -22,7 +23,6 @@ from services.attribution.models import (
     UsageSender,
 )
 from services.attribution.server import AttributionServer
-from services.common.proto import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import (
     T0,
     batch,

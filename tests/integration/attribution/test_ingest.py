@@ -7,12 +7,12 @@ import asyncio
 
 import grpc
 import pytest
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
 from services.attribution.models import RewardLedgerEntry, UsageEvent
 from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
-from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import attribution_settings, batch, read_ack, request_tokens
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.service_auth import trusted

@@ -10,9 +10,9 @@ from decimal import Decimal
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 
 from services.attribution.server import AttributionServer
-from services.common.proto import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import T0, batch, provenance, register, request_tokens, ts
 
 TRAINER, DATA = adapter_store_pb2.TRAINER, adapter_store_pb2.DATA

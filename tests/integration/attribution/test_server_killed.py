@@ -14,12 +14,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
 from services.attribution import db
 from services.attribution.models import RewardLedgerEntry, UsageEvent
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import batch, read_ack, request_tokens
 from tests.kit.ports import free_port
 from tests.kit.service_auth import trusted

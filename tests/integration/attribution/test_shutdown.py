@@ -8,10 +8,10 @@ import time
 
 import grpc
 import pytest
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 
 from services.attribution.server import build
 from services.common.grpc_client import open_channel
-from services.common.proto import attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import attribution_settings
 from tests.kit.service_auth import trusted
 

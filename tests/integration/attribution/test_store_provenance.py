@@ -10,18 +10,13 @@ from typing import Any
 
 import grpc
 import pytest
+from openlora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
 
 from services.attribution.server import AttributionServer, build
 from services.common.config import ServiceSettings
 from services.common.errors import NotFound
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding
-from services.common.proto import (
-    adapter_store_pb2,
-    adapter_store_pb2_grpc,
-    attribution_pb2,
-    attribution_pb2_grpc,
-)
 from tests.integration.attribution.wire import (
     attribution_settings,
     batch,

@@ -5,11 +5,11 @@ resent range is a no-op; overlapping ranges are refused."""
 from __future__ import annotations
 
 import pytest
+from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
 from services.attribution.models import RewardLedgerEntry
 from services.attribution.server import AttributionServer
-from services.common.proto import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from tests.integration.attribution.wire import batch, provenance, register, request_tokens, token
 
 MIX = (("alpha", "v1", 0.3), ("beta", "v1", 0.7))

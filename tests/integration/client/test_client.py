@@ -4,13 +4,16 @@ only before the first chunk, errors with their status and details, cancellation,
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-
-from services.client import (
+from openlora import (
     AsyncClient,
     Client,
     MixComponent,
@@ -19,10 +22,12 @@ from services.client import (
     build_request,
     parse_mix,
 )
+from openlora.v1 import common_pb2, inference_pb2
+
 from services.common.config import ServiceSettings
 from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer
-from services.common.proto import common_pb2, inference_pb2
+from tests.kit.certs import make_certs
 from tests.kit.scripted_inference import ScriptedInference, binding
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.01)
@@ -171,3 +176,34 @@ def test_requests_carry_adapters_mixes_and_sampling() -> None:
         build_request("hi", adapter="a", mix=[MixComponent("b", 1.0)])
     with pytest.raises(ValueError, match="unknown strategy"):
         build_request("hi", mix=[MixComponent("b", 1.0)], strategy="magic")
+
+
+async def test_tls_without_a_ca_file_trusts_the_system_roots(tmp_path: Path) -> None:
+    """`OPENLORA_TLS=1` and no CA file: the client verifies the server against the roots gRPC trusts by
+    default. The test makes its own CA those roots (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, read by gRPC's
+    core in a fresh process) and reads target and key from the environment as a deployment would."""
+    certs = make_certs(tmp_path / "tls")
+    settings = ServiceSettings(port=0, tls_cert_file=certs.server_cert, tls_key_file=certs.server_key)
+    servicer = FlakyInference()
+    kit = GrpcServer(settings, [binding(servicer)], component="scripted")
+    port = await kit.start()
+    await kit.set_ready(True)
+    script = "from openlora import Client\nprint(Client().generate('over tls', max_new_tokens=2).text)"
+    env = {
+        **os.environ,
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(certs.ca),
+        "OPENLORA_TLS": "1",
+        "OPENLORA_TARGET": f"localhost:{port}",
+        "OPENLORA_API_KEY": "olk_from_env",
+    }
+    env.pop("OPENLORA_CA_FILE", None)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, env=env, stdout=PIPE, stderr=PIPE
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        await kit.stop()
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == "t0 t1"
+    assert servicer.authorization == ["Bearer olk_from_env"]

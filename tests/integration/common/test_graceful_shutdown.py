@@ -12,8 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
+from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[3]
 

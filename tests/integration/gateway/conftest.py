@@ -9,14 +9,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.files import adapter_files
+from openlora.transfer import upload
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc
 
-from services.adapter_store.client import adapter_files, upload
 from services.adapter_store.config import StoreSettings
 from services.adapter_store.server import build_server
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc
 from services.common.synthetic_adapters import write_adapter
 from tests.integration.gateway.kit import InProcessWorkers
 from tests.kit.service_auth import trusted

@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from openlora.v1 import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
-from services.common.proto import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import hash_key
 from services.gateway.server import Gateway

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from tests.integration.gateway.kit import (
     ACME_KEY,

@@ -9,8 +9,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from openlora.v1 import inference_pb2_grpc
+
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import inference_pb2_grpc
 from tests.integration.gateway.kit import (
     GLOBEX_KEY,
     InProcessWorkers,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from openlora.v1 import inference_pb2_grpc
+
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import inference_pb2_grpc
 from services.gateway.server import Gateway
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
 from tests.integration.gateway.kit import (

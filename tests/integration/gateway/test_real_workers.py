@@ -24,12 +24,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2
 
 from services.adapter_store.config import StoreSettings
 from services.adapter_store.server import build_server
 from services.common.grpc_client import open_channel
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc, attribution_pb2
 from services.common.synthetic_adapters import write_adapter
 from services.gateway.routing import rendezvous_order
 from services.inference.usage.spool import UsageSpool

@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2
 
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
-from services.common.proto import inference_pb2
 from services.gateway.worker_link import WorkerLink
 from tests.integration.gateway.conftest import PRIVATE_ADAPTER, PUBLIC_ADAPTER, StoreUnderTest
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server

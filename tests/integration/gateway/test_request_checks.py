@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import common_pb2, inference_pb2
 
-from services.common.proto import common_pb2, inference_pb2
 from tests.integration.gateway.conftest import PUBLIC_ADAPTER, StoreUnderTest
 from tests.integration.gateway.kit import (
     ACME_KEY,

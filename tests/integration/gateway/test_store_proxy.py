@@ -7,10 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.files import adapter_files
+from openlora.transfer import upload
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import common_pb2
 
-from services.adapter_store.client import adapter_files, describe_files
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import common_pb2
 from tests.integration.gateway.conftest import (
     BASE,
     PRIVATE_ADAPTER,
@@ -49,17 +50,7 @@ def ref(adapter_id: str) -> common_pb2.AdapterRef:
 async def upload_as(
     gateway: GatewayUnderTest, key: str, header: store_pb.UploadHeader, folder: Path
 ) -> store_pb.AdapterInfo:
-    paths = adapter_files(folder)
-    header.ClearField("files")
-    header.files.extend(describe_files(paths))
-
-    async def chunks() -> AsyncIterator[store_pb.UploadChunk]:
-        yield store_pb.UploadChunk(header=header)
-        for path in paths:
-            yield store_pb.UploadChunk(data=path.read_bytes())
-
-    info: store_pb.AdapterInfo = await gateway.store.Upload(chunks(), metadata=auth(key), timeout=30)
-    return info
+    return await upload(gateway.store, header, adapter_files(folder), metadata=auth(key), timeout=30)
 
 
 async def status_of(call: object) -> grpc.StatusCode:

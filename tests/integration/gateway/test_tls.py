@@ -7,9 +7,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2_grpc
 
 from services.common.grpc_client import channel_credentials, open_channel
-from services.common.proto import inference_pb2_grpc
 from services.gateway.server import Gateway
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
 from tests.integration.gateway.kit import gateway_settings, generate, generate_request, wait_until

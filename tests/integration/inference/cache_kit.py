@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from openlora.files import adapter_files
+from openlora.transfer import upload
+from openlora.v1 import adapter_store_pb2 as pb
+from openlora.v1 import adapter_store_pb2_grpc
 
 from services.adapter_store.catalog import blob_key
-from services.adapter_store.client import adapter_files, upload
 from services.adapter_store.config import StoreSettings
 from services.adapter_store.service import AdapterStoreService
 from services.adapter_store.servicer import AdapterStoreServicer
+from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding
-from services.common.proto import SERVICE_NAMES, adapter_store_pb2_grpc
-from services.common.proto import adapter_store_pb2 as pb
 from services.common.synthetic_adapters import write_adapter
 from services.inference.adapter_cache import AdapterCache, CacheConfig
 from tests.kit.service_auth import trusted

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from openlora.v1 import common_pb2
 from safetensors.torch import load_file
 
-from services.common.proto import common_pb2
 from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
 from tests.integration.inference.cache_kit import Store, open_cache, small_adapter, start_store
 from tests.kit.adapters import make_peft_adapter

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import common_pb2
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
-from services.common.proto import common_pb2
 from services.inference.adapter_cache import AdapterCorrupt
 from services.inference.adapter_cache.disk_tier import STAGING
 from services.inference.adapter_cache.loaded import WEIGHTS_FILE

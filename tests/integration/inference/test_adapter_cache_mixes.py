@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from openlora.v1 import common_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.common.proto import common_pb2 as pb
 from services.inference.adapter_cache import LoadedAdapter
 from services.inference.adapter_cache.mixing import MIX_ID, MixSpec
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
-from services.common.proto import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.common.trust.roles import OPERATOR
 from tests.integration.attribution.wire import attribution_settings
 from tests.integration.worker.kit import WorkerUnderTest, collect, request, worker_settings

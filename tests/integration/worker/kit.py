@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 from google.rpc import error_details_pb2, status_pb2
+from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import open_channel
-from services.common.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import LoadedAdapter
 from services.inference.config import WorkerSettings

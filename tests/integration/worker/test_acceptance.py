@@ -22,10 +22,10 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import adapter_store_pb2_grpc, attribution_pb2, inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
 from services.inference.config import WorkerSettings
@@ -105,7 +105,8 @@ async def _upload_adapters(tmp_path: Path, model: Path, store_port: int) -> list
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         config_json = (model / "config.json").read_text()
         await stub.RegisterBaseModel(store_pb.RegisterBaseModelRequest(name=BASE, config_json=config_json))
-        from services.adapter_store.client import adapter_files, upload
+        from openlora.files import adapter_files
+        from openlora.transfer import upload
 
         ids = []
         for i in range(NUM_ADAPTERS):

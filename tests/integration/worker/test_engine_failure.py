@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import inference_pb2, inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from services.inference.server import Worker
 from tests.integration.worker.kit import collect, request, wait_until, worker_settings

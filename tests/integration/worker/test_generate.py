@@ -11,11 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 from transformers import AutoTokenizer
 
 from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
-from services.common.proto import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import LoadedAdapter
 from services.inference.server import Worker
@@ -204,7 +204,8 @@ async def test_an_expired_deadline_ends_the_stream_and_frees_its_blocks(cluster:
 async def test_a_mix_streams_its_derived_adapter_and_credits_each_component(
     cluster: Cluster, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    from services.common.proto import common_pb2
+    from openlora.v1 import common_pb2
+
     from services.inference.adapter_cache.mixing import MixSpec
 
     first, second = list(cluster.adapters.values())[:2]

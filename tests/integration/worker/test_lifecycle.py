@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
-from services.common.proto import inference_pb2, inference_pb2_grpc
 from services.common.trust.roles import GATEWAY
 from services.inference.engine.llm_engine import LLMEngine
 from services.inference.server import Worker

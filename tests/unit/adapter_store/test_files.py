@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from openlora.files import DeclaredFile, FileMismatch, FileSplitter
 from safetensors.torch import load_file, save_file
 
 from services.adapter_store.safetensors_file import read_header, write_canonical
 from services.adapter_store.sources import policy as policy_module
 from services.adapter_store.sources.policy import FetchPolicy
-from services.adapter_store.staging import DeclaredFile, FileSplitter
 from services.common.errors import InvalidArgument
 
 
@@ -43,10 +43,10 @@ def test_splitter_checks_sizes_and_digests(tmp_path: Path) -> None:
     assert [out[f"f{i}"].read_bytes() for i in range(3)] == parts
 
     wrong = [DeclaredFile("f", 5, hashlib.sha256(b"other").hexdigest())]
-    with pytest.raises(InvalidArgument, match="sha256"):
+    with pytest.raises(FileMismatch, match="sha256"):
         FileSplitter(wrong, [tmp_path / "x"]).write(b"hello")
     too_much = FileSplitter([DeclaredFile("f", 1, hashlib.sha256(b"a").hexdigest())], [tmp_path / "y"])
-    with pytest.raises(InvalidArgument, match="more bytes"):
+    with pytest.raises(FileMismatch, match="more bytes"):
         too_much.write(b"ab")
 
 

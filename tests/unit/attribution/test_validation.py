@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from openlora.v1 import adapter_store_pb2, attribution_pb2
 
 from services.attribution import validation
 from services.attribution.domain import MICROS_PER_UNIT, TokenKind
 from services.common.errors import InvalidArgument
-from services.common.proto import adapter_store_pb2, attribution_pb2
 from services.common.request_checks import to_micros_summing_to_one
 from tests.integration.attribution.wire import T0, batch, provenance, request_tokens, token
 

@@ -75,10 +75,10 @@ SERVICES = {
 }
 
 
-def test_every_stub_imports_from_the_package() -> None:
-    from services.common import proto
+def test_every_contract_service_is_named_for_health_and_reflection() -> None:
+    from services.common.contracts import SERVICE_NAMES
 
-    assert set(proto.SERVICE_NAMES.values()) == {
+    assert set(SERVICE_NAMES.values()) == {
         "openlora.v1.Inference",
         "openlora.v1.AdapterStore",
         "openlora.v1.Attribution",
@@ -88,7 +88,7 @@ def test_every_stub_imports_from_the_package() -> None:
 
 @pytest.mark.parametrize("module", sorted(CONTRACT))
 def test_messages_carry_the_contract_fields(module: str) -> None:
-    stubs = importlib.import_module(f"services.common.proto.{module}")
+    stubs = importlib.import_module(f"openlora.v1.{module}")
     for message, fields in CONTRACT[module].items():
         present = set(stubs.DESCRIPTOR.message_types_by_name[message].fields_by_name)
         assert fields <= present, f"{message} lacks {fields - present}"
@@ -96,7 +96,7 @@ def test_messages_carry_the_contract_fields(module: str) -> None:
 
 @pytest.mark.parametrize("module", sorted(SERVICES))
 def test_services_carry_the_contract_methods(module: str) -> None:
-    stubs = importlib.import_module(f"services.common.proto.{module}")
+    stubs = importlib.import_module(f"openlora.v1.{module}")
     name, methods = SERVICES[module]
     service = stubs.DESCRIPTOR.services_by_name[name]
     assert methods <= set(service.methods_by_name)
@@ -104,7 +104,7 @@ def test_services_carry_the_contract_methods(module: str) -> None:
 
 
 def test_streaming_shapes_match_the_contract() -> None:
-    from services.common.proto import adapter_store_pb2, attribution_pb2, inference_pb2
+    from openlora.v1 import adapter_store_pb2, attribution_pb2, inference_pb2
 
     generate = inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name["Generate"]
     upload = adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].methods_by_name["Upload"]
@@ -115,7 +115,7 @@ def test_streaming_shapes_match_the_contract() -> None:
 
 
 def test_enums_named_in_the_contract() -> None:
-    from services.common.proto import common_pb2, inference_pb2
+    from openlora.v1 import common_pb2, inference_pb2
 
     assert [common_pb2.MergeStrategy.Name(v) for v in common_pb2.MergeStrategy.values()] == [
         "MERGE_STRATEGY_UNSPECIFIED",

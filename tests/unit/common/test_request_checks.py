@@ -8,10 +8,10 @@ import random
 from typing import Any
 
 import pytest
+from openlora.v1 import attribution_pb2, common_pb2, inference_pb2
 
 from services.attribution import validation as attribution
 from services.common.errors import InvalidArgument
-from services.common.proto import attribution_pb2, common_pb2, inference_pb2
 from services.common.request_checks import check_generate_request, check_mix_components
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.usage.records import RequestUsage, new_usage_id

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openlora.v1 import inference_pb2
 
 from services.common.config import ServiceSettings
 from services.common.errors import PermissionDenied, Unauthenticated
-from services.common.proto import inference_pb2
 from services.common.trust.caller import ServiceAuthorizer
 from services.common.trust.roles import AUTHORIZATION, OPERATOR, WORKER, Role, allowed_roles, is_open
 from services.common.trust.setup import NoServiceAuth, ensure_secret_file, server_authorizer
@@ -101,7 +101,7 @@ def test_secret_files_are_checked_and_made_owner_only(tmp_path: Path) -> None:
 
 
 def test_every_rpc_of_every_service_authenticated_component_is_in_the_table() -> None:
-    from services.common.proto import adapter_store_pb2, attribution_pb2, relay_pb2
+    from openlora.v1 import adapter_store_pb2, attribution_pb2, relay_pb2
 
     served = {
         "worker": [

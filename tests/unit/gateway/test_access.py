@@ -5,10 +5,10 @@ from typing import Any
 
 import grpc
 import pytest
+from openlora.v1 import adapter_store_pb2 as store_pb
+from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.proto import adapter_store_pb2 as store_pb
-from services.common.proto import common_pb2, inference_pb2
 from services.gateway.access import AdapterAccess
 
 CATALOG = {

@@ -88,7 +88,8 @@ def test_no_workers_is_an_error() -> None:
 
 
 def test_requests_are_routed_by_adapter_or_by_a_mix_first_component() -> None:
-    from services.common.proto import common_pb2, inference_pb2
+    from openlora.v1 import common_pb2, inference_pb2
+
     from services.gateway.relay import routing_key
 
     single = inference_pb2.GenerateRequest(adapter_ref=common_pb2.AdapterRef(id="acme/poet", version="v1"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.common.proto import common_pb2, inference_pb2, relay_pb2
+from openlora.v1 import common_pb2, inference_pb2, relay_pb2
+
 from services.gateway.worker_link import merge
 
 

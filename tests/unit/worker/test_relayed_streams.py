@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2
 from transformers import AutoTokenizer
 
-from services.common.proto import inference_pb2
 from services.common.tiny_models import build_tokenizer
 from services.inference import servicer as servicer_module
 from services.inference.engine_process.client import EngineUnavailable

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from unittest import mock
 
-from services.common.proto import attribution_pb2
+from openlora.v1 import attribution_pb2
+
 from services.inference.usage.records import RequestUsage
 
 MINUTE_NS = 60 * 1_000_000_000

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openlora.v1 import attribution_pb2
 
-from services.common.proto import attribution_pb2
 from services.inference.usage import frames
 from services.inference.usage.spool import RECENT_BATCHES, SpoolFull, UsageSpool
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.common.proto import common_pb2, inference_pb2
 from services.common.trust.roles import GATEWAY, OPERATOR
 from services.inference.validation import Limits, billed_tenant, parse_request
 
