@@ -24,8 +24,8 @@ from openlora.transfer import download, upload
 from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc, common_pb2
 
-from services.adapter_store.config import StoreSettings
-from services.adapter_store.server import build_server
+from services.adapter_store.app import build as build_store
+from services.adapter_store.settings import StoreSettings
 from services.common.grpc_client import open_channel
 from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from tests.kit.seaweedfs import SeaweedFS
@@ -38,7 +38,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 async def run(
     settings: StoreSettings, adapter: Path, uploads: int, downloads: int, work: Path
 ) -> dict[str, object]:
-    server = build_server(settings)
+    server = build_store(settings)
     port = await server.start()
     size_mb = sum(p.stat().st_size for p in adapter_files(adapter)) / 1e6
     try:

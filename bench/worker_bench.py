@@ -39,8 +39,8 @@ from openlora.v1 import adapter_store_pb2_grpc, common_pb2, inference_pb2, infer
 from services.common.grpc_client import open_channel
 from services.common.synthetic_adapters import write_adapter
 from services.common.trust.roles import GATEWAY
-from services.inference.config import WorkerSettings
-from services.inference.server import Worker, model_folder
+from services.inference.app import WorkerApp, model_folder
+from services.inference.settings import WorkerSettings
 from tests.integration.worker.processes import store_process
 from tests.kit.seaweedfs import SeaweedFS
 from tests.kit.service_auth import as_role, trusted
@@ -82,7 +82,7 @@ async def ttft(stub: inference_pb2_grpc.InferenceAsyncStub, adapter: str | None)
     return first
 
 
-def timed_resolution(worker: Worker, samples: list[tuple[str, float]]) -> None:
+def timed_resolution(worker: WorkerApp, samples: list[tuple[str, float]]) -> None:
     """Record (tier, seconds) of every adapter resolution: arrival at the worker → resident."""
     assert worker.pending.target is not None
     resolver = worker.pending.target.service.resolver
@@ -119,7 +119,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 spool_dir=work / "spool",
                 log_level="WARNING",
             )
-            worker = Worker(settings)
+            worker = WorkerApp(settings)
             port = await worker.start()
             await worker.wait_ready()
             resolutions: list[tuple[str, float]] = []

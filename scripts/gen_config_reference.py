@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydantic_core import PydanticUndefined
 
-from services.adapter_store.config import StoreSettings
-from services.attribution.config import AttributionSettings
-from services.common.config import ServiceSettings
-from services.gateway.config import GatewaySettings
-from services.inference.config import WorkerSettings
+from services.adapter_store.settings import StoreSettings
+from services.attribution.settings import AttributionSettings
+from services.common.settings import ServiceSettings
+from services.gateway.settings import GatewaySettings
+from services.inference.settings import WorkerSettings
 
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 SERVICES: list[tuple[str, type[ServiceSettings]]] = [
@@ -76,7 +76,8 @@ def render() -> str:
         prefix = settings.model_config.get("env_prefix", "")
         lines += ["", f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for name, field in settings.model_fields.items():
-            if name in SHARED and name != "port":
+            # A shared setting is listed again where the service gives it a default of its own.
+            if name in SHARED and _default(settings, name) == _default(ServiceSettings, name):
                 continue
             description = " ".join((field.description or "").split())
             lines.append(_row(f"{prefix}{name}".upper(), _default(settings, name), description))

@@ -1,11 +1,11 @@
-"""`openlora store ...` (run the service) and `openlora adapters ...` (use it)."""
+"""`openlora store serve | config` (run the service) and `openlora adapters ...` (use it)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import grpc
 import typer
@@ -18,13 +18,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from services.adapter_store.config import StoreSettings
-from services.common.errors import ServiceError
+from services.adapter_store.settings import StoreSettings
+from services.common.app import App
+from services.common.cli import add_config_command, load_settings, serve_app
 from services.common.grpc_client import ClientTLS, open_channel
 from services.common.trust.setup import operator_identity
 
 T = TypeVar("T")
 console = Console(stderr=True)
+app = typer.Typer(help="Adapter store: validated catalog on S3.", no_args_is_help=True)
+add_config_command(app, StoreSettings)
 adapters_app = typer.Typer(
     help="Upload, import, list, show, download and delete adapters.", no_args_is_help=True
 )
@@ -58,31 +61,25 @@ class _ApiKey:
         return self.entry
 
 
-def serve_store(**overrides: Any) -> None:
-    from services.adapter_store.server import build_server
-    from services.cli import load_settings
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (OPENLORA_STORE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (OPENLORA_STORE_PORT).")] = None,
+    backend: Annotated[str | None, typer.Option(help="local or s3 (OPENLORA_STORE_BACKEND).")] = None,
+    local_dir: Annotated[Path | None, typer.Option(help="Directory of the local backend.")] = None,
+) -> None:
+    """Run the adapter store (every setting: `openlora store config`)."""
+    from services.adapter_store.app import StoreApp, build
     from services.common.log import configure_logging
 
-    settings = load_settings(StoreSettings, **overrides)
-    assert isinstance(settings, StoreSettings)
+    settings = load_settings(StoreSettings, host=host, port=port, backend=backend, local_dir=local_dir)
     configure_logging("store", settings.log_level, settings.log_format)
-    try:
-        server = build_server(settings)
-    except (ServiceError, OSError, ValueError) as exc:  # e.g. S3 unreachable, bucket not creatable
-        console.print(f"[red]cannot start the adapter store[/red]: {escape(str(exc))}")
-        raise typer.Exit(1) from None
 
-    def started(port: int) -> None:
-        where = (
-            settings.local_dir
-            if settings.backend == "local"
-            else f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
-        )
-        console.print(
-            f"adapter store listening on {settings.host}:{port} (backend {settings.backend}: {where})"
-        )
+    def ready(store: App, port: int) -> str:
+        assert isinstance(store, StoreApp)
+        return f"adapter store listening on {settings.host}:{port} ({store.describe()})"
 
-    asyncio.run(server.serve_until_signal(on_started=started))
+    serve_app("adapter store", lambda: build(settings), ready)
 
 
 def _run(

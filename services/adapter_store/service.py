@@ -22,9 +22,9 @@ from services.adapter_store.base_models import BaseModelSpec, check_base_model_n
 from services.adapter_store.blobs import BlobBackend, LocalBlobs, S3Blobs
 from services.adapter_store.bundle import unpack
 from services.adapter_store.catalog import Catalog, Manifest, blob_key, check_provenance
-from services.adapter_store.config import StoreSettings
 from services.adapter_store.ids import check_id, check_version, new_version
 from services.adapter_store.safetensors_file import write_canonical
+from services.adapter_store.settings import StoreSettings
 from services.adapter_store.sources import AdapterSource, SourceContext, load_sources, scheme_of
 from services.adapter_store.sources.policy import FetchPolicy
 from services.adapter_store.validation import CONFIG, validate

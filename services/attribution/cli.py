@@ -1,6 +1,7 @@
 """`openlora attribution …`: run the service, migrate its ledger, and look at usage and rewards.
 
     openlora attribution serve [--port N] [--database-url URL]
+    openlora attribution config
     openlora attribution migrate [--revision ID] [--downgrade]
     openlora attribution rewards show --contributor alice [--since 2026-01-01T00:00]
     openlora attribution usage show --adapter alpha [--bucket-minutes 60]
@@ -11,17 +12,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from services.attribution.config import AttributionSettings
 from services.attribution.domain import MICROS_PER_UNIT, US_PER_MINUTE, format_amount
+from services.attribution.settings import AttributionSettings
+from services.common.cli import add_config_command, load_settings, serve_app
 
 # SQLAlchemy and Alembic are imported inside the commands that use them, so `openlora --help`
 # (which imports this module) stays fast.
@@ -29,6 +29,7 @@ from services.attribution.domain import MICROS_PER_UNIT, US_PER_MINUTE, format_a
 app = typer.Typer(help="Usage ledger, provenance, rewards.", no_args_is_help=True)
 rewards_app = typer.Typer(help="Rewards earned by contributors.", no_args_is_help=True)
 usage_app = typer.Typer(help="Tokens used, per adapter and tenant.", no_args_is_help=True)
+add_config_command(app, AttributionSettings)
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(usage_app, name="usage")
 err = Console(stderr=True)
@@ -39,16 +40,6 @@ DatabaseUrl = Annotated[
 ]
 Since = Annotated[str | None, typer.Option(help="Inclusive start, ISO 8601 (UTC when no zone is given).")]
 Until = Annotated[str | None, typer.Option(help="Exclusive end, ISO 8601.")]
-
-
-def _settings(**overrides: Any) -> AttributionSettings:
-    try:
-        return AttributionSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        err.print("[red]invalid configuration[/red] (OPENLORA_ATTRIBUTION_*):")
-        for error in exc.errors():
-            err.print(f"  {'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}")
-        raise typer.Exit(2) from None
 
 
 def _micros(option: str, text: str | None) -> int | None:
@@ -71,7 +62,7 @@ def _clock(micros: int) -> str:
 def _ledger(database_url: str | None) -> Any:
     from services.attribution import db
 
-    settings = _settings(database_url=database_url)
+    settings = load_settings(AttributionSettings, database_url=database_url)
     engine = db.make_engine(settings.database_url, pool_size=1)
     if db.current_revision(engine) != db.head_revision():
         err.print("[red]the ledger schema is not current[/red]: run `openlora attribution migrate`")
@@ -86,17 +77,19 @@ def serve(
     database_url: DatabaseUrl = None,
     store_address: Annotated[str | None, typer.Option(help="Adapter store host:port for provenance.")] = None,
 ) -> None:
-    """Run the attribution service until SIGTERM/SIGINT."""
-    from services.attribution.server import serve as run
+    """Run the attribution service until SIGTERM/SIGINT (every setting: `openlora attribution config`)."""
+    from services.attribution.app import build
     from services.common.log import configure_logging
 
-    settings = _settings(port=port, host=host, database_url=database_url, store_address=store_address)
+    settings = load_settings(
+        AttributionSettings, port=port, host=host, database_url=database_url, store_address=store_address
+    )
     configure_logging("attribution", settings.log_level, settings.log_format)
-    try:
-        asyncio.run(run(settings))
-    except (OSError, ValueError, RuntimeError) as exc:  # a port in use, no way to authenticate callers
-        err.print(f"[red]cannot run the attribution service[/red]: {exc}")
-        raise typer.Exit(1) from None
+    serve_app(
+        "attribution service",
+        lambda: build(settings),
+        lambda _, port: f"attribution listening on {settings.host}:{port}",
+    )
 
 
 @app.command()
@@ -112,7 +105,7 @@ def migrate(
     """Upgrade the ledger schema to the newest revision (or downgrade it)."""
     from services.attribution import db
 
-    settings = _settings(database_url=database_url)
+    settings = load_settings(AttributionSettings, database_url=database_url)
     engine = db.make_engine(settings.database_url, pool_size=1)
     try:
         before = db.current_revision(engine)
@@ -142,7 +135,7 @@ def rewards_show(
         )
     finally:
         engine.dispose()
-    currency = _settings(database_url=database_url).currency
+    currency = load_settings(AttributionSettings, database_url=database_url).currency
     table = Table(title=f"rewards ({currency})")
     for column in ("contributor", "adapter", "tokens", "amount"):
         table.add_column(column, justify="right" if column in ("tokens", "amount") else "left")

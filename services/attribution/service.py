@@ -12,11 +12,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from services.attribution import queries
-from services.attribution.config import AttributionSettings
 from services.attribution.domain import IngestResult, Provenance, UsageBatch, to_picos
 from services.attribution.feed import RewardFeed, Subscription
 from services.attribution.ledger import Ledger, set_price
 from services.attribution.provenance import ProvenanceRegistry, ProvenanceSource
+from services.attribution.settings import AttributionSettings
 from services.common.errors import Unavailable
 
 log = logging.getLogger("openlora.attribution")

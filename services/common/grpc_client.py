@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.common.config import ServiceSettings
 from services.common.grpc_server import channel_options
+from services.common.settings import ServiceSettings
 from services.common.telemetry import client_interceptors
 from services.common.trust.credentials import CallerIdentity, token_interceptors
 
@@ -67,12 +67,23 @@ def open_channel(
     tracer_provider: TracerProvider | None = None,
     identity: CallerIdentity | None = None,
     audience: str | None = None,
+    reconnect_s: tuple[float, float] | None = None,
+    client_streams: bool = True,
 ) -> grpc.aio.Channel:
     """An asyncio channel to `target` (`host:port` or `dns:///name:port`); TLS when `tls` (or raw
     `credentials`) is given. With an `identity`, every call carries its service token for `audience`,
-    the component called (`worker`, `store`, `attribution`)."""
+    the component called (`worker`, `store`, `attribution`); `client_streams=False` leaves the
+    token off client-streaming calls whose caller sends it as metadata itself (the relay).
+    `reconnect_s` (first, longest) bounds the reconnect backoff, which grpc would grow to 120 s."""
     # Defaults without reading the environment: a client is configured by the service that owns it.
     options = channel_options(settings or ServiceSettings.model_construct())
+    if reconnect_s is not None:
+        first_ms, longest_ms = int(reconnect_s[0] * 1000), int(reconnect_s[1] * 1000)
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", first_ms),
+            ("grpc.min_reconnect_backoff_ms", first_ms),
+            ("grpc.max_reconnect_backoff_ms", longest_ms),
+        ]
     if tls is not None:
         credentials = tls.credentials()
         options += tls.options()
@@ -80,7 +91,7 @@ def open_channel(
     if identity is not None:
         if audience is None:
             raise ValueError("a channel presenting a service identity needs the component it calls")
-        interceptors += token_interceptors(identity, audience)
+        interceptors += token_interceptors(identity, audience, client_streams=client_streams)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -12,9 +12,10 @@ grace period, then whatever is left is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.common.config import ServiceSettings
 from services.common.interceptors import InflightCalls, ServerCallInterceptor
+from services.common.settings import ServiceSettings
 from services.common.telemetry import server_interceptors
 from services.common.trust.setup import server_authorizer
 
@@ -156,13 +157,15 @@ class GrpcServer:
         """Report SERVING (ready for traffic) or NOT_SERVING through the health service."""
         await self._set_status(SERVING if ready else NOT_SERVING)
 
-    def stop(self) -> asyncio.Task[None]:
-        """Begin a graceful stop (idempotent); await the returned task to wait for it."""
+    def stop(self, grace: float | None = None) -> asyncio.Task[None]:
+        """Begin a graceful stop (idempotent): in-flight calls get `grace` seconds (the settings'
+        grace period by default); await the returned task to wait for it."""
         if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(self._drain_and_stop())
+            grace_s = self.settings.grace_period_s if grace is None else grace
+            self._stopping = asyncio.get_running_loop().create_task(self._drain_and_stop(grace_s))
         return self._stopping
 
-    async def _drain_and_stop(self) -> None:
+    async def _drain_and_stop(self, grace_s: float) -> None:
         server = self._server
         if server is None:
             return
@@ -176,8 +179,8 @@ class GrpcServer:
         for callback in self._drain_callbacks:
             callback()
         if self.inflight.count:
-            log.info("draining %d call(s), up to %.1fs", self.inflight.count, self.settings.grace_period_s)
-        finished = await self.inflight.wait_idle(self.settings.grace_period_s)
+            log.info("draining %d call(s), up to %.1fs", self.inflight.count, grace_s)
+        finished = await self.inflight.wait_idle(grace_s)
         if not finished:
             log.warning("grace period over; cancelling %d call(s)", self.inflight.count)
         await server.stop(None)
@@ -189,19 +192,26 @@ class GrpcServer:
         if self._stopping is not None:
             await self._stopping
 
-    async def serve_until_signal(self, on_started: Callable[[int], None] | None = None) -> None:
-        """Start, run until SIGTERM or SIGINT, then stop gracefully."""
+    @contextlib.contextmanager
+    def stopping_on_signals(self) -> Iterator[None]:
+        """Within: SIGTERM or SIGINT begins the graceful stop instead of interrupting anything."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def serve_until_signal(self, on_started: Callable[[int], None] | None = None) -> None:
+        """Start, run until SIGTERM or SIGINT, then stop gracefully (a bare server: a test double;
+        services run through their `App`)."""
+        with self.stopping_on_signals():
             port = await self.start()
             if on_started is not None:
                 on_started(port)
             await self.wait_for_termination()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s; shutting down", sig.name)

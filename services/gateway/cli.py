@@ -1,50 +1,54 @@
-"""`openlora gateway serve`: settings from the environment and flags, logging, then the gateway."""
+"""`openlora gateway serve | config`: the public front (every setting: `openlora gateway config`)."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from pathlib import Path
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from services.gateway.config import GatewaySettings
+from services.common.cli import add_config_command, load_settings, serve_app
+from services.gateway.settings import GatewaySettings
 
-console = Console(stderr=True)
+app = typer.Typer(help="Public front: auth, tenants, routing, retries.", no_args_is_help=True)
+add_config_command(app, GatewaySettings)
 
 
-def serve_gateway(**overrides: Any) -> None:
-    from services.cli import load_settings
+@app.command("serve")
+def serve(
+    workers: Annotated[
+        str | None,
+        typer.Option(help="host:port,... or dns:///name:port of the workers (OPENLORA_GATEWAY_WORKERS)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (OPENLORA_GATEWAY_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (OPENLORA_GATEWAY_PORT).")] = None,
+    store_address: Annotated[
+        str | None,
+        typer.Option(help="Adapter store host:port; empty: no checks (OPENLORA_GATEWAY_STORE_ADDRESS)."),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="JSON file of hashed API keys (OPENLORA_GATEWAY_API_KEYS_FILE).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (OPENLORA_GATEWAY_METRICS_PORT).")
+    ] = None,
+) -> None:
+    """Run the gateway (every setting: `openlora gateway config`)."""
     from services.common.log import configure_logging
-    from services.common.telemetry import setup_telemetry
-    from services.gateway.server import Gateway
+    from services.gateway.app import build
 
-    settings = load_settings(GatewaySettings, **overrides)
-    assert isinstance(settings, GatewaySettings)
+    settings = load_settings(
+        GatewaySettings,
+        workers=workers,
+        host=host,
+        port=port,
+        store_address=store_address,
+        api_keys_file=api_keys_file,
+        metrics_port=metrics_port,
+    )
     configure_logging("gateway", settings.log_level, settings.log_format)
-
-    def ready(port: int) -> None:
-        console.print(f"gateway listening on {settings.host}:{port} (workers {settings.workers})")
-
-    async def run() -> None:
-        # Built inside the loop that serves: grpc.aio channels (to the store, the workers) bind to
-        # the event loop current at their creation.
-        try:
-            gateway = Gateway(settings, tracer_provider=setup_telemetry("gateway", settings.telemetry))
-        except ValueError as exc:  # a malformed API key file or value
-            raise _BadConfig(str(exc)) from None
-        await gateway.run(ready)
-
-    try:
-        asyncio.run(run())
-    except _BadConfig as exc:
-        console.print(f"[red]cannot start the gateway[/red]: {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except OSError as exc:  # a port in use
-        console.print(f"[red]the gateway stopped[/red]: {escape(str(exc))}")
-        raise typer.Exit(1) from None
-
-
-class _BadConfig(Exception):
-    pass
+    serve_app(
+        "gateway",
+        lambda: build(settings),
+        lambda _, port: f"gateway listening on {settings.host}:{port} (workers {settings.workers})",
+    )

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,12 +23,11 @@ from openlora.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.contracts import SERVICE_NAMES
-from services.common.grpc_client import ClientTLS
-from services.common.grpc_server import channel_options
-from services.common.telemetry import client_interceptors
-from services.common.trust.credentials import CallerIdentity, token_interceptors
-from services.gateway.config import GatewaySettings
+from services.common.grpc_client import ClientTLS, open_channel
+from services.common.trust.credentials import CallerIdentity
 from services.gateway.routing import WorkerLoad
+from services.gateway.settings import GatewaySettings
+from services.gateway.worker_addresses import DnsName, parse_workers
 from services.gateway.worker_link import WorkerLink
 
 log = logging.getLogger("openlora.gateway.workers")
@@ -37,34 +35,6 @@ log = logging.getLogger("openlora.gateway.workers")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 INFERENCE = SERVICE_NAMES["inference"]
 GENERATE_METHOD = f"/{INFERENCE}/Generate"
-
-
-@dataclass(frozen=True)
-class DnsName:
-    host: str
-    port: int
-
-
-def _split_host_port(entry: str) -> tuple[str, int]:
-    host, sep, port = entry.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"workers: {entry!r} is not host:port")
-    return host, int(port)
-
-
-def parse_workers(spec: str) -> list[str] | DnsName:
-    """`host:port,host:port` (a static list) or `dns:///name:port`; ValueError naming a bad entry."""
-    spec = spec.strip()
-    if spec.startswith("dns:"):
-        name = spec.removeprefix("dns:").lstrip("/")
-        host, port = _split_host_port(name)
-        return DnsName(host, port)
-    entries = [e.strip() for e in spec.split(",") if e.strip()]
-    if not entries:
-        raise ValueError("workers: give at least one host:port, or dns:///name:port")
-    for entry in entries:
-        _split_host_port(entry)
-    return list(dict.fromkeys(entries))
 
 
 def upstream_channel(
@@ -77,22 +47,18 @@ def upstream_channel(
     audience: str,
     client_streams: bool = True,
 ) -> grpc.aio.Channel:
-    """A channel to a worker or the store (`audience`); reconnects within `worker_retry_max_s` of a
-    restart. With an `identity`, every call carries the gateway's service token."""
-    options: list[tuple[str, Any]] = [
-        *channel_options(settings),
-        # grpc's own reconnect backoff grows to 120 s; a restarted worker must be found sooner.
-        ("grpc.initial_reconnect_backoff_ms", int(settings.worker_retry_s * 1000)),
-        ("grpc.min_reconnect_backoff_ms", int(settings.worker_retry_s * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(settings.worker_retry_max_s * 1000)),
-    ]
-    interceptors = client_interceptors(tracer_provider)
-    if identity is not None:
-        interceptors += token_interceptors(identity, audience, client_streams=client_streams)
-    if tls is not None:
-        options += tls.options()
-        return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    """A channel to a worker or the store (`audience`) that finds a restarted peer within
+    `worker_retry_max_s`. With an `identity`, every call carries the gateway's service token."""
+    return open_channel(
+        target,
+        settings,
+        tls=tls,
+        tracer_provider=tracer_provider,
+        identity=identity,
+        audience=audience,
+        reconnect_s=(settings.worker_retry_s, settings.worker_retry_max_s),
+        client_streams=client_streams,
+    )
 
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]

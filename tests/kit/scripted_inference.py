@@ -17,10 +17,10 @@ from typing import Any
 
 from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.common.config import ServiceSettings
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.log import configure_logging, current_request_id
+from services.common.settings import ServiceSettings
 
 SECRET = "s3cr3t-internal-detail"
 

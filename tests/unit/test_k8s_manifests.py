@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from services.adapter_store.config import StoreSettings
-from services.attribution.config import AttributionSettings
-from services.common.config import ServiceSettings
-from services.gateway.config import GatewaySettings
-from services.inference.config import WorkerSettings
+from services.adapter_store.settings import StoreSettings
+from services.attribution.settings import AttributionSettings
+from services.common.settings import ServiceSettings
+from services.gateway.settings import GatewaySettings
+from services.inference.settings import WorkerSettings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 SETTINGS: dict[str, type[ServiceSettings]] = {

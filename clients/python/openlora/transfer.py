@@ -87,7 +87,7 @@ class DownloadWriter:
         try:
             self._splitter.write(chunk.data)
         except FileMismatch as exc:
-            raise DownloadError(exc.message) from None
+            raise DownloadError(str(exc)) from None
         if self.progress is not None:
             self.progress(len(chunk.data))
 
@@ -108,7 +108,7 @@ class DownloadWriter:
         try:
             finished = self._splitter.finish()
         except FileMismatch as exc:
-            raise DownloadError(exc.message) from None
+            raise DownloadError(str(exc)) from None
         for name, part in finished.items():
             os.replace(part, self.dest / name)
         return self.info

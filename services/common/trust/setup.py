@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from services.common.config import ServiceSettings
+from services.common.settings import ServiceSettings
 from services.common.trust.caller import ServiceAuthorizer
 from services.common.trust.credentials import ServiceIdentity
 from services.common.trust.roles import AUTHORIZATION, OPERATOR, ROLE_OF_COMPONENT

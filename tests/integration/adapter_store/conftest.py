@@ -13,12 +13,12 @@ import pytest
 from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc
 
+from services.adapter_store.app import StoreApp
+from services.adapter_store.app import build as build_store
 from services.adapter_store.blobs import BlobBackend
-from services.adapter_store.config import StoreSettings
-from services.adapter_store.server import build_server
 from services.adapter_store.service import AdapterStoreService
+from services.adapter_store.settings import StoreSettings
 from services.common.grpc_client import open_channel
-from services.common.grpc_server import GrpcServer
 from tests.kit.adapters import make_peft_adapter
 from tests.kit.seaweedfs import S3Endpoint
 from tests.kit.service_auth import trusted
@@ -30,7 +30,7 @@ BASE = "tiny-llama"
 class StoreUnderTest:
     stub: adapter_store_pb2_grpc.AdapterStoreAsyncStub
     service: AdapterStoreService
-    server: GrpcServer
+    server: StoreApp
     channel: grpc.aio.Channel
 
     @property
@@ -60,7 +60,7 @@ def store_settings(backend: str, tmp_path: Path, s3: S3Endpoint | None, **overri
 
 async def start_store(settings: StoreSettings, base_dir: Path) -> StoreUnderTest:
     service = AdapterStoreService(settings)
-    server = build_server(settings, service)
+    server = build_store(settings, service)
     port = await server.start()
     channel = open_channel(f"127.0.0.1:{port}", **trusted("store"))
     stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)

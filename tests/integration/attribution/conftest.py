@@ -10,7 +10,7 @@ from openlora.v1 import attribution_pb2_grpc
 from sqlalchemy import Engine
 
 from services.attribution import db
-from services.attribution.server import AttributionServer, build
+from services.attribution.app import AttributionApp, build
 from services.common.grpc_client import open_channel
 from tests.integration.attribution.wire import attribution_settings
 from tests.kit.postgres import create_database, drop_database
@@ -38,17 +38,17 @@ def engine(ledger_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-async def attribution(ledger_url: str) -> AsyncIterator[AttributionServer]:
+async def attribution(ledger_url: str) -> AsyncIterator[AttributionApp]:
     """A started attribution server on a loopback port (default prices: 0.0000005 / 0.0000015)."""
     built = build(attribution_settings(ledger_url, grace_period_s=1.0))
     try:
-        await built.server.start()
+        await built.start()
         yield built
     finally:
         await built.close()
 
 
 @pytest.fixture
-async def stub(attribution: AttributionServer) -> AsyncIterator[attribution_pb2_grpc.AttributionAsyncStub]:
+async def stub(attribution: AttributionApp) -> AsyncIterator[attribution_pb2_grpc.AttributionAsyncStub]:
     async with open_channel(f"127.0.0.1:{attribution.server.port}", **trusted("attribution")) as channel:
         yield attribution_pb2_grpc.AttributionStub(channel)

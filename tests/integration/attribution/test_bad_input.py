@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
+from services.attribution.app import AttributionApp
 from services.attribution.models import (
     ProvenanceRow,
     RewardLedgerEntry,
@@ -22,7 +23,6 @@ from services.attribution.models import (
     UsageRollup,
     UsageSender,
 )
-from services.attribution.server import AttributionServer
 from tests.integration.attribution.wire import (
     T0,
     batch,
@@ -104,7 +104,7 @@ def violated_field(error: grpc.aio.AioRpcError) -> str:
     return str(bad_request.field_violations[0].field)
 
 
-def row_counts(attribution: AttributionServer) -> list[int]:
+def row_counts(attribution: AttributionApp) -> list[int]:
     with attribution.engine.connect() as conn:
         return [
             int(conn.execute(select(func.count()).select_from(model)).scalar_one())
@@ -121,7 +121,7 @@ async def expect_invalid(call: Awaitable[object], field: str) -> None:
 
 @pytest.mark.parametrize("case", list(RECORD_CASES))
 async def test_bad_usage_record_is_refused_alone(
-    case: str, attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    case: str, attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     message, field = RECORD_CASES[case]
     ack = await stub.RecordUsage(iter([message]))
@@ -133,7 +133,7 @@ async def test_bad_usage_record_is_refused_alone(
 
 @pytest.mark.parametrize("case", list(BATCH_CASES))
 async def test_bad_usage_batch_is_refused_and_nothing_is_written(
-    case: str, attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    case: str, attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     message, field = BATCH_CASES[case]
     await expect_invalid(stub.RecordUsage(iter([message])), field)
@@ -141,7 +141,7 @@ async def test_bad_usage_batch_is_refused_and_nothing_is_written(
 
 
 async def test_a_bad_record_does_not_stop_the_stream(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     call = stub.StreamUsage()
     await call.write(batch(1, request_tokens("ok", 1, 1)))
@@ -183,7 +183,7 @@ PROVENANCE_CASES: dict[str, tuple[attribution_pb2.RegisterProvenanceRequest, str
 
 @pytest.mark.parametrize("case", list(PROVENANCE_CASES))
 async def test_bad_provenance_is_refused_and_nothing_is_written(
-    case: str, attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    case: str, attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     request, field = PROVENANCE_CASES[case]
     await expect_invalid(stub.RegisterProvenance(request), field)

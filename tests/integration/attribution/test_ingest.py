@@ -10,15 +10,15 @@ import pytest
 from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
+from services.attribution.app import AttributionApp, build
 from services.attribution.models import RewardLedgerEntry, UsageEvent
-from services.attribution.server import AttributionServer, build
 from services.common.grpc_client import open_channel
 from tests.integration.attribution.wire import attribution_settings, batch, read_ack, request_tokens
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.service_auth import trusted
 
 
-def count(attribution: AttributionServer) -> int:
+def count(attribution: AttributionApp) -> int:
     with attribution.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(UsageEvent)).scalar_one())
 
@@ -38,7 +38,7 @@ async def stream_acks(
 
 
 async def test_duplicates_and_out_of_order_batches_give_exact_counts(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     r1 = request_tokens("req-1", prompt=4, completion=6)
     r2 = request_tokens("req-2", prompt=3, completion=5)
@@ -63,7 +63,7 @@ async def test_duplicates_and_out_of_order_batches_give_exact_counts(
 
 
 async def test_record_usage_acks_highest_contiguous_sequence_across_streams(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     tokens = request_tokens("req-1", prompt=0, completion=40)
     first = await stub.RecordUsage(
@@ -80,7 +80,7 @@ async def test_record_usage_acks_highest_contiguous_sequence_across_streams(
 
 
 async def test_senders_are_independent(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     a = await stub.RecordUsage(iter([batch(1, request_tokens("a", 0, 5), worker="w-a")]))
     b = await stub.RecordUsage(iter([batch(5, request_tokens("b", 0, 5), worker="w-b")]))
@@ -89,7 +89,7 @@ async def test_senders_are_independent(
 
 
 async def test_killed_stream_loses_nothing_acked_and_resend_doubles_nothing(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     tokens = request_tokens("req-kill", prompt=100, completion=400)
     batches = [batch(i + 1, tokens[i * 50 : (i + 1) * 50]) for i in range(10)]
@@ -120,7 +120,7 @@ async def test_killed_stream_loses_nothing_acked_and_resend_doubles_nothing(
 
 
 async def test_concurrent_streams_count_exactly(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     async def sender(worker: int) -> attribution_pb2.RecordAck:
         tokens = request_tokens(f"req-{worker}", prompt=50, completion=150)
@@ -135,7 +135,7 @@ async def test_concurrent_streams_count_exactly(
 
 
 async def test_sender_that_restarted_its_numbering_is_not_acked_ahead(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     before = await stub.RecordUsage(iter([batch(i, request_tokens(f"old-{i}", 0, 3)) for i in (1, 2, 3)]))
     assert before.acked_sequence == 3
@@ -147,7 +147,7 @@ async def test_sender_that_restarted_its_numbering_is_not_acked_ahead(
 
 
 async def test_key_repeated_inside_a_batch_is_written_once(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     tokens = request_tokens("req", 0, 3)
     ack = await stub.RecordUsage(iter([batch(1, [*tokens, tokens[1]])]))
@@ -156,7 +156,7 @@ async def test_key_repeated_inside_a_batch_is_written_once(
 
 
 async def test_a_large_batch_with_old_records_throughout_writes_only_the_new(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     # SQLite writes a batch's events 500 rows per statement: old keys in every part, new ones after.
     tokens = request_tokens("long", prompt=0, completion=1_800)
@@ -173,7 +173,7 @@ async def test_database_gone_is_unavailable_not_internal() -> None:
     url = create_database("openlora_attr_gone")
     built = build(attribution_settings(url, grace_period_s=1.0))
     try:
-        await built.server.start()
+        await built.start()
         async with open_channel(f"127.0.0.1:{built.server.port}", **trusted("attribution")) as channel:
             stub = attribution_pb2_grpc.AttributionStub(channel)
             assert (await stub.RecordUsage(iter([batch(1, request_tokens("a", 0, 2))]))).acked_sequence == 1

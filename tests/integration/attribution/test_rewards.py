@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import duration_pb2
 from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 
-from services.attribution.server import AttributionServer
+from services.attribution.app import AttributionApp
 from tests.integration.attribution.wire import T0, batch, provenance, register, request_tokens, ts
 
 TRAINER, DATA = adapter_store_pb2.TRAINER, adapter_store_pb2.DATA
@@ -38,7 +38,7 @@ async def price_and_register(stub: attribution_pb2_grpc.AttributionAsyncStub) ->
 
 
 async def test_mixed_request_split_by_weights_and_shares_to_the_cent(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     await price_and_register(stub)
     mixed = request_tokens("req-mix", prompt=10, completion=20, adapters=MIX)
@@ -95,7 +95,7 @@ async def test_mixed_request_split_by_weights_and_shares_to_the_cent(
 
 
 async def test_usage_totals_and_buckets(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     records = (
         request_tokens("r1", prompt=3, completion=4, adapters=MIX, at=T0 + 5)
@@ -116,7 +116,7 @@ async def test_usage_totals_and_buckets(
 
 
 async def test_unregistered_adapter_is_credited_to_nobody_and_money_is_kept(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     await stub.RecordUsage(
         iter([batch(1, request_tokens("r", prompt=2, completion=2, adapters=(("ghost", "v9", 1.0),)))])
@@ -128,7 +128,7 @@ async def test_unregistered_adapter_is_credited_to_nobody_and_money_is_kept(
 
 
 async def test_watch_rewards_delivers_within_one_second_of_commit(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     await price_and_register(stub)
     watch = stub.WatchRewards(attribution_pb2.WatchRewardsRequest(contributor_id="dave"))
@@ -166,7 +166,7 @@ async def test_provenance_registration_is_idempotent_and_immutable(
 
 
 async def test_latest_version_resolves_to_the_newest_registration(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     await stub.RegisterProvenance(register("alpha", "v1", provenance(("alice", TRAINER, 1.0))))
     await stub.RegisterProvenance(register("alpha", "v2", provenance(("bob", TRAINER, 1.0))))

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 
-from services.attribution.server import build
+from services.attribution.app import build
 from services.common.grpc_client import open_channel
 from tests.integration.attribution.wire import attribution_settings
 from tests.kit.service_auth import trusted
@@ -19,7 +19,7 @@ from tests.kit.service_auth import trusted
 async def test_stop_ends_watch_streams_promptly(ledger_url: str) -> None:
     built = build(attribution_settings(ledger_url, grace_period_s=30.0))
     try:
-        await built.server.start()
+        await built.start()
         async with open_channel(f"127.0.0.1:{built.server.port}", **trusted("attribution")) as channel:
             watch = attribution_pb2_grpc.AttributionStub(channel).WatchRewards(
                 attribution_pb2.WatchRewardsRequest()

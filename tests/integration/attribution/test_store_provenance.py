@@ -12,11 +12,11 @@ import grpc
 import pytest
 from openlora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
 
-from services.attribution.server import AttributionServer, build
-from services.common.config import ServiceSettings
+from services.attribution.app import AttributionApp, build
 from services.common.errors import NotFound
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding
+from services.common.settings import ServiceSettings
 from tests.integration.attribution.wire import (
     attribution_settings,
     batch,
@@ -66,13 +66,13 @@ async def store() -> AsyncIterator[tuple[GrpcServer, CatalogOnlyStore]]:
 @pytest.fixture
 async def with_store(
     ledger_url: str, store: tuple[GrpcServer, CatalogOnlyStore]
-) -> AsyncIterator[tuple[AttributionServer, attribution_pb2_grpc.AttributionAsyncStub]]:
+) -> AsyncIterator[tuple[AttributionApp, attribution_pb2_grpc.AttributionAsyncStub]]:
     settings = attribution_settings(
         ledger_url, store_address=f"127.0.0.1:{store[0].port}", store_timeout_s=2.0
     )
     built = build(settings)
     try:
-        await built.server.start()
+        await built.start()
         async with open_channel(f"127.0.0.1:{built.server.port}", **trusted("attribution")) as channel:
             yield built, attribution_pb2_grpc.AttributionStub(channel)
     finally:
@@ -81,7 +81,7 @@ async def with_store(
 
 async def test_store_provenance_is_fetched_once_per_version_and_credited(
     store: tuple[GrpcServer, CatalogOnlyStore],
-    with_store: tuple[AttributionServer, attribution_pb2_grpc.AttributionAsyncStub],
+    with_store: tuple[AttributionApp, attribution_pb2_grpc.AttributionAsyncStub],
 ) -> None:
     _, catalog = store
     _, stub = with_store
@@ -108,7 +108,7 @@ async def test_store_provenance_is_fetched_once_per_version_and_credited(
 
 async def test_pushed_provenance_wins_and_spares_the_store(
     store: tuple[GrpcServer, CatalogOnlyStore],
-    with_store: tuple[AttributionServer, attribution_pb2_grpc.AttributionAsyncStub],
+    with_store: tuple[AttributionApp, attribution_pb2_grpc.AttributionAsyncStub],
 ) -> None:
     _, catalog = store
     _, stub = with_store
@@ -121,7 +121,7 @@ async def test_pushed_provenance_wins_and_spares_the_store(
 
 
 async def test_adapter_unknown_to_the_store_is_unattributed(
-    with_store: tuple[AttributionServer, attribution_pb2_grpc.AttributionAsyncStub],
+    with_store: tuple[AttributionApp, attribution_pb2_grpc.AttributionAsyncStub],
 ) -> None:
     _, stub = with_store
     await stub.RecordUsage(iter([batch(1, request_tokens("r", 0, 3, adapters=(("ghost", "v1", 1.0),)))]))
@@ -132,7 +132,7 @@ async def test_adapter_unknown_to_the_store_is_unattributed(
 
 async def test_store_down_refuses_the_batch_unavailable_and_writes_nothing(
     store: tuple[GrpcServer, CatalogOnlyStore],
-    with_store: tuple[AttributionServer, attribution_pb2_grpc.AttributionAsyncStub],
+    with_store: tuple[AttributionApp, attribution_pb2_grpc.AttributionAsyncStub],
 ) -> None:
     server, _ = store
     _, stub = with_store

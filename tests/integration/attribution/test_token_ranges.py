@@ -8,8 +8,8 @@ import pytest
 from openlora.v1 import adapter_store_pb2, attribution_pb2, attribution_pb2_grpc
 from sqlalchemy import func, select
 
+from services.attribution.app import AttributionApp
 from services.attribution.models import RewardLedgerEntry
-from services.attribution.server import AttributionServer
 from tests.integration.attribution.wire import batch, provenance, register, request_tokens, token
 
 MIX = (("alpha", "v1", 0.3), ("beta", "v1", 0.7))
@@ -21,7 +21,7 @@ def ranged(request_id: str, kind: int, start: int, count: int) -> attribution_pb
     return record
 
 
-def rewards_by_contributor(attribution: AttributionServer) -> dict[str, tuple[int, int]]:
+def rewards_by_contributor(attribution: AttributionApp) -> dict[str, tuple[int, int]]:
     entry = RewardLedgerEntry
     with attribution.engine.connect() as conn:
         rows = conn.execute(
@@ -48,7 +48,7 @@ async def registered(stub: attribution_pb2_grpc.AttributionAsyncStub) -> None:
 
 @pytest.mark.usefixtures("registered")
 async def test_ranges_count_and_reward_exactly_as_single_tokens(
-    attribution: AttributionServer, stub: attribution_pb2_grpc.AttributionAsyncStub
+    attribution: AttributionApp, stub: attribution_pb2_grpc.AttributionAsyncStub
 ) -> None:
     # Request "per-token": one record per token. Request "ranged": the same tokens as three ranges.
     singles = request_tokens("per-token", prompt=7, completion=9, adapters=MIX)

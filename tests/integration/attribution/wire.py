@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from openlora.v1 import adapter_store_pb2, attribution_pb2, common_pb2
 
-from services.attribution.config import AttributionSettings
+from services.attribution.settings import AttributionSettings
 
 # 2026-01-01T00:00:00Z: a fixed minute start, so tests know which minute each token falls in.
 T0 = 1_767_225_600

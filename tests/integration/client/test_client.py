@@ -24,9 +24,9 @@ from openlora import (
 )
 from openlora.v1 import common_pb2, inference_pb2
 
-from services.common.config import ServiceSettings
 from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer
+from services.common.settings import ServiceSettings
 from tests.kit.certs import make_certs
 from tests.kit.scripted_inference import ScriptedInference, binding
 

@@ -12,9 +12,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.common.config import ServiceSettings
 from services.common.grpc_client import channel_credentials, health_status, open_channel, reflected_services
 from services.common.grpc_server import GrpcServer
+from services.common.settings import ServiceSettings
 from tests.kit.certs import make_certs
 from tests.kit.scripted_inference import SECRET, ScriptedInference, binding
 

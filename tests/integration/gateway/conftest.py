@@ -14,10 +14,10 @@ from openlora.transfer import upload
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import adapter_store_pb2_grpc
 
-from services.adapter_store.config import StoreSettings
-from services.adapter_store.server import build_server
+from services.adapter_store.app import StoreApp
+from services.adapter_store.app import build as build_store
+from services.adapter_store.settings import StoreSettings
 from services.common.grpc_client import open_channel
-from services.common.grpc_server import GrpcServer
 from services.common.synthetic_adapters import write_adapter
 from tests.integration.gateway.kit import InProcessWorkers
 from tests.kit.service_auth import trusted
@@ -38,7 +38,7 @@ PRIVATE_ADAPTER = "acme/secret"
 
 @dataclass
 class StoreUnderTest:
-    server: GrpcServer
+    server: StoreApp
     channel: grpc.aio.Channel
     stub: adapter_store_pb2_grpc.AdapterStoreAsyncStub
     address: str
@@ -65,7 +65,7 @@ async def put_adapter(
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[StoreUnderTest]:
     settings = StoreSettings(port=0, backend="local", local_dir=tmp_path / "store", log_level="WARNING")
-    server = build_server(settings)
+    server = build_store(settings)
     port = await server.start()
     channel = open_channel(f"127.0.0.1:{port}", **trusted("store"))
     stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)

@@ -19,11 +19,11 @@ from typing import Any
 
 from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.common.config import ServiceSettings
 from services.common.contracts import SERVICE_NAMES
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.log import configure_logging
+from services.common.settings import ServiceSettings
 from services.inference.relay_server import StreamContext, from_generator, relay_binding
 
 

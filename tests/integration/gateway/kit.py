@@ -25,9 +25,9 @@ from openlora.v1 import adapter_store_pb2_grpc, common_pb2, inference_pb2, infer
 
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer
-from services.gateway.config import GatewaySettings
+from services.gateway.app import GatewayApp
 from services.gateway.keys import hash_key
-from services.gateway.server import Gateway
+from services.gateway.settings import GatewaySettings
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -70,7 +70,7 @@ def gateway_settings(tmp_path: Path, workers: Sequence[str], **overrides: Any) -
 
 @dataclass
 class GatewayUnderTest:
-    gateway: Gateway
+    gateway: GatewayApp
     port: int
     channel: grpc.aio.Channel
     stub: inference_pb2_grpc.InferenceAsyncStub
@@ -78,7 +78,7 @@ class GatewayUnderTest:
 
     @classmethod
     async def start(cls, settings: GatewaySettings, *, wait_workers: int = 0) -> GatewayUnderTest:
-        gateway = Gateway(settings)
+        gateway = GatewayApp(settings)
         port = await gateway.start()
         channel = open_channel(f"127.0.0.1:{port}")
         started = cls(

@@ -12,7 +12,7 @@ from pathlib import Path
 from openlora.v1 import inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
-from services.gateway.server import Gateway
+from services.gateway.app import GatewayApp
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
 from tests.integration.gateway.kit import (
     GatewayUnderTest,
@@ -36,7 +36,7 @@ async def test_a_dns_name_is_resolved_and_followed(tmp_path: Path) -> None:
         return answers[-1]
 
     settings = gateway_settings(tmp_path, ["dns:///workers.test:50052"], dns_refresh_s=0.2)
-    gateway = Gateway(settings)
+    gateway = GatewayApp(settings)
     gateway.pool.resolve = resolve
     port = await gateway.start()
     try:

@@ -27,8 +27,8 @@ import pytest
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2
 
-from services.adapter_store.config import StoreSettings
-from services.adapter_store.server import build_server
+from services.adapter_store.app import build as build_store
+from services.adapter_store.settings import StoreSettings
 from services.common.grpc_client import open_channel
 from services.common.synthetic_adapters import write_adapter
 from services.gateway.routing import rendezvous_order
@@ -111,7 +111,7 @@ def start_worker(tmp_path: Path, model: Path, name: str, port: int, store_port: 
 @pytest.fixture
 async def cluster(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Cluster]:
     settings = StoreSettings(port=0, backend="local", local_dir=tmp_path / "store", log_level="WARNING")
-    store = build_server(settings)
+    store = build_store(settings)
     store_port = await store.start()
     async with open_channel(f"127.0.0.1:{store_port}", **trusted("store")) as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)

@@ -10,7 +10,7 @@ import pytest
 from openlora.v1 import inference_pb2_grpc
 
 from services.common.grpc_client import channel_credentials, open_channel
-from services.gateway.server import Gateway
+from services.gateway.app import GatewayApp
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
 from tests.integration.gateway.kit import gateway_settings, generate, generate_request, wait_until
 from tests.kit.certs import make_certs
@@ -29,9 +29,9 @@ async def test_tls_to_clients_and_mutual_tls_to_workers(tmp_path: Path) -> None:
     upstream = {"upstream_tls_ca_file": certs.ca}
     with_cert = {"upstream_tls_cert_file": certs.client_cert, "upstream_tls_key_file": certs.client_key}
     address = [f"localhost:{worker_port}"]
-    good = Gateway(gateway_settings(tmp_path, address, **tls, **upstream, **with_cert))
+    good = GatewayApp(gateway_settings(tmp_path, address, **tls, **upstream, **with_cert))
     (tmp_path / "no-cert").mkdir()
-    no_cert = Gateway(gateway_settings(tmp_path / "no-cert", address, **upstream))
+    no_cert = GatewayApp(gateway_settings(tmp_path / "no-cert", address, **upstream))
     try:
         good_port, no_cert_port = await good.start(), await no_cert.start()
         await wait_until(lambda: len(good.pool.healthy_loads()) == 1, 20, "the worker over mTLS")

@@ -21,9 +21,9 @@ from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc
 
 from services.adapter_store.catalog import blob_key
-from services.adapter_store.config import StoreSettings
 from services.adapter_store.service import AdapterStoreService
 from services.adapter_store.servicer import AdapterStoreServicer
+from services.adapter_store.settings import StoreSettings
 from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from services.attribution.server import build
+from services.attribution.app import build
 from services.common.trust.roles import WORKER
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
@@ -31,7 +31,7 @@ async def attribution_at(tmp_path: Path, **settings: object) -> AsyncIterator[tu
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     port = free_port()
     attribution = build(attribution_settings(url, port=port, **settings))
-    await attribution.server.start()
+    await attribution.start()
     try:
         yield url, f"127.0.0.1:{port}"
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from services.attribution.server import AttributionServer, build
+from services.attribution.app import AttributionApp, build
 from services.common.trust.roles import WORKER
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
@@ -21,9 +21,9 @@ from tests.kit.service_auth import identity
 WORKER_IDENTITY = identity(WORKER)  # what a worker presents to attribution
 
 
-async def start_attribution(url: str, port: int) -> AttributionServer:
+async def start_attribution(url: str, port: int) -> AttributionApp:
     server = build(attribution_settings(url, port=port))
-    await server.server.start()
+    await server.start()
     return server
 
 
@@ -57,7 +57,7 @@ def ledger_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def running_attribution(ledger_url: str) -> AsyncIterator[tuple[AttributionServer, int]]:
+async def running_attribution(ledger_url: str) -> AsyncIterator[tuple[AttributionApp, int]]:
     port = free_port()
     server = await start_attribution(ledger_url, port)
     yield server, port
@@ -65,7 +65,7 @@ async def running_attribution(ledger_url: str) -> AsyncIterator[tuple[Attributio
 
 
 async def test_records_reach_the_ledger_once_and_leave_the_spool(
-    running_attribution: tuple[AttributionServer, int], ledger_url: str, tmp_path: Path
+    running_attribution: tuple[AttributionApp, int], ledger_url: str, tmp_path: Path
 ) -> None:
     _, port = running_attribution
     spool = UsageSpool(tmp_path / "spool", segment_batches=4)
@@ -94,7 +94,7 @@ def ledger_ranges(url: str) -> list[tuple[str, int, int]]:
 
 
 async def test_a_tracked_request_is_billed_one_range_per_flush_then_forgotten(
-    running_attribution: tuple[AttributionServer, int], ledger_url: str, tmp_path: Path
+    running_attribution: tuple[AttributionApp, int], ledger_url: str, tmp_path: Path
 ) -> None:
     _, port = running_attribution
     reporter = UsageReporter(

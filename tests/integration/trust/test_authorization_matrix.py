@@ -23,9 +23,9 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 
-from services.adapter_store.config import StoreSettings
-from services.adapter_store.server import build_server
-from services.attribution.server import build as build_attribution
+from services.adapter_store.app import build as build_store
+from services.adapter_store.settings import StoreSettings
+from services.attribution.app import build as build_attribution
 from services.common.grpc_client import channel_credentials
 from services.common.trust.roles import AUTHORIZATION, Role
 from services.common.trust.tokens import TOKEN_METADATA_KEY
@@ -130,7 +130,7 @@ async def served(
             "tls_key_file": certs.server_key,
             "tls_client_ca_file": certs.ca,
         }
-    store = build_server(
+    store = build_store(
         StoreSettings(port=0, backend="local", local_dir=tmp_path / "store", log_level="ERROR", **auth)
     )
     attribution = build_attribution(
@@ -138,7 +138,7 @@ async def served(
     )
     worker = None
     try:
-        ports = {"store": await store.start(), "attribution": await attribution.server.start()}
+        ports = {"store": await store.start(), "attribution": await attribution.start()}
         worker = await WorkerUnderTest.start(worker_settings(tmp_path / "worker", tiny_llama_dir, **auth))
         ports["worker"] = worker.port
         yield mode, Served(ports, certs)

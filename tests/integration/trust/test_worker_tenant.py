@@ -13,7 +13,7 @@ import grpc
 import pytest
 from openlora.v1 import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-from services.attribution.server import AttributionServer, build
+from services.attribution.app import AttributionApp, build
 from services.common.grpc_client import open_channel
 from services.common.trust.roles import OPERATOR
 from tests.integration.attribution.wire import attribution_settings
@@ -24,13 +24,13 @@ from tests.kit.service_auth import as_role, trusted
 @dataclass
 class Served:
     worker: WorkerUnderTest
-    attribution: AttributionServer
+    attribution: AttributionApp
 
 
 @pytest.fixture
 async def served(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Served]:
     attribution = build(attribution_settings(f"sqlite:///{tmp_path / 'ledger.sqlite3'}", grace_period_s=1.0))
-    await attribution.server.start()
+    await attribution.start()
     settings = worker_settings(
         tmp_path,
         tiny_llama_dir,

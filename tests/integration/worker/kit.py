@@ -23,10 +23,10 @@ from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.grpc_client import open_channel
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import LoadedAdapter
-from services.inference.config import WorkerSettings
+from services.inference.app import WorkerApp
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
-from services.inference.server import Worker
+from services.inference.settings import WorkerSettings
 from tests.kit.service_auth import as_role
 
 KV_CACHE_BYTES = 1 << 22  # 4 MiB: hundreds of blocks of the tiny model, small enough to see usage
@@ -57,14 +57,14 @@ def worker_settings(tmp_path: Path, model: Path, **overrides: Any) -> WorkerSett
 
 @dataclass
 class WorkerUnderTest:
-    worker: Worker
+    worker: WorkerApp
     channel: grpc.aio.Channel
     stub: inference_pb2_grpc.InferenceAsyncStub
     port: int
 
     @classmethod
     async def start(cls, settings: WorkerSettings) -> WorkerUnderTest:
-        worker = Worker(settings)
+        worker = WorkerApp(settings)
         port = await worker.start()
         await worker.wait_ready()
         channel = open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker"))

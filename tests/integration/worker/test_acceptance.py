@@ -28,7 +28,7 @@ from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2, inference_pb2_g
 from services.common.grpc_client import health_status, open_channel
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
-from services.inference.config import WorkerSettings
+from services.inference.settings import WorkerSettings
 from tests.integration.inference.cache_kit import BASE, small_adapter
 from tests.integration.worker.kit import (
     Streamed,

@@ -15,7 +15,7 @@ from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
 from services.common.trust.roles import GATEWAY
-from services.inference.server import Worker
+from services.inference.app import WorkerApp
 from tests.integration.worker.kit import collect, request, wait_until, worker_settings
 from tests.kit.service_auth import as_role
 
@@ -35,7 +35,7 @@ async def _stream_until_first_chunk(
 async def test_a_killed_engine_fails_its_streams_and_is_replaced(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
-    worker = Worker(worker_settings(tmp_path, tiny_llama_dir))
+    worker = WorkerApp(worker_settings(tmp_path, tiny_llama_dir))
     port = await worker.start()
     await worker.wait_ready()
     try:
@@ -67,7 +67,7 @@ async def test_a_killed_engine_fails_its_streams_and_is_replaced(
 
 async def test_an_engine_that_keeps_dying_makes_the_worker_exit(tmp_path: Path, tiny_llama_dir: Path) -> None:
     # No restart allowed: the first crash is one too many.
-    worker = Worker(worker_settings(tmp_path, tiny_llama_dir, engine_max_restarts=0, grace_period_s=1.0))
+    worker = WorkerApp(worker_settings(tmp_path, tiny_llama_dir, engine_max_restarts=0, grace_period_s=1.0))
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     running = asyncio.create_task(worker.run(ready.set_result))
     try:

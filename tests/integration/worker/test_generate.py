@@ -14,11 +14,11 @@ import pytest
 from openlora.v1 import attribution_pb2, attribution_pb2_grpc, inference_pb2, inference_pb2_grpc
 from transformers import AutoTokenizer
 
-from services.attribution.server import AttributionServer, build
+from services.attribution.app import AttributionApp, build
 from services.common.grpc_client import open_channel
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import LoadedAdapter
-from services.inference.server import Worker
+from services.inference.app import WorkerApp
 from tests.integration.attribution.wire import attribution_settings
 from tests.integration.inference.cache_kit import Store, open_cache, small_adapter, start_store
 from tests.integration.worker.kit import (
@@ -41,7 +41,7 @@ PROMPT, COMPLETION = attribution_pb2.PROMPT, attribution_pb2.COMPLETION
 @dataclass
 class Cluster:
     store: Store
-    attribution: AttributionServer
+    attribution: AttributionApp
     ledger_url: str
     worker: WorkerUnderTest
     adapters: dict[str, LoadedAdapter]  # engine key -> adapter, as the store serves it
@@ -52,7 +52,7 @@ async def cluster(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Cluster
     store = await start_store(tmp_path / "store", tiny_llama_dir)
     ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     attribution = build(attribution_settings(ledger_url, grace_period_s=1.0))
-    await attribution.server.start()
+    await attribution.start()
     for i in range(3):
         await store.upload(small_adapter(tiny_llama_dir, tmp_path / f"a{i}", seed=i, rank=4 + 2 * i), f"a{i}")
     reader = await open_cache(store, tmp_path / "reference-cache")
@@ -244,7 +244,7 @@ async def test_each_request_is_one_span_with_a_child_span_for_its_adapter_load(
     store = await start_store(tmp_path / "store", tiny_llama_dir)
     await store.upload(small_adapter(tiny_llama_dir, tmp_path / "traced", seed=5), "traced")
     settings = worker_settings(tmp_path, tiny_llama_dir, store_address=f"127.0.0.1:{store.server.port}")
-    worker = Worker(settings, tracer_provider=provider)
+    worker = WorkerApp(settings, tracer_provider=provider)
     port = await worker.start()
     try:
         await worker.wait_ready()

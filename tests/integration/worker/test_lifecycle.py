@@ -13,8 +13,8 @@ from openlora.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.grpc_client import health_status, open_channel
 from services.common.trust.roles import GATEWAY
+from services.inference.app import WorkerApp
 from services.inference.engine.llm_engine import LLMEngine
-from services.inference.server import Worker
 from tests.integration.worker.kit import WorkerUnderTest, collect, request, worker_settings
 from tests.kit.ports import free_port
 from tests.kit.service_auth import as_role
@@ -31,7 +31,7 @@ async def test_health_is_not_serving_until_the_model_is_loaded(
         return load(*args, **kwargs)
 
     monkeypatch.setattr(LLMEngine, "from_pretrained", slow_load)
-    worker = Worker(worker_settings(tmp_path, tiny_llama_dir))
+    worker = WorkerApp(worker_settings(tmp_path, tiny_llama_dir))
     port = await worker.start()
     try:
         async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
@@ -54,7 +54,7 @@ async def test_a_model_that_cannot_load_fails_the_start(tmp_path: Path, tiny_lla
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    worker = Worker(worker_settings(tmp_path, broken))
+    worker = WorkerApp(worker_settings(tmp_path, broken))
     await worker.start()
     try:
         with pytest.raises(Exception, match=r"(?i)json|config"):

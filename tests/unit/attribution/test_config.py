@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.attribution.config import AttributionSettings
+from services.attribution.settings import AttributionSettings
 
 
 def test_default_ledger_is_a_sqlite_file_in_the_user_data_dir(

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.adapter_store.config import StoreSettings
-from services.attribution.config import AttributionSettings
-from services.common.config import ServiceSettings, describe
-from services.gateway.config import GatewaySettings
-from services.inference.config import WorkerSettings
+from services.adapter_store.settings import StoreSettings
+from services.attribution.settings import AttributionSettings
+from services.common.settings import ServiceSettings, describe
+from services.gateway.settings import GatewaySettings
+from services.inference.settings import WorkerSettings
 
 SERVICE_SETTINGS = [GatewaySettings, WorkerSettings, StoreSettings, AttributionSettings]
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from openlora.v1 import inference_pb2
 
-from services.common.config import ServiceSettings
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.settings import ServiceSettings
 from services.common.trust.caller import ServiceAuthorizer
 from services.common.trust.roles import AUTHORIZATION, OPERATOR, WORKER, Role, allowed_roles, is_open
 from services.common.trust.setup import NoServiceAuth, ensure_secret_file, server_authorizer

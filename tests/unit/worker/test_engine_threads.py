@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.config import WorkerSettings
-from services.inference.server import (
+from services.inference.app import (
     ALL_CORES_SPIN_COUNT,
     LARGE_MODEL_BYTES,
     default_engine_threads,
     engine_environment,
 )
+from services.inference.settings import WorkerSettings
 
 
 def _model(folder: Path, weights: int) -> Path:

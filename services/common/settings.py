@@ -34,6 +34,14 @@ class ServiceSettings(BaseSettings):
     port: Port = 50050
     """TCP port to listen on; 0 picks a free port (printed at start-up)."""
 
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus `/metrics` endpoint (`0.0.0.0` to let a scraper on another host in)."""
+
+    metrics_port: Port | None = None
+    """Port of the Prometheus `/metrics` endpoint (process CPU, memory and open files, plus the
+    service's own metrics); 0 picks a free port; None, the store's and attribution's default, turns
+    it off."""
+
     grace_period_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight calls may run to completion before they are cancelled."""
 

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.grpc_client import ClientTLS
-from services.gateway.config import GatewaySettings
-from services.gateway.membership import DnsName, parse_workers
+from services.gateway.settings import GatewaySettings
+from services.gateway.worker_addresses import DnsName, parse_workers
 
 
 def test_worker_lists_and_dns_names_are_parsed() -> None:

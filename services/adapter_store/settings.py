@@ -4,7 +4,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import MiB, Port, ServiceSettings
+from services.common.settings import MiB, Port, ServiceSettings
 
 
 def _default_data_dir() -> Path:

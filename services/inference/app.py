@@ -16,29 +16,24 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-import grpc
 from openlora.v1 import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry
 
-from services.common.config import MiB
+from services.common.app import App
 from services.common.errors import Unavailable
-from services.common.grpc_client import client_tls, open_channel
-from services.common.grpc_server import GrpcServer
-from services.common.metrics_http import MetricsEndpoint
-from services.common.telemetry import setup_telemetry
+from services.common.grpc_client import client_tls
+from services.common.settings import MiB
 from services.common.trust.setup import service_identity
-from services.inference.adapter_cache import AdapterCache, CacheConfig
+from services.inference.adapter_cache import AdapterCache
 from services.inference.adapters import AdapterResolver
 from services.inference.base_model_guard import BaseModelGuard
-from services.inference.config import WorkerSettings
+from services.inference.configs import cache_config, engine_config
 from services.inference.engine.dtypes import resolve_dtype
-from services.inference.engine.llm_engine import EngineConfig, EngineStats
+from services.inference.engine.llm_engine import EngineStats
 from services.inference.engine.sequence import SamplingParams
 from services.inference.engine_process.client import EngineClient, RestartPolicy
 from services.inference.engine_process.core import EngineSpec
@@ -48,6 +43,7 @@ from services.inference.metrics import AdapterMetrics
 from services.inference.relay_server import StreamSink, relay_binding
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer, binding
+from services.inference.settings import WorkerSettings
 from services.inference.usage.reporter import UsageReporter
 from services.inference.usage.spool import UsageSpool
 from services.inference.validation import Limits
@@ -127,95 +123,46 @@ def model_name(settings: WorkerSettings) -> str:
     return Path(settings.model).resolve().name
 
 
-class Worker:
-    """One worker process's parts; `run()` serves until SIGTERM/SIGINT."""
+class WorkerApp(App):
+    """One worker process's parts: listening at once (NOT_SERVING), loading in the background."""
+
+    component = "worker"
 
     def __init__(self, settings: WorkerSettings, *, tracer_provider: TracerProvider | None = None) -> None:
-        """`tracer_provider` replaces the one `settings.telemetry` would set up (tests, embedding)."""
-        self.settings = settings
-        self.registry = CollectorRegistry()
-        self._own_provider = tracer_provider is None  # shut down at close only if we made it
-        self.tracer_provider = tracer_provider or setup_telemetry("worker", settings.telemetry)
-        # The global provider when telemetry is off: a no-op unless the embedding process set one.
-        self.tracer = (self.tracer_provider or trace.get_tracer_provider()).get_tracer("openlora.worker")
+        super().__init__(settings, tracer_provider=tracer_provider, ready_on_start=False)
+        self.settings: WorkerSettings = settings
         self.pending = _Pending()
-        self.server = GrpcServer(
-            settings,
-            [binding(self.pending)],
-            component="worker",
-            tracer_provider=self.tracer_provider,
-            ready_on_start=False,
-        )
+        self.serve([binding(self.pending)])
         # The gateway's streams arrive over its relay call, counted in the same drain as calls.
-        self.server.services.append(relay_binding(self.pending.serve, self.server))
+        self.serve([relay_binding(self.pending.serve, self.server)])
         self.engine: EngineClient | None = None
         self.handoff: HandoffWriter | None = None
         self.reporter: UsageReporter | None = None
         self.cache: AdapterCache | None = None
         self.metrics = WorkerMetrics(self.registry, self._engine_stats, lambda: self.reporter)
-        self.metrics_port: int | None = None
-        self._metrics_http: MetricsEndpoint | None = None
-        self._store_channel: grpc.aio.Channel | None = None
         self._startup: asyncio.Task[None] | None = None
-        self.failure: BaseException | None = None
         self._health_task: asyncio.Task[None] | None = None
 
     def _engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
 
-    async def run(self, on_ready: Callable[[int], None] | None = None) -> None:
-        """Serve until a signal, then shut down; raises what made the start-up fail."""
-        self._start_metrics()
-
-        def started(port: int) -> None:
-            self._startup = asyncio.get_running_loop().create_task(self._load(port, on_ready))
-
-        try:
-            await self.server.serve_until_signal(started)
-        finally:
-            await self.close()
-        if self.failure is not None:
-            raise self.failure
-
-    async def start(self) -> int:
-        """Listen (NOT_SERVING) and begin loading in the background; the bound port (for tests)."""
-        self._start_metrics()
-        port = await self.server.start()
-        self._startup = asyncio.get_running_loop().create_task(self._load(port, None))
-        return port
+    async def on_listening(self, port: int) -> None:
+        self._startup = asyncio.get_running_loop().create_task(self._load())
 
     async def wait_ready(self) -> None:
-        """Wait for the start-up begun by `start()`; raises what made it fail."""
-        assert self._startup is not None
-        await self._startup
-        if self.failure is not None:
-            raise self.failure
+        """Wait for the model to load and the engine to warm up; raises what made that fail."""
+        if self._startup is not None:
+            await self._startup
+        await super().wait_ready()
 
-    async def stop(self) -> None:
-        """Drain in-flight calls, then release everything (the counterpart of `start()`)."""
-        await self.server.stop()
-        await self.close()
-
-    def _start_metrics(self) -> None:
-        if self.settings.metrics_port is None:
-            return
-        self._metrics_http = MetricsEndpoint(
-            self.settings.metrics_host, self.settings.metrics_port, self.registry
-        )
-        self.metrics_port = self._metrics_http.port
-
-    async def _load(self, port: int, on_ready: Callable[[int], None] | None) -> None:
+    async def _load(self) -> None:
         try:
             await self._start_usage()
             await self._start_engine()
             await self.server.set_ready(True)
         except Exception as exc:
             log.exception("the worker failed to start")
-            self.failure = exc
-            self.server.stop()
-            return
-        if on_ready is not None:
-            on_ready(port)
+            self.fail(exc)
 
     async def _start_usage(self) -> None:
         s = self.settings
@@ -240,42 +187,10 @@ class Worker:
         s = self.settings
         started = time.perf_counter()
         folder = await asyncio.to_thread(model_folder, s.model)
-        config = EngineConfig(
-            block_size=s.block_size,
-            max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens,
-            kv_cache_bytes=s.kv_cache_bytes,
-            kv_cache_memory_fraction=s.kv_cache_memory_fraction,
-            dtype=s.dtype,
-            device=s.device,
-            attention_backend=s.attention_backend,
-            lora_slots=s.lora_slots,
-            lora_max_rank=s.lora_max_rank,
-            lora_target_modules=s.lora_target_modules,
-            lora_op=s.lora_op,
-            lora_dtype=s.lora_dtype,
-            quantization=s.quantization,
-        )
+        config = engine_config(s)
         if s.store_address is not None and s.lora_slots:
-            self._store_channel = open_channel(
-                s.store_address,
-                s,
-                tls=client_tls(s, "store"),
-                tracer_provider=self.tracer_provider,
-                identity=service_identity(s, "worker"),
-                audience="store",
-            )
-            cache_config = CacheConfig(
-                host_bytes=s.cache_host_bytes,
-                disk_bytes=s.cache_disk_bytes,
-                disk_dir=s.cache_dir,
-                download_timeout_s=s.adapter_download_timeout_s,
-                latest_ttl_s=s.adapter_latest_ttl_s,
-                import_schemes=s.adapter_import_schemes,
-            )
-            self.cache = AdapterCache(
-                adapter_store_pb2_grpc.AdapterStoreStub(self._store_channel), cache_config
-            )
+            store = self.upstream(s.store_address, audience="store")
+            self.cache = AdapterCache(adapter_store_pb2_grpc.AdapterStoreStub(store), cache_config(s))
             await self.cache.start()
             self.handoff = await asyncio.to_thread(HandoffWriter, s.engine_handoff_dir)
         cache = self.cache
@@ -373,12 +288,10 @@ class Worker:
 
     def _engine_failed(self, exc: BaseException) -> None:
         # A worker that cannot keep an engine up must leave the pool: NOT_SERVING now, then exit
-        # non-zero after the drain (`run` raises `failure`), so its orchestrator steps in.
+        # non-zero after the drain (`run` raises the failure), so its orchestrator steps in.
         log.critical("the engine keeps failing (%s): this worker stops serving and exits", exc)
-        if self.failure is None:
-            self.failure = RuntimeError(f"the engine process keeps failing: {exc}")
         self._spawn_health(False)
-        self.server.stop()
+        self.fail(RuntimeError(f"the engine process keeps failing: {exc}"))
 
     async def _warm_up(self, vocab_size: int) -> None:
         assert self.engine is not None
@@ -386,8 +299,7 @@ class Worker:
         async for _ in self.engine.generate("warmup", [i % vocab_size for i in range(1, 9)], sampling):
             pass
 
-    async def close(self) -> None:
-        """Release everything `run()` started (idempotent)."""
+    async def release(self) -> None:
         if self._startup is not None and not self._startup.done():
             self._startup.cancel()
             await asyncio.gather(self._startup, return_exceptions=True)
@@ -402,15 +314,11 @@ class Worker:
         if self.handoff is not None:
             self.handoff.close()
             self.handoff = None
-        if self._store_channel is not None:
-            await self._store_channel.close()
-            self._store_channel = None
-        if self._metrics_http is not None:
-            self._metrics_http.close()
-            self._metrics_http = None
-        if self.tracer_provider is not None and self._own_provider:
-            self.tracer_provider.shutdown()  # flushes spans still batched for export
-            self._own_provider = False
+
+
+def build(settings: WorkerSettings) -> WorkerApp:
+    """The worker, not yet listening (build it inside the event loop that will run it)."""
+    return WorkerApp(settings)
 
 
 def engine_environment(settings: WorkerSettings, threads: int) -> dict[str, str]:
@@ -434,8 +342,3 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
-
-
-async def serve(settings: WorkerSettings, on_ready: Callable[[int], None] | None = None) -> None:
-    """Run a worker until SIGTERM/SIGINT (see `Worker`)."""
-    await Worker(settings).run(on_ready)

@@ -10,7 +10,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import Port, ServiceSettings, StoreClientTLS
+from services.common.settings import Port, ServiceSettings, StoreClientTLS
 
 
 def default_database_url() -> str:

@@ -10,8 +10,8 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import MiB, Port, ServiceSettings, StoreClientTLS, check_client_tls
 from services.common.request_checks import check_tenant
+from services.common.settings import MiB, Port, ServiceSettings, StoreClientTLS, check_client_tls
 
 GiB = 1024 * MiB
 
@@ -263,10 +263,8 @@ class WorkerSettings(ServiceSettings, StoreClientTLS):
     usage_drain_timeout_s: float = Field(default=5.0, ge=0)
     """On shutdown, how long to wait for attribution to ack the spool; the rest is replayed later."""
 
-    metrics_host: str = "127.0.0.1"
-    """Address of the Prometheus `/metrics` endpoint (`0.0.0.0` to let a scraper on another host in)."""
-
     metrics_port: Port | None = 9464
+    """The Prometheus `/metrics` port, on by default for the worker's metrics; None turns it off."""
     """Port of the Prometheus `/metrics` endpoint; 0 picks a free port; None turns it off."""
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import Port, ServiceSettings, check_client_tls
+from services.common.settings import Port, ServiceSettings, check_client_tls
+from services.gateway.worker_addresses import parse_workers
 
 
 class GatewaySettings(ServiceSettings):
@@ -87,16 +88,12 @@ class GatewaySettings(ServiceSettings):
     """Name the workers' and the store's certificates must carry, when it is not the host in their
     addresses (e.g. every worker's certificate names the headless Service)."""
 
-    metrics_host: str = "127.0.0.1"
-    """Address of the Prometheus `/metrics` endpoint (`0.0.0.0` to let a scraper on another host in)."""
-
     metrics_port: Port | None = 9465
+    """The Prometheus `/metrics` port, on by default for the gateway's metrics; None turns it off."""
     """Port of the Prometheus `/metrics` endpoint; 0 picks a free port; None turns it off."""
 
     @model_validator(mode="after")
     def _check_gateway(self) -> Self:
-        from services.gateway.membership import parse_workers
-
         parse_workers(self.workers)  # raises ValueError naming the bad entry
         if self.worker_retry_max_s < self.worker_retry_s:
             raise ValueError("worker_retry_max_s must not be shorter than worker_retry_s")
