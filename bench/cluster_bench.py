@@ -56,9 +56,9 @@ from bench import workload
 from bench.engine_bench import model_dir, run_ours
 from bench.lora_bench import HostAdapter, adapter_name
 from bench.machine import cpu_flags, cpu_model, set_up_torch, steal_seconds, thread_usage
+from services.cluster.synthetic_adapters import write_adapter
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.grpc_client import open_channel
-from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 

@@ -40,7 +40,7 @@ from services.inference.engine.sequence import SamplingParams, Sequence
 
 def model_dir(name: str, scratch: Path) -> Path:
     if name == "tiny":
-        from services.common.tiny_models import build_tiny_model
+        from services.cluster.tiny_models import build_tiny_model
 
         return build_tiny_model(scratch / "tiny-llama", family="llama")
     if name == "smollm2":

@@ -53,7 +53,7 @@ def ms(value: float) -> float:
 
 def model_path(spec: str, scratch: Path) -> str:
     if spec == "tiny":
-        from services.common.tiny_models import build_tiny_model
+        from services.cluster.tiny_models import build_tiny_model
 
         return str(build_tiny_model(scratch / "tiny-llama"))
     return spec  # `smollm2` or a folder: the worker resolves it

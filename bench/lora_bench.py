@@ -50,7 +50,7 @@ from bench.engine_bench import (
     run_ours,
 )
 from bench.machine import cpu_flags, cpu_model, gemm_gflops, set_up_torch
-from services.common.synthetic_adapters import write_adapter
+from services.cluster.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
 

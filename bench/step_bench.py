@@ -35,7 +35,7 @@ from bench import workload
 from bench.engine_bench import decode_flops_per_token, model_dir
 from bench.lora_bench import HostAdapter, adapter_name, add_slot_arguments, slot_settings
 from bench.machine import cpu_flags, cpu_model, gemm_gflops, memory_read_gbps, set_up_torch
-from services.common.synthetic_adapters import write_adapter
+from services.cluster.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
 

@@ -26,8 +26,8 @@ from openlora.v1 import adapter_store_pb2_grpc, common_pb2
 
 from services.adapter_store.app import build as build_store
 from services.adapter_store.settings import StoreSettings
+from services.cluster.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from services.common.grpc_client import open_channel
-from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from tests.kit.seaweedfs import SeaweedFS
 from tests.kit.service_auth import install as install_service_secret
 from tests.kit.service_auth import trusted

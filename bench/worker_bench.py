@@ -36,8 +36,8 @@ from openlora.transfer import upload
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import adapter_store_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
+from services.cluster.synthetic_adapters import write_adapter
 from services.common.grpc_client import open_channel
-from services.common.synthetic_adapters import write_adapter
 from services.common.trust.roles import GATEWAY
 from services.inference.app import WorkerApp, model_folder
 from services.inference.settings import WorkerSettings

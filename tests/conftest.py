@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.common.tiny_models import FAMILIES, Family, build_tiny_model
+from services.cluster.tiny_models import FAMILIES, Family, build_tiny_model
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint, SeaweedFS
 from tests.kit.service_auth import install as install_service_secret

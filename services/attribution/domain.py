@@ -49,11 +49,6 @@ def format_amount(picos: int) -> str:
     return f"{from_picos(picos):f}"
 
 
-def minute_of(ts_us: int) -> int:
-    """Start (epoch microseconds) of the minute holding `ts_us`."""
-    return ts_us - ts_us % US_PER_MINUTE
-
-
 class AdapterShare(NamedTuple):
     """One adapter credited for a token and its weight in micros (a token's weights sum to 1e6).
 

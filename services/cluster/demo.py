@@ -24,6 +24,7 @@ from openlora import AsyncClient, Completion, GenerateOptions, MixComponent
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
 
+from services.cluster.synthetic_adapters import write_adapter
 from services.cluster.up import (
     QUIET_MODEL_STACK,
     Cluster,
@@ -34,7 +35,6 @@ from services.cluster.up import (
     stop_on_signals,
 )
 from services.common.grpc_client import open_channel
-from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 
 

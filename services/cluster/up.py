@@ -89,7 +89,7 @@ def prepare_model(model: str, data_dir: Path, say: Callable[[str], None]) -> tup
 
         return prepare_smollm2(step=say), MODEL_NAME
     if model == "tiny":
-        from services.common.tiny_models import build_tiny_model
+        from services.cluster.tiny_models import build_tiny_model
 
         folder = data_dir / "models" / "tiny-llama"
         if not (folder / "config.json").exists():

@@ -103,7 +103,3 @@ class Unavailable(_Retryable):
     """A dependency is down or the server is shutting down; safe to retry elsewhere."""
 
     code = grpc.StatusCode.UNAVAILABLE
-
-
-class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -17,11 +17,10 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from openlora.v1 import common_pb2
 from opentelemetry import trace
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.inference.adapter_cache import AdapterCache, LoadedAdapter
+from services.inference.adapter_cache import AdapterCache, AdapterKey, CacheEntry, LoadedAdapter
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.base_model_guard import BaseModelGuard
 from services.inference.engine_process.handoff import HandoffWriter
@@ -63,42 +62,15 @@ class AdapterResolver:
         self.handoff = handoff
         self.slots = slots
         self.base_model_guard = base_model_guard
-        # adapter -> (the tier it was loaded from, the number of that load)
-        self._loads: weakref.WeakKeyDictionary[LoadedAdapter, tuple[str, int]] = weakref.WeakKeyDictionary()
-        self._num_loads = 0
-        self._last_tier = "store"
         # Adapters that passed `check`: a loaded adapter never changes, and checking every weight's shape
         # (120 on SmolLM2: 68 µs) for each of its requests cost more than building its usage records.
         self._checked: weakref.WeakSet[LoadedAdapter] = weakref.WeakSet()
-        self.known: weakref.WeakValueDictionary[str, LoadedAdapter] = weakref.WeakValueDictionary()
-        """Adapters loaded into host RAM and still referenced there, by key (for ListModels)."""
-        if cache is not None:
-            observe = cache.on_load_time
-            resident = cache.on_resident
 
-            # The cache reports a load's tier, then the adapter, back to back on the event loop.
-            def on_load_time(tier: str, seconds: float) -> None:
-                self._last_tier = tier
-                if observe is not None:
-                    observe(tier, seconds)
-
-            def on_resident(adapter: LoadedAdapter) -> None:
-                self._num_loads += 1
-                self._loads[adapter] = (self._last_tier, self._num_loads)
-                self.known[adapter.key] = adapter
-                if resident is not None:
-                    resident(adapter)
-
-            cache.on_load_time = on_load_time
-            cache.on_resident = on_resident
-
-    async def resolve(
-        self, adapter_ref: common_pb2.AdapterRef | None, mix: MixSpec | None
-    ) -> ResolvedAdapter | None:
+    async def resolve(self, adapter: AdapterKey | None, mix: MixSpec | None) -> ResolvedAdapter | None:
         """None for the base model; else the adapter, loaded, checked and pinned. Raises ServiceError."""
-        if adapter_ref is None and mix is None:
+        if adapter is None and mix is None:
             return None
-        field = "adapter_ref" if adapter_ref is not None else "mix"
+        field = "adapter_ref" if adapter is not None else "mix"
         if self.cache is None or self.pool is None or self.handoff is None:
             raise FailedPrecondition(
                 f"{field}: this worker serves the base model only (no adapter store or no LoRA slots)"
@@ -107,13 +79,12 @@ class AdapterResolver:
         with self.tracer.start_as_current_span("adapter.load") as span:
             started = time.perf_counter()
             for _ in range(_PIN_ATTEMPTS):
-                loads_before = self._num_loads
-                if adapter_ref is not None:
-                    loaded = await cache.get(adapter_ref)
+                if adapter is not None:
+                    entry = await cache.get(adapter)
                 else:
                     assert mix is not None
-                    loaded = await self._mix(cache, mix)
-                tier = self._tier(loaded, loads_before)
+                    entry = await cache.get_mix(mix, max_rank=self.pool.r_max, field="mix")
+                loaded = entry.adapter
                 if loaded not in self._checked:
                     self.check(loaded, field)
                     self._checked.add(loaded)
@@ -123,6 +94,7 @@ class AdapterResolver:
                     break
             else:
                 raise FailedPrecondition(f"{field}: the adapter cache is too small to hold {loaded.key}")
+            tier = self._tier(entry)
             span.set_attributes(
                 {
                     "openlora.adapter.key": loaded.key,
@@ -156,18 +128,12 @@ class AdapterResolver:
         self.handoff.sweep(lambda key: key in host)  # files of adapters the host tier let go
         return handle
 
-    async def _mix(self, cache: AdapterCache, spec: MixSpec) -> LoadedAdapter:
-        assert self.pool is not None
-        return await cache.get_mix(spec, max_rank=self.pool.r_max, field="mix")
-
-    def _tier(self, loaded: LoadedAdapter, loads_before: int) -> str:
-        """Where the request found its adapter: a load that finished while it waited names its
-        source tier (joined loads included); otherwise it was in RAM, maybe in a slot already."""
-        tier, number = self._loads.get(loaded, ("host", 0))
-        if number > loads_before:
-            return tier
-        assert self.pool is not None
-        return "device" if self.slots().slot_of(loaded.key) is not None else "host"
+    def _tier(self, entry: CacheEntry) -> str:
+        """Where the request found its adapter: the tier of a load that finished while it waited
+        (joined loads included); otherwise it was in RAM, maybe in a slot already."""
+        if entry.tier != "host":
+            return entry.tier
+        return "device" if self.slots().slot_of(entry.adapter.key) is not None else "host"
 
     def check(self, adapter: LoadedAdapter, field: str) -> None:
         """Refuse an adapter the LoRA slots cannot hold: too large a rank, other modules, other shapes."""

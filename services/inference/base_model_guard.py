@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from services.common.errors import InvalidArgument
-from services.inference.adapter_cache.loaded import adapter_key
+from services.inference.adapter_cache.key import AdapterKey
 from services.inference.adapter_cache.store import StoreFetcher
 
 MAX_REMEMBERED = 65536  # adapter versions whose base model is remembered; least recent forgotten
@@ -27,7 +27,7 @@ class BaseModelGuard:
     async def check(self, components: Iterable[tuple[str, str, float]], field: str) -> None:
         """Raise InvalidArgument naming `field` if any component is for another base model."""
         for adapter_id, version, _ in components:
-            key = adapter_key(adapter_id, version)
+            key = AdapterKey(adapter_id, version).name
             base = self._known.get(key)
             if base is None:
                 base = (await self.fetcher.info(adapter_id, version)).base_model

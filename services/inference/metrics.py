@@ -1,7 +1,8 @@
 """Prometheus metrics of a worker's adapter cache and LoRA slots.
 
-Counters and sizes are read from the cache and the slot pool when Prometheus scrapes (a collector), so
-the hot paths keep plain integer counters; load times go into a real histogram as loads finish.
+Counters and sizes are read from the cache (a snapshot taken on its event loop) and from the slot state
+the engine process last published when Prometheus scrapes (a collector), so the hot paths keep plain
+integer counters; load times go into a real histogram as loads finish (the cache's observer).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.inference.adapter_cache import AdapterCache
+from services.inference.adapter_cache import AdapterCache, LoadedAdapter
 
 
 class SlotView(Protocol):
@@ -46,11 +47,17 @@ class AdapterMetrics(Collector):
             buckets=LOAD_BUCKETS,
             registry=registry,
         )
-        cache.on_load_time = lambda tier, seconds: self.load_seconds.labels(tier).observe(seconds)
+        cache.observe(self)
         registry.register(self)
 
+    def adapter_loaded(self, adapter: LoadedAdapter, tier: str, seconds: float) -> None:
+        self.load_seconds.labels(tier).observe(seconds)
+
     def collect(self) -> Iterator[Metric]:
-        s = self.cache.stats()
+        # Prometheus scrapes from a thread of its own: the cache's counters are read on its loop.
+        s = self.cache.snapshot()
+        if s is None:
+            return
         yield _family(
             CounterMetricFamily,
             "openlora_adapter_cache_hits",

@@ -23,8 +23,10 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.errors import InvalidArgument, Unavailable
+from services.inference.adapter_cache import AdapterKey
 from services.inference.adapters import AdapterResolver, ResolvedAdapter
 from services.inference.engine.detokenizer import IncrementalDetokenizer
+from services.inference.engine.llm_engine import EngineStats
 from services.inference.engine.sequence import FinishReason
 from services.inference.engine_process.client import EngineClient, EngineOutput, EngineUnavailable
 from services.inference.usage.records import RequestUsage, new_usage_id
@@ -63,6 +65,24 @@ class Chunk:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class CachedAdapterInfo:
+    id: str
+    version: str
+    digest: str
+    tier: str  # the fastest holding it: device, host or disk
+    rank: int  # 0 on disk: unknown until parsed
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    model: ModelDescription
+    worker_id: str
+    stats: EngineStats | None  # as the engine process last reported; None while it restarts
+    adapters: list[CachedAdapterInfo]  # fastest tier first, most recently used first within one
+
+
 @dataclass
 class WorkerService:
     engine: EngineClient
@@ -74,6 +94,31 @@ class WorkerService:
     model: ModelDescription
     worker_id: str
     tracer: trace.Tracer
+
+    def list_models(self) -> ModelListing:
+        """The model served and the adapters this worker holds (on the event loop: the slot state
+        is the snapshot the engine process last published)."""
+        return ModelListing(self.model, self.worker_id, self.engine.stats(), self._cached_adapters())
+
+    def _cached_adapters(self) -> list[CachedAdapterInfo]:
+        cache = self.resolver.cache
+        if cache is None:
+            return []
+        in_slots = set(self.engine.slots.resident_keys())
+        listed = [
+            CachedAdapterInfo(
+                a.id, a.version, a.digest, "device" if a.key in in_slots else "host", a.rank, a.size_bytes
+            )
+            for a in reversed(cache.host.adapters())  # most recently used first
+        ]
+        in_ram = {(a.id, a.version) for a in listed}
+        for key, digest, size in cache.disk.entries():
+            on_disk = AdapterKey.parse(key)
+            if (on_disk.id, on_disk.version) not in in_ram:
+                listed.append(CachedAdapterInfo(on_disk.id, on_disk.version, digest, "disk", 0, size))
+        order = {"device": 0, "host": 1, "disk": 2}
+        listed.sort(key=lambda a: order[a.tier])  # stable: recency kept within a tier
+        return listed
 
     async def generate(self, request: ParsedRequest) -> AsyncGenerator[Chunk]:
         """Stream the request's chunks; the last carries `finish_reason` and usage."""
@@ -118,7 +163,7 @@ class WorkerService:
         resolved: ResolvedAdapter | None = None
         try:
             with trace.use_span(span, end_on_exit=False):
-                resolved = await self.resolver.resolve(request.adapter_ref, request.mix)
+                resolved = await self.resolver.resolve(request.adapter, request.mix)
             if resolved is not None:
                 span.set_attributes(
                     {"openlora.adapter.key": resolved.key, "openlora.cache.tier": resolved.tier}

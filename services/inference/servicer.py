@@ -16,6 +16,7 @@ from services.inference.relay_server import StreamSink
 from services.inference.service import Chunk, WorkerService
 from services.inference.validation import ParsedRequest, parse_request
 
+_TIERS = {"device": inference_pb2.DEVICE, "host": inference_pb2.HOST, "disk": inference_pb2.DISK}
 _FINISH = {
     FinishReason.STOP: inference_pb2.STOP,
     FinishReason.LENGTH: inference_pb2.LENGTH,
@@ -34,8 +35,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.service = service
         self.default_tenant = default_tenant
         self.tokenize = tokenize
-        self.resolver = service.resolver
-        self.cache = service.resolver.cache
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Any
@@ -64,7 +63,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Any
     ) -> inference_pb2.ListModelsResponse:
-        model = self.service.model
+        listing = self.service.list_models()
+        model = listing.model
         reply = inference_pb2.ListModelsResponse(
             base_model=inference_pb2.ModelInfo(
                 name=model.name,
@@ -74,51 +74,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             ),
             attention_backend=model.attention_backend,
             lora_op=model.lora_op,
-            worker_id=self.service.worker_id,
+            worker_id=listing.worker_id,
+            adapters=[
+                inference_pb2.CachedAdapter(
+                    adapter=common_pb2.AdapterRef(id=a.id, version=a.version),
+                    digest=a.digest,
+                    tier=_TIERS[a.tier],
+                    rank=a.rank,
+                    size_bytes=a.size_bytes,
+                )
+                for a in listing.adapters
+            ],
         )
-        stats = self.service.engine.stats()  # as the engine process last reported; None while it restarts
-        if stats is not None:
+        if (stats := listing.stats) is not None:
             reply.stats.running_requests = stats.num_running
             reply.stats.waiting_requests = stats.num_waiting
             reply.stats.kv_blocks_total = stats.num_kv_blocks
             reply.stats.kv_blocks_used = stats.num_kv_blocks - stats.num_free_kv_blocks
-        reply.adapters.extend(self._cached_adapters())
         return reply
-
-    def _cached_adapters(self) -> list[inference_pb2.CachedAdapter]:
-        if self.cache is None:
-            return []
-        in_slots = set(self.service.engine.slots.resident_keys())
-        listed = []
-        for key in reversed(self.cache.host.keys()):  # most recently used first
-            # Not cache.resident(): a lookup would count as a use and reorder the LRU.
-            adapter = self.resolver.known.get(key)
-            if adapter is None:
-                continue
-            listed.append(
-                inference_pb2.CachedAdapter(
-                    adapter=common_pb2.AdapterRef(id=adapter.id, version=adapter.version),
-                    digest=adapter.digest,
-                    tier=inference_pb2.DEVICE if key in in_slots else inference_pb2.HOST,
-                    rank=adapter.rank,
-                    size_bytes=adapter.size_bytes,
-                )
-            )
-        in_ram = {(a.adapter.id, a.adapter.version) for a in listed}
-        for key, digest, size in self.cache.disk.entries():
-            adapter_id, _, version = key.partition("@")
-            if (adapter_id, version) in in_ram:
-                continue
-            listed.append(  # rank unknown until parsed: 0
-                inference_pb2.CachedAdapter(
-                    adapter=common_pb2.AdapterRef(id=adapter_id, version=version),
-                    digest=digest,
-                    tier=inference_pb2.DISK,
-                    size_bytes=size,
-                )
-            )
-        listed.sort(key=lambda a: a.tier)  # fastest tier first, recency kept within a tier
-        return listed
 
 
 def to_message(chunk: Chunk) -> inference_pb2.GenerateChunk:

@@ -15,11 +15,19 @@ from dataclasses import dataclass
 from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.common.request_checks import check_generate_request, check_tenant
+from services.common.request_checks import check_generate_request, check_mix_components, check_tenant
 from services.common.trust.roles import Role
+from services.inference.adapter_cache.key import AdapterKey
 from services.inference.adapter_cache.mixing import MixSpec
+from services.inference.engine.lora.mixes import Strategy
 from services.inference.engine.sequence import SamplingParams
 
+STRATEGIES: dict[int, Strategy] = {
+    common_pb2.LINEAR: "LINEAR",
+    common_pb2.TIES: "TIES",
+    common_pb2.DARE_LINEAR: "DARE_LINEAR",
+    common_pb2.DARE_TIES: "DARE_TIES",
+}
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -39,7 +47,7 @@ class ParsedRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    adapter_ref: common_pb2.AdapterRef | None  # a single adapter
+    adapter: AdapterKey | None  # a single adapter
     mix: MixSpec | None  # or a mix; neither = the base model
     tenant: str
 
@@ -65,10 +73,26 @@ def parse_request(
         )
     sampling = _sampling(request, len(prompt), limits)
     kind = request.WhichOneof("adapter")
-    adapter_ref = request.adapter_ref if kind == "adapter_ref" else None
-    mix = MixSpec.from_proto(request.mix, "mix") if kind == "mix" else None
+    ref = request.adapter_ref
+    adapter = AdapterKey(ref.id, ref.version) if kind == "adapter_ref" else None
+    mix = mix_spec(request.mix, "mix") if kind == "mix" else None
     tenant = billed_tenant(request.tenant, caller, default_tenant)
-    return ParsedRequest(request_id, prompt, sampling, adapter_ref, mix, tenant)
+    return ParsedRequest(request_id, prompt, sampling, adapter, mix, tenant)
+
+
+def mix_spec(message: common_pb2.AdapterMix, field: str = "adapter_mix") -> MixSpec:
+    """Check a wire mix; every refusal names the offending field."""
+    strategy = STRATEGIES.get(message.strategy)
+    if strategy is None:
+        raise InvalidArgument(f"{field}.strategy", "must be LINEAR, TIES, DARE_LINEAR or DARE_TIES")
+    components = tuple((c.adapter.id, c.adapter.version, float(c.weight)) for c in message.components)
+    shares = check_mix_components(f"{field}.components", components)
+    density = 1.0
+    if strategy != "LINEAR":
+        density = float(message.density)
+        if not 0 < density <= 1:
+            raise InvalidArgument(f"{field}.density", f"must be in (0, 1] for {strategy}, got {density}")
+    return MixSpec(components, strategy, density, int(message.rank), int(message.seed), tuple(shares))
 
 
 def billed_tenant(named: str, caller: Role | None, default_tenant: str | None) -> str:

@@ -30,8 +30,8 @@ from openlora.v1 import (
 )
 
 from services.attribution.models import UsageEvent
+from services.cluster.synthetic_adapters import write_adapter
 from services.cluster.up import Cluster, ClusterConfig
-from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 from tests.e2e.cluster_kit import running_cluster
 from tests.kit.otlp_receiver import OtlpReceiver

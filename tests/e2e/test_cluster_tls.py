@@ -20,9 +20,9 @@ from openlora.transfer import upload
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2, attribution_pb2_grpc
 
+from services.cluster.synthetic_adapters import write_adapter
 from services.cluster.up import Cluster, ClusterConfig
 from services.common.grpc_client import channel_credentials, health_status, open_channel
-from services.common.synthetic_adapters import write_adapter
 from services.common.trust.setup import operator_identity
 from tests.e2e.cluster_kit import running_cluster
 

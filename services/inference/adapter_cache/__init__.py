@@ -1,21 +1,24 @@
 """The worker's adapter cache: host RAM and local disk tiers in front of the adapter store.
 
-The device tier (slots on the GPU) lives in the engine and reads `LoadedAdapter.weights` from here.
+The device tier (slots in the engine process) reads `LoadedAdapter.weights` from here, handed over as
+files (`engine_process/handoff.py`).
 """
 
-from services.inference.adapter_cache.cache import AdapterCache, RefLike
+from services.inference.adapter_cache.cache import AdapterCache, CacheEntry, CacheObserver
 from services.inference.adapter_cache.config import CacheConfig
 from services.inference.adapter_cache.errors import AdapterCorrupt
-from services.inference.adapter_cache.loaded import LoadedAdapter, adapter_key, parse_adapter
+from services.inference.adapter_cache.key import AdapterKey
+from services.inference.adapter_cache.loaded import LoadedAdapter, parse_adapter
 from services.inference.adapter_cache.stats import CacheStats
 
 __all__ = [
     "AdapterCache",
     "AdapterCorrupt",
+    "AdapterKey",
     "CacheConfig",
+    "CacheEntry",
+    "CacheObserver",
     "CacheStats",
     "LoadedAdapter",
-    "RefLike",
-    "adapter_key",
     "parse_adapter",
 ]

@@ -1,8 +1,9 @@
 """`AdapterCache`: host RAM ← local disk ← adapter store, with deduplicated background loads.
 
-The engine's view: `resident(ref)` (non-blocking, for the scheduler's adapter_ready hook), `pin`/`unpin`
-around the running batch, `prefetch(ref)` when a request is enqueued (callable from any thread), and
-`on_resident` to hear when a load lands. Request handlers `await get(ref)`.
+Request handlers `await get(key)`, which answers with the adapter, the tier it came from and how long
+its load took. Around a request: `pin`/`unpin`; `resident(key)` and `prefetch(key)` never block. Load
+times reach every `CacheObserver` (`observe()`), e.g. a Prometheus histogram; `snapshot()` gives the
+counters to other threads (a metrics scrape) without reading a structure while it changes.
 
 State other than the host tier lives on the event loop that called `start()`; file work runs in
 worker threads. N concurrent misses of one adapter share one load task (so one download), and each
@@ -12,10 +13,11 @@ waiter awaits it shielded, so a caller that gives up does not cancel the load fo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from openlora.v1 import adapter_store_pb2_grpc
@@ -25,8 +27,9 @@ from services.inference.adapter_cache.config import CacheConfig
 from services.inference.adapter_cache.disk_tier import DiskTier
 from services.inference.adapter_cache.errors import AdapterCorrupt
 from services.inference.adapter_cache.host_tier import HostTier
-from services.inference.adapter_cache.latest import LatestVersions, is_source_uri
-from services.inference.adapter_cache.loaded import LoadedAdapter, adapter_key, parse_adapter
+from services.inference.adapter_cache.key import AdapterKey, is_source_uri
+from services.inference.adapter_cache.latest import LatestVersions
+from services.inference.adapter_cache.loaded import LoadedAdapter, parse_adapter
 from services.inference.adapter_cache.mixing import MIX_ID, MixSpec, build_mixed_adapter, mix_version
 from services.inference.adapter_cache.stats import CacheStats, Counters
 from services.inference.adapter_cache.store import StoreFetcher
@@ -34,36 +37,36 @@ from services.inference.adapter_cache.store import StoreFetcher
 log = logging.getLogger("openlora.worker.adapter_cache")
 
 
-class RefLike(Protocol):
-    """An `AdapterRef` or anything with its two fields; an empty version means the latest."""
+@dataclass(frozen=True)
+class CacheEntry:
+    """What `get` found: the adapter, and where from (`host`, or the tier a load that finished while
+    the caller waited came from: `disk`, `store`, `mix`) with that load's seconds (0 for a hit)."""
 
-    @property
-    def id(self) -> str: ...
+    adapter: LoadedAdapter
+    tier: str
+    load_seconds: float = 0.0
 
-    @property
-    def version(self) -> str: ...
+
+class CacheObserver(Protocol):
+    def adapter_loaded(self, adapter: LoadedAdapter, tier: str, seconds: float) -> None:
+        """A load landed in host RAM (on the cache's event loop): from `disk`, `store` or a `mix`."""
 
 
 class AdapterCache:
-    def __init__(
-        self,
-        store: adapter_store_pb2_grpc.AdapterStoreAsyncStub,
-        config: CacheConfig,
-        *,
-        on_resident: Callable[[LoadedAdapter], None] | None = None,
-        on_load_time: Callable[[str, float], None] | None = None,
-    ) -> None:
+    def __init__(self, store: adapter_store_pb2_grpc.AdapterStoreAsyncStub, config: CacheConfig) -> None:
         self.config = config
         self.host = HostTier(config.host_bytes)
         self.disk = DiskTier(config.disk_dir, config.disk_bytes)
         self.fetcher = StoreFetcher(store, config.download_timeout_s)
-        self.on_resident = on_resident
-        self.on_load_time = on_load_time  # (source tier, seconds), e.g. into a Prometheus histogram
+        self._observers: list[CacheObserver] = []
         self._counters = Counters(config.load_samples)
         self.latest = LatestVersions(self.fetcher, config.latest_ttl_s, config.import_schemes)
-        self._loading: dict[str, asyncio.Task[LoadedAdapter]] = {}
+        self._loading: dict[str, asyncio.Task[CacheEntry]] = {}
         self._prefetches: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def observe(self, observer: CacheObserver) -> None:
+        self._observers.append(observer)
 
     async def start(self) -> None:
         """Index the disk tier left by earlier runs; bind the cache to the running event loop."""
@@ -80,18 +83,18 @@ class AdapterCache:
 
     # the engine's side (any thread)
 
-    def resident(self, ref: RefLike | str) -> LoadedAdapter | None:
+    def resident(self, key: AdapterKey | str) -> LoadedAdapter | None:
         """The adapter if it is in host RAM now; never blocks, never calls the store.
 
-        A latest-version ref is resident only while its resolution is fresh (see latest_ttl_s).
-        Accepts a ref or a key `id@version` / `id`."""
-        adapter_id, version = _split(ref)
-        if not version:
-            latest = self.latest.fresh(adapter_id)
+        A latest-version key is resident only while its resolution is fresh (see latest_ttl_s). A
+        string is parsed as `id` or `id@version` (for tools and tests)."""
+        key = AdapterKey.of(key)
+        if not key.version:
+            latest = self.latest.fresh(key.id)
             if latest is None:
                 return None
-            adapter_id, version = latest.adapter_id, latest.version
-        return self.host.lookup(adapter_key(adapter_id, version))
+            key = AdapterKey(latest.adapter_id, latest.version)
+        return self.host.lookup(key.name)
 
     def pin(self, key: str) -> LoadedAdapter | None:
         """Keep a resident adapter (key `id@version`) in host RAM until unpinned; None if not resident."""
@@ -100,21 +103,48 @@ class AdapterCache:
     def unpin(self, key: str) -> None:
         self.host.unpin(key)
 
-    def prefetch(self, ref: RefLike | str) -> None:
+    def prefetch(self, key: AdapterKey | str) -> None:
         """Start loading in the background (fire and forget; failures are logged and counted)."""
         if self._loop is None:
             raise RuntimeError("AdapterCache.start() has not run")
-        adapter_id, version = _split(ref)  # copied now: the caller may reuse its message
+        key = AdapterKey.of(key)
         try:
             on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:
             on_loop = False
         if on_loop:
-            self._spawn_prefetch(adapter_id, version)
+            self._spawn_prefetch(key.id, key.version)
         else:
-            self._loop.call_soon_threadsafe(self._spawn_prefetch, adapter_id, version)
+            self._loop.call_soon_threadsafe(self._spawn_prefetch, key.id, key.version)
+
+    def snapshot(self, timeout_s: float = 2.0) -> CacheStats | None:
+        """`stats()` from any thread, taken on the cache's event loop, where the counters and tiers
+        change, so nothing is read while it is being changed. None when the loop does not answer
+        within `timeout_s` (busy, stopped or closed)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return None
+        try:
+            if asyncio.get_running_loop() is loop:
+                return self.stats()
+        except RuntimeError:
+            pass  # no loop in this thread: the usual case (a metrics scrape)
+        taken: concurrent.futures.Future[CacheStats] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                taken.set_result(self.stats())
+            except BaseException as exc:
+                taken.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(take)
+            return taken.result(timeout_s)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # the loop closed, or is too busy
+            return None
 
     def stats(self) -> CacheStats:
+        """Counters and sizes; on the cache's event loop (other threads: `snapshot()`)."""
         c = self._counters
         return CacheStats(
             host_hits=c.host_hits,
@@ -142,9 +172,11 @@ class AdapterCache:
 
     # the request side (the cache's event loop)
 
-    async def get(self, ref: RefLike | str) -> LoadedAdapter:
-        """The adapter, from host RAM, else local disk, else the store; raises a ServiceError."""
-        adapter_id, version = _split(ref)
+    async def get(self, key: AdapterKey | str) -> CacheEntry:
+        """The adapter, from host RAM, else local disk, else the store; raises a ServiceError. A
+        string is parsed as `id` or `id@version` (for tools and tests)."""
+        key = AdapterKey.of(key)
+        adapter_id, version = key.id, key.version
         if not adapter_id:
             raise InvalidArgument("adapter.id", "must not be empty")
         if version and is_source_uri(adapter_id):
@@ -153,20 +185,21 @@ class AdapterCache:
         if not version:
             latest = await self.latest.resolve(adapter_id)
             adapter_id, version, digest = latest.adapter_id, latest.version, latest.digest
-        adapter = self.host.lookup(adapter_key(adapter_id, version))
+        adapter = self.host.lookup(AdapterKey(adapter_id, version).name)
         if adapter is not None:
             self._counters.host_hits += 1
-            return adapter
+            return CacheEntry(adapter, "host")
         return await asyncio.shield(self._start_load(adapter_id, version, digest))
 
     async def get_mix(
         self, spec: MixSpec, *, max_rank: int | None = None, field: str = "adapter_mix"
-    ) -> LoadedAdapter:
+    ) -> CacheEntry:
         """The mix's derived adapter: its components through `get`, then built once per mix version.
 
         `max_rank` (the engine's slot rank) refuses a mix the engine could not serve before any work;
         `field` names the mix in that refusal."""
-        components = await asyncio.gather(*(self.get(f"{i}@{v}" if v else i) for i, v, _ in spec.components))
+        entries = await asyncio.gather(*(self.get(AdapterKey(i, v)) for i, v, _ in spec.components))
+        components = [entry.adapter for entry in entries]
         rank = spec.output_rank([c.rank for c in components])
         if max_rank is not None and rank > max_rank:
             how = "the sum of the component ranks" if spec.strategy == "LINEAR" else "its rank"
@@ -174,11 +207,11 @@ class AdapterCache:
                 field, f"the mix's rank ({how}) is {rank}; this worker serves up to {max_rank}"
             )
         version = mix_version(spec, components)
-        key = adapter_key(MIX_ID, version)
+        key = AdapterKey(MIX_ID, version).name
         derived = self.host.lookup(key)
         if derived is not None:
             self._counters.host_hits += 1
-            return derived
+            return CacheEntry(derived, "host")
         self._counters.host_misses += 1
         task = self._loading.get(key)
         if task is None:
@@ -189,7 +222,7 @@ class AdapterCache:
             self._counters.joined_loads += 1
         return await asyncio.shield(task)
 
-    async def _build_mix(self, spec: MixSpec, components: list[LoadedAdapter], version: str) -> LoadedAdapter:
+    async def _build_mix(self, spec: MixSpec, components: list[LoadedAdapter], version: str) -> CacheEntry:
         started = time.perf_counter()
         derived = await asyncio.to_thread(build_mixed_adapter, spec, components, version)
         if derived.size_bytes > self.config.host_bytes:
@@ -198,18 +231,18 @@ class AdapterCache:
                 f"the adapter cache has {self.config.host_bytes}"
             )
         self.host.insert(derived)
-        elapsed = time.perf_counter() - started
-        self._counters.load_seconds["mix"].append(elapsed)
-        if self.on_load_time is not None:
-            self.on_load_time("mix", elapsed)
-        if self.on_resident is not None:
-            self.on_resident(derived)
-        return derived
+        return self._landed(derived, "mix", time.perf_counter() - started)
 
-    def _start_load(self, adapter_id: str, version: str, digest: str) -> asyncio.Task[LoadedAdapter]:
+    def _landed(self, adapter: LoadedAdapter, tier: str, seconds: float) -> CacheEntry:
+        self._counters.load_seconds[tier].append(seconds)
+        for observer in self._observers:
+            observer.adapter_loaded(adapter, tier, seconds)
+        return CacheEntry(adapter, tier, seconds)
+
+    def _start_load(self, adapter_id: str, version: str, digest: str) -> asyncio.Task[CacheEntry]:
         """The load task of a host miss: a new one, or the one already in flight for this version."""
         self._counters.host_misses += 1
-        key = adapter_key(adapter_id, version)
+        key = AdapterKey(adapter_id, version).name
         task = self._loading.get(key)
         if task is not None:
             self._counters.joined_loads += 1
@@ -217,7 +250,7 @@ class AdapterCache:
         task = asyncio.get_running_loop().create_task(self._load(adapter_id, version, digest))
         self._loading[key] = task
 
-        def finished(done: asyncio.Task[LoadedAdapter]) -> None:
+        def finished(done: asyncio.Task[CacheEntry]) -> None:
             self._loading.pop(key, None)
             if not done.cancelled():
                 done.exception()  # retrieved here: _load logged it, and a prefetch may have no waiter
@@ -231,7 +264,7 @@ class AdapterCache:
             self._prefetches.add(task)
             task.add_done_callback(self._prefetches.discard)
             return
-        key = adapter_key(adapter_id, version)
+        key = AdapterKey(adapter_id, version).name
         if key not in self.host and key not in self._loading:
             self._start_load(adapter_id, version, digest)
 
@@ -243,7 +276,7 @@ class AdapterCache:
             return
         self._spawn_prefetch(latest.adapter_id, latest.version, latest.digest)
 
-    async def _load(self, adapter_id: str, version: str, digest: str) -> LoadedAdapter:
+    async def _load(self, adapter_id: str, version: str, digest: str) -> CacheEntry:
         started = time.perf_counter()
         try:
             adapter = await self._from_disk(adapter_id, version, digest)
@@ -256,20 +289,14 @@ class AdapterCache:
                     f"the adapter cache has {self.config.host_bytes}"
                 )
         except ServiceError as exc:
-            log.warning("loading adapter %s failed: %s", adapter_key(adapter_id, version), exc.message)
+            log.warning("loading adapter %s failed: %s", AdapterKey(adapter_id, version).name, exc.message)
             self._counters.failed_loads += 1
             raise
         self.host.insert(adapter)
-        elapsed = time.perf_counter() - started
-        self._counters.load_seconds[tier].append(elapsed)
-        if self.on_load_time is not None:
-            self.on_load_time(tier, elapsed)
-        if self.on_resident is not None:
-            self.on_resident(adapter)
-        return adapter
+        return self._landed(adapter, tier, time.perf_counter() - started)
 
     async def _from_disk(self, adapter_id: str, version: str, digest: str) -> LoadedAdapter | None:
-        key = adapter_key(adapter_id, version)
+        key = AdapterKey(adapter_id, version).name
         digest = digest or self.disk.digest_of(key) or ""
         folder = self.disk.open_entry(digest) if digest else None
         if folder is None:
@@ -326,14 +353,5 @@ class AdapterCache:
 
 def _disk_failed(adapter_id: str, version: str, exc: OSError) -> Unavailable:
     # A fault of this worker, not of the request: UNAVAILABLE lets the gateway retry elsewhere.
-    what = adapter_key(adapter_id, version)
+    what = AdapterKey(adapter_id, version).name
     return Unavailable(f"adapter {what}: this worker's adapter cache disk failed: {exc}")
-
-
-def _split(ref: RefLike | str) -> tuple[str, str]:
-    if isinstance(ref, str):
-        if is_source_uri(ref):  # `hf://org/repo@rev`: the `@` belongs to the URI
-            return ref, ""
-        adapter_id, _, version = ref.partition("@")
-        return adapter_id, version
-    return ref.id, ref.version

@@ -88,6 +88,11 @@ class HostTier:
         with self._lock:
             return list(self._entries)
 
+    def adapters(self) -> list[LoadedAdapter]:
+        """Resident adapters, least recently used first (a listing: not a use, the order is kept)."""
+        with self._lock:
+            return list(self._entries.values())
+
     def _evict_over_budget(self, keep: str | None) -> list[str]:
         evicted: list[str] = []
         if self._bytes <= self.budget_bytes:

@@ -16,13 +16,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, Unavailable
+from services.inference.adapter_cache.key import is_source_uri
 from services.inference.adapter_cache.store import StoreFetcher
 
 MAX_REMEMBERED = 65536  # beyond, the least recently resolved ids are forgotten
-
-
-def is_source_uri(adapter_id: str) -> bool:
-    return "://" in adapter_id
 
 
 @dataclass(frozen=True)

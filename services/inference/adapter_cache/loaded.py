@@ -12,17 +12,13 @@ from typing import Any
 import torch
 
 from services.inference.adapter_cache.errors import AdapterCorrupt
+from services.inference.adapter_cache.key import AdapterKey
 from services.inference.engine.lora.weights import peft_pairs
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # The store writes canonical names only: base_model.model.<module path>.lora_<A|B>.weight
 _CANONICAL = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
-
-
-def adapter_key(adapter_id: str, version: str) -> str:
-    """The cache's name for one immutable adapter version (`@` occurs in neither part)."""
-    return f"{adapter_id}@{version}"
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: comparing tensors element-wise is not wanted
@@ -51,7 +47,8 @@ class LoadedAdapter:
 
     @property
     def key(self) -> str:
-        return adapter_key(self.id, self.version)
+        """Its name in the tiers and the engine (`AdapterKey.name`)."""
+        return AdapterKey(self.id, self.version).name
 
 
 def parse_adapter(
@@ -62,7 +59,7 @@ def parse_adapter(
     The weights' sha256 must equal `digest`; anything that does not parse as the store's canonical
     form is refused as corrupt too, since the store validated the adapter before storing it.
     """
-    what = adapter_key(adapter_id, version)
+    what = AdapterKey(adapter_id, version).name
     try:
         config_raw = (folder / CONFIG_FILE).read_bytes()
         data = (folder / WEIGHTS_FILE).read_bytes()

@@ -17,45 +17,22 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from openlora.v1 import common_pb2 as pb
-
-from services.common.errors import InvalidArgument
-from services.common.request_checks import check_mix_components
 from services.inference.adapter_cache.loaded import LoadedAdapter
 from services.inference.engine.lora.mixes import Component, Strategy, mix
 
 MIX_ID = "~mix"  # never a stored adapter id (ids start with [a-z0-9]), so a derived key cannot collide
-STRATEGIES: dict[int, Strategy] = {
-    pb.LINEAR: "LINEAR",
-    pb.TIES: "TIES",
-    pb.DARE_LINEAR: "DARE_LINEAR",
-    pb.DARE_TIES: "DARE_TIES",
-}
 
 
 @dataclass(frozen=True)
 class MixSpec:
+    """A checked per-request mix (`validation.mix_spec` makes one from the wire's `AdapterMix`)."""
+
     components: tuple[tuple[str, str, float], ...]  # (adapter id, version or "" for latest, weight)
     strategy: Strategy
     density: float  # in (0, 1]; 1 for LINEAR
     rank: int  # 0 = the largest component rank (TIES/DARE); unused by LINEAR
     seed: int
     shares: tuple[float, ...]  # each component's weight ÷ the total: what its usage is credited
-
-    @classmethod
-    def from_proto(cls, message: pb.AdapterMix, field: str = "adapter_mix") -> MixSpec:
-        """Validate a wire mix; every refusal names the offending field."""
-        strategy = STRATEGIES.get(message.strategy)
-        if strategy is None:
-            raise InvalidArgument(f"{field}.strategy", "must be LINEAR, TIES, DARE_LINEAR or DARE_TIES")
-        components = tuple((c.adapter.id, c.adapter.version, float(c.weight)) for c in message.components)
-        shares = check_mix_components(f"{field}.components", components)
-        density = 1.0
-        if strategy != "LINEAR":
-            density = float(message.density)
-            if not 0 < density <= 1:
-                raise InvalidArgument(f"{field}.density", f"must be in (0, 1] for {strategy}, got {density}")
-        return cls(components, strategy, density, int(message.rank), int(message.seed), tuple(shares))
 
     def output_rank(self, component_ranks: Sequence[int]) -> int:
         """Rank of the derived adapter: LINEAR concatenates ranks, the others re-factor to `rank`."""

@@ -10,7 +10,7 @@ from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc, common_pb2
 
 from services.inference.adapter_cache.errors import AdapterCorrupt, store_error
-from services.inference.adapter_cache.loaded import adapter_key
+from services.inference.adapter_cache.key import AdapterKey
 
 
 class StoreFetcher:
@@ -28,7 +28,7 @@ class StoreFetcher:
         try:
             reply: pb.AdapterInfo = await self.stub.Get(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise store_error(exc, adapter_key(adapter_id, version or "latest"), self.timeout_s) from None
+            raise store_error(exc, AdapterKey(adapter_id, version or "latest").name, self.timeout_s) from None
         return reply
 
     async def import_uri(self, source_uri: str) -> pb.AdapterInfo:
@@ -46,7 +46,7 @@ class StoreFetcher:
         """Stream the version's two files into `dest`, each checked against the sizes and sha256
         the store declared; a mismatch raises AdapterCorrupt."""
         self.downloads += 1
-        what = adapter_key(adapter_id, version)
+        what = AdapterKey(adapter_id, version).name
         request = pb.DownloadRequest(adapter=common_pb2.AdapterRef(id=adapter_id, version=version))
         try:
             info = await download(self.stub, request, dest, timeout=self.timeout_s)
@@ -55,5 +55,5 @@ class StoreFetcher:
         except DownloadError as exc:
             raise AdapterCorrupt(f"adapter {what}: download refused: {exc}") from None
         if (info.id, info.version) != (adapter_id, version):
-            raise AdapterCorrupt(f"adapter {what}: the store sent {adapter_key(info.id, info.version)}")
+            raise AdapterCorrupt(f"adapter {what}: the store sent {AdapterKey(info.id, info.version).name}")
         return info

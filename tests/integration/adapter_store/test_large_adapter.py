@@ -12,7 +12,7 @@ from openlora.transfer import download, upload
 from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import common_pb2
 
-from services.common.synthetic_adapters import write_adapter
+from services.cluster.synthetic_adapters import write_adapter
 from tests.integration.adapter_store.conftest import start_store, store_settings
 from tests.kit.adapters import sha256_file
 from tests.kit.seaweedfs import S3Endpoint

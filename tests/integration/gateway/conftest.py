@@ -17,8 +17,8 @@ from openlora.v1 import adapter_store_pb2_grpc
 from services.adapter_store.app import StoreApp
 from services.adapter_store.app import build as build_store
 from services.adapter_store.settings import StoreSettings
+from services.cluster.synthetic_adapters import write_adapter
 from services.common.grpc_client import open_channel
-from services.common.synthetic_adapters import write_adapter
 from tests.integration.gateway.kit import InProcessWorkers
 from tests.kit.service_auth import trusted
 

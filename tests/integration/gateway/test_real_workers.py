@@ -29,8 +29,8 @@ from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2
 
 from services.adapter_store.app import build as build_store
 from services.adapter_store.settings import StoreSettings
+from services.cluster.synthetic_adapters import write_adapter
 from services.common.grpc_client import open_channel
-from services.common.synthetic_adapters import write_adapter
 from services.gateway.routing import rendezvous_order
 from services.inference.usage.spool import UsageSpool
 from tests.integration.gateway.conftest import put_adapter

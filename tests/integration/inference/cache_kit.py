@@ -24,10 +24,10 @@ from services.adapter_store.catalog import blob_key
 from services.adapter_store.service import AdapterStoreService
 from services.adapter_store.servicer import AdapterStoreServicer
 from services.adapter_store.settings import StoreSettings
+from services.cluster.synthetic_adapters import write_adapter
 from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding
-from services.common.synthetic_adapters import write_adapter
 from services.inference.adapter_cache import AdapterCache, CacheConfig
 from tests.kit.service_auth import trusted
 

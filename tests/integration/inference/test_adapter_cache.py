@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from openlora.v1 import common_pb2
 from safetensors.torch import load_file
 
-from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
+from services.inference.adapter_cache import AdapterCache, AdapterKey, CacheConfig, LoadedAdapter
 from tests.integration.inference.cache_kit import Store, open_cache, small_adapter, start_store
 from tests.kit.adapters import make_peft_adapter
 
@@ -33,8 +32,8 @@ def peft_adapter(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return make_peft_adapter(tiny_llama_dir, out, rank=8, targets=["q_proj", "v_proj", "down_proj"], seed=3)
 
 
-def ref(adapter_id: str, version: str = "") -> common_pb2.AdapterRef:
-    return common_pb2.AdapterRef(id=adapter_id, version=version)
+def ref(adapter_id: str, version: str = "") -> AdapterKey:
+    return AdapterKey(adapter_id, version)
 
 
 async def test_a_peft_adapter_arrives_as_float32_pairs_equal_to_what_peft_saved(
@@ -42,7 +41,7 @@ async def test_a_peft_adapter_arrives_as_float32_pairs_equal_to_what_peft_saved(
 ) -> None:
     info = await store.upload(peft_adapter, "acme/poet")
     cache = await open_cache(store, tmp_path / "cache")
-    loaded = await cache.get(ref("acme/poet", info.version))
+    loaded = (await cache.get(ref("acme/poet", info.version))).adapter
     assert (loaded.id, loaded.version, loaded.digest) == ("acme/poet", info.version, info.digest)
     assert (loaded.rank, loaded.alpha, loaded.scaling) == (8, 16.0, 2.0)
     assert loaded.target_modules == ("down_proj", "q_proj", "v_proj")
@@ -66,16 +65,16 @@ async def test_tiers_hit_in_order_and_the_disk_tier_survives_a_restart(
         for i in range(3)
     ]
     probe = await open_cache(store, tmp_path / "probe")
-    one = (await probe.get(ref("a0", infos[0].version))).size_bytes
+    one = ((await probe.get(ref("a0", infos[0].version))).adapter).size_bytes
     cache = await open_cache(store, tmp_path / "cache", host_bytes=2 * one)
     for info in infos:
         await cache.get(ref(info.id, info.version))
         assert cache.stats().host_bytes <= 2 * one
     assert cache.resident(ref("a0", infos[0].version)) is None  # evicted from RAM, still on disk
-    again = await cache.get(ref("a0", infos[0].version))
+    again = (await cache.get(ref("a0", infos[0].version))).adapter
     stats = cache.stats()
     assert (stats.store_downloads, stats.disk_hits, stats.host_evictions) == (3, 1, 2)
-    assert await cache.get(ref("a0", infos[0].version)) is again
+    assert (await cache.get(ref("a0", infos[0].version))).adapter is again
     assert cache.stats().host_hits == 1
     entry = cache.disk.path(infos[0].digest)
     assert entry.parent.name == infos[0].digest[:2]
@@ -84,7 +83,7 @@ async def test_tiers_hit_in_order_and_the_disk_tier_survives_a_restart(
     restarted = await open_cache(store, tmp_path / "cache")  # a new process on the same folder
     assert restarted.stats().disk_entries == 3
     for info in infos:
-        loaded = await restarted.get(ref(info.id, info.version))
+        loaded = (await restarted.get(ref(info.id, info.version))).adapter
         assert loaded.digest == info.digest
     stats = restarted.stats()
     assert (stats.disk_hits, stats.store_downloads, stats.store_gets) == (3, 0, 0)  # no store call at all
@@ -94,17 +93,17 @@ async def test_latest_is_resolved_once_per_ttl(store: Store, tiny_llama_dir: Pat
     first = await store.upload(small_adapter(tiny_llama_dir, tmp_path / "v1", seed=1), "acme/chat")
     cache = await open_cache(store, tmp_path / "cache", latest_ttl_s=1.0)
     assert cache.resident(ref("acme/chat")) is None
-    hot = [await cache.get(ref("acme/chat")) for _ in range(20)]
+    hot = [(await cache.get(ref("acme/chat"))).adapter for _ in range(20)]
     assert all(a is hot[0] for a in hot) and hot[0].version == first.version
     assert store.servicer.calls["Get"] == 1 and store.servicer.calls["Download"] == 1
     assert cache.resident(ref("acme/chat")) is hot[0]
     assert cache.resident("acme/chat") is hot[0] and cache.resident(hot[0].key) is hot[0]
 
     second = await store.upload(small_adapter(tiny_llama_dir, tmp_path / "v2", seed=2), "acme/chat")
-    assert (await cache.get(ref("acme/chat"))).version == first.version  # within the TTL
+    assert ((await cache.get(ref("acme/chat"))).adapter).version == first.version  # within the TTL
     await asyncio.sleep(1.05)
     assert cache.resident(ref("acme/chat")) is None  # the resolution went stale
-    newer = await cache.get(ref("acme/chat"))
+    newer = (await cache.get(ref("acme/chat"))).adapter
     assert newer.version == second.version and newer.digest == second.digest
     assert store.servicer.calls["Get"] == 2 and store.servicer.calls["Download"] == 2
 
@@ -133,7 +132,7 @@ async def test_a_waiter_that_gives_up_does_not_cancel_the_load_for_the_others(
     patient = asyncio.ensure_future(cache.get(ref("acme/patient", info.version)))
     await asyncio.sleep(0)
     impatient.cancel()
-    assert (await patient).digest == info.digest
+    assert (await patient).adapter.digest == info.digest
     assert impatient.cancelled() and store.servicer.calls["Download"] == 1
 
 
@@ -144,12 +143,15 @@ async def test_prefetch_from_the_engine_thread_makes_the_adapter_resident(
     landed: list[LoadedAdapter] = []
     arrived = asyncio.Event()
 
-    def on_resident(adapter: LoadedAdapter) -> None:  # the worker would wake the step loop here
-        landed.append(adapter)
-        arrived.set()
+    class Landing:  # an observer: the cache tells it each load that lands in host RAM
+        def adapter_loaded(self, adapter: LoadedAdapter, tier: str, seconds: float) -> None:
+            assert tier == "store" and seconds > 0
+            landed.append(adapter)
+            arrived.set()
 
     config = CacheConfig(host_bytes=1 << 24, disk_bytes=1 << 26, disk_dir=tmp_path / "cache")
-    cache = AdapterCache(store.stub, config, on_resident=on_resident)
+    cache = AdapterCache(store.stub, config)
+    cache.observe(Landing())
     await cache.start()
     key = f"acme/pre@{info.version}"
 
@@ -175,13 +177,13 @@ async def test_the_running_batch_is_never_evicted(store: Store, tiny_llama_dir: 
     ]
     keys = [f"{i.id}@{i.version}" for i in infos]
     probe = await open_cache(store, tmp_path / "probe")
-    one = (await probe.get(keys[0])).size_bytes
+    one = ((await probe.get(keys[0])).adapter).size_bytes
     cache = await open_cache(store, tmp_path / "cache", host_bytes=2 * one)
     for key in keys[:2]:
         await cache.get(key)
         assert cache.pin(key) is not None  # the step loop admitted requests on both
     for key in keys[2:]:
-        loaded = await cache.get(key)  # served to its request, then the first to go
+        loaded = (await cache.get(key)).adapter  # served to its request, then the first to go
         assert keys[0] in cache.host and keys[1] in cache.host
         assert cache.stats().host_bytes <= 2 * one + loaded.size_bytes  # pins + the newcomer only
     assert cache.stats().pinned == {keys[0]: 1, keys[1]: 1}

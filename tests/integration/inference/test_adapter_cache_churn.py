@@ -40,7 +40,7 @@ async def test_random_churn_keeps_budgets_and_memory_flat(
         info = await store.upload(small_adapter(tiny_llama_dir, tmp_path / f"a{i}", seed=i), f"churn{i}")
         keys.append(f"{info.id}@{info.version}")
     probe = await open_cache(store, tmp_path / "probe")
-    one = (await probe.get(keys[0])).size_bytes
+    one = ((await probe.get(keys[0])).adapter).size_bytes
     disk_one = probe.stats().disk_bytes
     cache = await open_cache(
         store, tmp_path / "cache", host_bytes=4 * one, disk_bytes=10 * disk_one, load_samples=256
@@ -55,7 +55,7 @@ async def test_random_churn_keeps_budgets_and_memory_flat(
             gc.collect()
             baseline = rss_bytes()
         key = rng.choices(keys, weights)[0]
-        adapter = await cache.get(key)
+        adapter = (await cache.get(key)).adapter
         assert adapter.key == key
         if rng.random() < 0.3 and cache.pin(key) is not None:
             running.append(key)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from openlora.v1 import common_pb2
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
-from services.inference.adapter_cache import AdapterCorrupt
+from services.inference.adapter_cache import AdapterCorrupt, AdapterKey
 from services.inference.adapter_cache.disk_tier import STAGING
 from services.inference.adapter_cache.loaded import WEIGHTS_FILE
 from tests.integration.inference.cache_kit import Store, open_cache, small_adapter, start_store
@@ -25,8 +24,8 @@ async def store(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Store]:
     await running.stop()
 
 
-def ref(adapter_id: str, version: str = "") -> common_pb2.AdapterRef:
-    return common_pb2.AdapterRef(id=adapter_id, version=version)
+def ref(adapter_id: str, version: str = "") -> AdapterKey:
+    return AdapterKey(adapter_id, version)
 
 
 async def gather_errors(*calls: object) -> list[BaseException]:
@@ -53,7 +52,7 @@ async def test_a_corrupt_blob_is_refused_for_every_waiter_and_kept_nowhere(
     assert not cache.disk.path(info.digest).exists() and list((tmp_path / "cache" / STAGING).iterdir()) == []
 
     store.corrupt_blob(info.digest)  # flipped back: the store is healthy again, failures are not cached
-    assert (await cache.get(ref("acme/rot", info.version))).digest == info.digest
+    assert ((await cache.get(ref("acme/rot", info.version))).adapter).digest == info.digest
 
 
 @pytest.mark.parametrize("latest", [False, True])
@@ -96,18 +95,20 @@ async def test_with_the_store_down_cached_adapters_serve_and_cold_ones_fail_unav
         for i in range(3)
     ]
     probe = await open_cache(store, tmp_path / "probe")
-    one = (await probe.get(ref("down0"))).size_bytes
+    one = ((await probe.get(ref("down0"))).adapter).size_bytes
     cache = await open_cache(
         store, tmp_path / "cache", host_bytes=one, latest_ttl_s=0.01, download_timeout_s=2.0
     )
-    on_disk = await cache.get(ref("down1", infos[1].version))
-    in_ram = await cache.get(ref("down0"))  # resolved as latest; pushes down1 out of RAM onto disk only
+    on_disk = (await cache.get(ref("down1", infos[1].version))).adapter
+    in_ram = (
+        await cache.get(ref("down0"))
+    ).adapter  # resolved as latest; pushes down1 out of RAM onto disk only
     assert cache.resident(on_disk.key) is None and cache.resident(in_ram.key) is in_ram
 
     await store.server.stop()
     await asyncio.sleep(0.02)  # the latest resolution of down0 has expired
-    assert await cache.get(ref("down0")) is in_ram  # stale "latest" is still a real version
-    assert (await cache.get(ref("down1", infos[1].version))).digest == infos[1].digest  # from disk
+    assert (await cache.get(ref("down0"))).adapter is in_ram  # stale "latest" is still a real version
+    assert ((await cache.get(ref("down1", infos[1].version))).adapter).digest == infos[1].digest  # from disk
     started = time.monotonic()
     for cold in (ref("down2"), ref("down2", infos[2].version)):
         with pytest.raises(Unavailable, match="adapter store") as failed:
@@ -130,7 +131,7 @@ async def test_a_corrupt_disk_entry_is_dropped_and_fetched_again(
     weights.write_bytes(bytes(data))
 
     restarted = await open_cache(store, tmp_path / "cache")
-    loaded = await restarted.get(ref("acme/bitrot", info.version))
+    loaded = (await restarted.get(ref("acme/bitrot", info.version))).adapter
     assert loaded.digest == info.digest
     stats = restarted.stats()
     assert (stats.corrupt_disk_entries, stats.store_downloads, stats.disk_entries) == (1, 1, 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.inference.adapter_cache import AdapterKey
 from tests.integration.inference.cache_kit import open_cache, small_adapter, start_store
 
 
@@ -24,10 +25,10 @@ async def test_source_uri_is_imported_on_first_use_then_cached(tmp_path: Path, t
     cache = await open_cache(store, tmp_path / "cache", import_schemes=("file",))
     uri = f"file://{folder}"
     try:
-        first = await asyncio.gather(*(cache.get(uri) for _ in range(10)))
+        first = [entry.adapter for entry in await asyncio.gather(*(cache.get(uri) for _ in range(10)))]
         assert {a.key for a in first} == {first[0].key} and first[0].id == "poet"
         assert store.servicer.calls["Import"] == 1 and store.servicer.calls["Download"] == 1
-        again = await cache.get(uri)  # hot: no store call at all
+        again = (await cache.get(uri)).adapter  # hot: no store call at all
         assert again is first[0]
         assert cache.resident(uri) is first[0]
         assert store.servicer.calls["Import"] == 1 and store.servicer.calls["Download"] == 1
@@ -47,12 +48,7 @@ async def test_source_uris_need_the_worker_to_allow_their_scheme(
             await cache.get("hf://acme/poet")
         assert store.servicer.calls["Import"] == 0
         with pytest.raises(InvalidArgument, match=r"adapter\.version"):
-            await cache.get(_Ref("hf://acme/poet", "v1"))
+            await cache.get(AdapterKey("hf://acme/poet", "v1"))
     finally:
         await cache.close()
         await store.stop()
-
-
-class _Ref:
-    def __init__(self, adapter_id: str, version: str) -> None:
-        self.id, self.version = adapter_id, version

@@ -14,9 +14,10 @@ from openlora.v1 import common_pb2 as pb
 
 from services.common.errors import InvalidArgument
 from services.inference.adapter_cache import LoadedAdapter
-from services.inference.adapter_cache.mixing import MIX_ID, MixSpec
+from services.inference.adapter_cache.mixing import MIX_ID
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
+from services.inference.validation import mix_spec
 from tests.integration.inference.cache_kit import Store, open_cache, start_store
 from tests.integration.inference.hf_reference import peft_greedy, peft_with_adapters
 from tests.kit.adapters import ATTENTION, make_peft_adapter
@@ -65,13 +66,13 @@ async def test_linear_mix_through_the_engine_equals_peft_cat(
     store: Store, tiny_llama_dir: Path, folders: dict[str, Path], tmp_path: Path
 ) -> None:
     cache = await open_cache(store, tmp_path / "cache")
-    mixed = await cache.get_mix(MixSpec.from_proto(wire_mix()), max_rank=16)
+    mixed = (await cache.get_mix(mix_spec(wire_mix()), max_rank=16)).adapter
     assert mixed.id == MIX_ID and mixed.rank == 16 and mixed.scaling == 1.0  # q_proj, v_proj: 8 + 8
     assert [(i, round(share, 6)) for i, _, share in mixed.components] == [
         ("poet", 0.666667),
         ("coder", 0.333333),
     ]
-    singles = {name: await cache.get(name) for name in folders}
+    singles = {name: (await cache.get(name)).adapter for name in folders}
 
     gen = torch.Generator().manual_seed(5)
     rows = [("mixed", 12), ("poet", 7), (None, 20), ("mixed", 30), ("coder", 9), ("mixed", 4)]
@@ -97,20 +98,22 @@ async def test_linear_mix_through_the_engine_equals_peft_cat(
 
 async def test_a_mix_is_built_once_then_served_from_host_ram(store: Store, tmp_path: Path) -> None:
     cache = await open_cache(store, tmp_path / "cache")
-    spec = MixSpec.from_proto(wire_mix(pb.TIES, density=0.5, rank=4))
-    first, *joined = await asyncio.gather(*(cache.get_mix(spec) for _ in range(10)))
+    spec = mix_spec(wire_mix(pb.TIES, density=0.5, rank=4))
+    entries = await asyncio.gather(*(cache.get_mix(spec) for _ in range(10)))
+    first, *joined = [entry.adapter for entry in entries]
     assert all(other is first for other in joined)
+    assert entries[0].tier == "mix" and entries[0].load_seconds > 0  # built once, the others joined
     assert first.rank == 4 and cache.stats().load_seconds["mix"]  # one build, timed as a "mix" load
     builds = len(cache.stats().load_seconds["mix"])
-    again = await cache.get_mix(spec)
+    again = (await cache.get_mix(spec)).adapter
     assert again is first and len(cache.stats().load_seconds["mix"]) == builds == 1
     assert first.key in cache.host and cache.resident(first.key) is first  # the engine's lookup finds it
 
     # Anything that changes the weights is another mix; a DARE mix is the same under the same seed.
-    other = await cache.get_mix(MixSpec.from_proto(wire_mix(pb.TIES, density=0.4, rank=4)))
+    other = (await cache.get_mix(mix_spec(wire_mix(pb.TIES, density=0.4, rank=4)))).adapter
     assert other.key != first.key
     dare = [
-        await cache.get_mix(MixSpec.from_proto(wire_mix(pb.DARE_LINEAR, density=0.5, seed=s)))
+        (await cache.get_mix(mix_spec(wire_mix(pb.DARE_LINEAR, density=0.5, seed=s)))).adapter
         for s in (1, 1, 2)
     ]
     assert dare[0] is dare[1] and dare[2].key != dare[0].key
@@ -124,7 +127,7 @@ async def test_mixes_the_engine_cannot_serve_are_refused_before_any_work(
 ) -> None:
     cache = await open_cache(store, tmp_path / "cache")
     with pytest.raises(InvalidArgument, match="sum of the component ranks") as refused:
-        await cache.get_mix(MixSpec.from_proto(wire_mix()), max_rank=8)
+        await cache.get_mix(mix_spec(wire_mix()), max_rank=8)
     assert refused.value.field == "adapter_mix"
     assert not cache.stats().load_seconds["mix"]
     await cache.close()
@@ -168,5 +171,5 @@ async def test_mixes_the_engine_cannot_serve_are_refused_before_any_work(
 )
 def test_bad_wire_mixes_name_the_field(mix: pb.AdapterMix, field: str) -> None:
     with pytest.raises(InvalidArgument) as refused:
-        MixSpec.from_proto(mix)
+        mix_spec(mix)
     assert refused.value.field == field

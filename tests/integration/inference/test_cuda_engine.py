@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.common.tiny_models import FAMILIES, Family
+from services.cluster.tiny_models import FAMILIES, Family
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import SamplingParams
 

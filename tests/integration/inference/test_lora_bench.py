@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench import engine_bench, lora_bench, workload
-from services.common.synthetic_adapters import write_adapter
+from services.cluster.synthetic_adapters import write_adapter
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from services.common.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
+from services.cluster.synthetic_adapters import SMOLLM2_135M_CONFIG, write_adapter
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.lora.weights import peft_pairs
 from services.inference.engine.sequence import SamplingParams

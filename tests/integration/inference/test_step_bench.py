@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from bench import workload
 from bench.engine_bench import model_dir
-from services.common.synthetic_adapters import write_adapter
+from services.cluster.synthetic_adapters import write_adapter
 
 ROOT = Path(__file__).resolve().parents[3]
 

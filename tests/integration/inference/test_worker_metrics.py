@@ -33,7 +33,7 @@ async def test_metrics_follow_cache_and_slots(tmp_path: Path, tiny_llama_dir: Pa
         for i in range(2):
             await store.upload(small_adapter(tiny_llama_dir, tmp_path / f"a{i}", seed=i), f"a{i}")
         for name in ("a0", "a0", "a1"):  # a miss, a host hit, another miss
-            adapter = await cache.get(name)
+            adapter = (await cache.get(name)).adapter
             pool.load(adapter.key, adapter.weights, adapter.rank, adapter.scaling)  # a1 evicts a0's slot
         got = samples(registry)
     finally:

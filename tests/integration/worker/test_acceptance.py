@@ -183,7 +183,7 @@ async def reference_adapters(cluster: Cluster) -> dict[str, LoadedAdapter]:
         )
         await cache.start()
         try:
-            loaded = [await cache.get(adapter_id) for adapter_id in cluster.adapter_ids]
+            loaded = [(await cache.get(adapter_id)).adapter for adapter_id in cluster.adapter_ids]
         finally:
             await cache.close()
     return {a.id: a for a in loaded}

@@ -56,7 +56,7 @@ async def cluster(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Cluster
     for i in range(3):
         await store.upload(small_adapter(tiny_llama_dir, tmp_path / f"a{i}", seed=i, rank=4 + 2 * i), f"a{i}")
     reader = await open_cache(store, tmp_path / "reference-cache")
-    adapters = {a.key: a for a in [await reader.get(f"a{i}") for i in range(3)]}
+    adapters = {a.key: a for a in [(await reader.get(f"a{i}")).adapter for i in range(3)]}
     await reader.close()
     settings = worker_settings(
         tmp_path,
@@ -206,7 +206,7 @@ async def test_a_mix_streams_its_derived_adapter_and_credits_each_component(
 ) -> None:
     from openlora.v1 import common_pb2
 
-    from services.inference.adapter_cache.mixing import MixSpec
+    from services.inference.validation import mix_spec
 
     first, second = list(cluster.adapters.values())[:2]
     mix = common_pb2.AdapterMix(
@@ -220,7 +220,7 @@ async def test_a_mix_streams_its_derived_adapter_and_credits_each_component(
     message.mix.CopyFrom(mix)
     got = await collect(cluster.worker.stub, message)
     reader = await open_cache(cluster.store, tmp_path / "mix-reference")
-    derived = await reader.get_mix(MixSpec.from_proto(mix, field="mix"))
+    derived = (await reader.get_mix(mix_spec(mix, field="mix"))).adapter
     await reader.close()
     expected = await asyncio.to_thread(
         reference_outputs, tiny_llama_dir, {derived.key: derived}, [([4, 8, 15, 16], derived.key, 6)], 1

@@ -15,7 +15,7 @@ from openlora.transfer import upload
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import common_pb2, inference_pb2
 
-from services.common.synthetic_adapters import write_adapter
+from services.cluster.synthetic_adapters import write_adapter
 from tests.integration.inference.cache_kit import Store, small_adapter, start_store
 from tests.integration.worker.kit import WorkerUnderTest, bad_field, collect, request, worker_settings
 

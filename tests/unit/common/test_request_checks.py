@@ -13,8 +13,8 @@ from openlora.v1 import attribution_pb2, common_pb2, inference_pb2
 from services.attribution import validation as attribution
 from services.common.errors import InvalidArgument
 from services.common.request_checks import check_generate_request, check_mix_components
-from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.usage.records import RequestUsage, new_usage_id
+from services.inference.validation import mix_spec
 
 LIMITS: dict[str, Any] = {"max_records": 10_000, "max_token_index": 1 << 20, "max_future_us": 60_000_000}
 ID_ALPHABET = ["a", "b", "job-42", "x" * 128, "x" * 129, "job 42", "tab\there", "é", "", "a\x00"]
@@ -42,7 +42,7 @@ def random_request(rng: random.Random) -> inference_pb2.GenerateRequest:
 def records_of(request: inference_pb2.GenerateRequest, usage_id: str) -> attribution_pb2.UsageBatch:
     """The usage records a worker sends for `request`, its adapters resolved to version "v9"."""
     if request.WhichOneof("adapter") == "mix":
-        spec = MixSpec.from_proto(request.mix, "mix")
+        spec = mix_spec(request.mix, "mix")
         components = tuple(
             (adapter_id, version or "v9", share)
             for (adapter_id, version, _), share in zip(spec.components, spec.shares, strict=True)

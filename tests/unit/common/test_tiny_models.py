@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.common.tiny_models import build_tiny_model
+from services.cluster.tiny_models import build_tiny_model
 
 
 def test_same_seed_same_model(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from openlora.v1 import inference_pb2
 from transformers import AutoTokenizer
 
-from services.common.tiny_models import build_tokenizer
+from services.cluster.tiny_models import build_tokenizer
 from services.inference import servicer as servicer_module
 from services.inference.engine_process.client import EngineUnavailable
 from tests.kit.front import Front, chunk_of

@@ -41,7 +41,7 @@ def test_defaults_make_a_greedy_request_with_an_id() -> None:
     assert len(parsed.request_id) == 32
     s = parsed.sampling
     assert (s.temperature, s.top_p, s.top_k, s.seed, s.max_new_tokens) == (0.0, 1.0, 0, None, 16)
-    assert parsed.adapter_ref is None and parsed.mix is None
+    assert parsed.adapter is None and parsed.mix is None
 
 
 def test_the_default_length_shrinks_to_fit_the_context() -> None:
@@ -69,7 +69,7 @@ def test_fields_are_carried_over() -> None:
     )
     parsed = parse_request(message, LIMITS, None, caller=GATEWAY)
     assert (parsed.request_id, parsed.tenant, parsed.prompt_token_ids) == ("r1", "acme", [3, 4])
-    assert parsed.adapter_ref is not None and parsed.adapter_ref.version == "v2"
+    assert parsed.adapter is not None and parsed.adapter.version == "v2"
     s = parsed.sampling
     assert (s.top_k, s.seed, s.max_new_tokens, s.stop, s.logprobs) == (5, 9, 4, ("\n",), True)
     assert s.temperature == pytest.approx(0.7) and s.top_p == pytest.approx(0.9)

@@ -1,7 +1,7 @@
 """Per-step attention metadata: what every attention layer needs to know about the ragged batch.
 
 The model runner builds one `AttentionMetadata` per step and passes it to the model's `forward` as the
-`paged_attention` keyword; transformers hands it untouched to our registered attention function.
+`openlora_step` keyword; transformers hands it untouched to our registered attention function.
 """
 
 from __future__ import annotations
