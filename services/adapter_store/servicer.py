@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from openlora.files import DeclaredFile, FileMismatch, FileSplitter
+from openlora.transfer import UPLOAD_ACCEPTED
 from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc
 
@@ -52,6 +53,7 @@ class AdapterStoreServicer(adapter_store_pb2_grpc.AdapterStoreServicer):
                     header = chunk.header
                     declared = [DeclaredFile(f.name, f.size, f.sha256) for f in header.files]
                     stager = stage_upload(declared, workdir, self.service.settings.max_adapter_bytes)
+                    await context.send_initial_metadata((UPLOAD_ACCEPTED,))  # now the bytes may come
                 elif kind == "data":
                     stager.write(chunk.data)
                 else:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from openlora.transfer import UPLOAD_ACCEPTED
 from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc
 
@@ -71,6 +72,10 @@ class StoreProxy(adapter_store_pb2_grpc.AdapterStoreServicer):
                 async for chunk in chunks:  # one chunk at a time: the upload is never held in memory
                     yield chunk
 
+            # The header passed the gateway's checks: the client may send its bytes. (Waiting for the
+            # store's own acceptance is not possible here: the tracing interceptor on the store
+            # channel holds the call until its response, so its initial metadata never shows early.)
+            await context.send_initial_metadata((UPLOAD_ACCEPTED,))
             try:
                 info: pb.AdapterInfo = await self.store.Upload(forwarded(), timeout=context.time_remaining())
                 return info

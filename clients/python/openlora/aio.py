@@ -19,7 +19,7 @@ from openlora.files import adapter_files
 from openlora.models import Models
 from openlora.request import Chunk, Completion, GenerateOptions, build_request
 from openlora.retry import DEFAULT_RETRY, RetryPolicy
-from openlora.transfer import DownloadError, DownloadWriter, Progress, in_thread, upload_messages
+from openlora.transfer import DownloadError, DownloadWriter, Progress, upload
 from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import adapter_store_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -114,8 +114,18 @@ class AsyncClient:
         progress: Progress | None = None,
     ) -> AdapterInfo:
         header = adapters.upload_header(adapter_id, base_model, public, provenance)
-        messages = await asyncio.to_thread(upload_messages, header, adapter_files(Path(source)), progress)
-        return AdapterInfo.from_proto(await self._call(self._store.Upload, in_thread(messages)))
+        try:
+            info = await upload(
+                self._store,
+                header,
+                adapter_files(Path(source)),
+                progress=progress,
+                timeout=self.timeout_s,
+                metadata=call_metadata(self.connection.api_key, uuid.uuid4().hex),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise OpenLoRAError.from_rpc(exc) from None
+        return AdapterInfo.from_proto(info)
 
     async def import_adapter(
         self,

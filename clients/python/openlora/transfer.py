@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+
 from openlora.files import CHUNK_BYTES, DeclaredFile, FileMismatch, FileSplitter, declare
 from openlora.v1 import adapter_store_pb2 as pb
 from openlora.v1 import adapter_store_pb2_grpc
@@ -55,6 +57,42 @@ async def in_thread(items: Iterator[T]) -> AsyncIterator[T]:
         yield item
 
 
+UPLOAD_ACCEPTED = ("x-openlora-upload", "header-accepted")
+"""Initial metadata a store (or the gateway in front of it) sends once an upload's header is accepted."""
+ACCEPT_WAIT_S = 5.0
+"""How long an upload waits for that before sending bytes anyway (a server that never says it)."""
+
+
+async def stream_upload(
+    call: grpc.aio.StreamUnaryCall[pb.UploadChunk, pb.AdapterInfo],
+    messages: AsyncIterator[pb.UploadChunk],
+) -> pb.AdapterInfo:
+    """Send an upload on `call`: the header, then the bytes once the server has accepted the header.
+
+    A server refuses a bad header (an id, a size, a base model) by ending the call at once. Bytes
+    still being written then fail in grpc.aio, which reports INTERNAL in place of the server's
+    status (grpc/grpc#36066); waiting for the acceptance first means a refused upload sends nothing
+    more and the caller gets the real status and field.
+
+    `call` must come from a channel whose interceptors return the call at once: one that awaits the
+    response first (OpenTelemetry's) hides the initial metadata until the end and holds the writes."""
+    try:
+        header = await anext(messages)
+        await call.write(header)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+            accepted = UPLOAD_ACCEPTED in tuple(answer or ())  # none: the call ended (trailers only)
+        except TimeoutError:
+            accepted = not call.done()  # a server that does not say: send anyway
+        if accepted:
+            async for message in messages:
+                await call.write(message)
+            await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the call has ended (as a write began, or during one): awaiting it raises its status
+    return await call
+
+
 async def upload(
     stub: adapter_store_pb2_grpc.AdapterStoreAsyncStub,
     header: pb.UploadHeader,
@@ -66,7 +104,8 @@ async def upload(
 ) -> pb.AdapterInfo:
     """Upload files (header.files is filled in from them) and return the stored AdapterInfo."""
     messages = await asyncio.to_thread(upload_messages, header, paths, progress)
-    return await stub.Upload(in_thread(messages), timeout=timeout, metadata=tuple(metadata))
+    call = stub.Upload(timeout=timeout, metadata=tuple(metadata))
+    return await stream_upload(call, in_thread(messages))
 
 
 class DownloadWriter:

@@ -60,9 +60,8 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS
     """Linear modules wrapped for adapters; an adapter touching others is refused."""
     lora_op: str = "auto"
-    """The multi-LoRA op: `segment` (plain torch, any device), `cpu` (compiled by-token kernel, CPU),
-    `triton` (BGMV kernels, CUDA) or `auto` (triton on CUDA when it imports; on CPU, cpu where it
-    builds; else segment)."""
+    """`auto`, `segment`, `cpu` or `triton`: what each is and how `auto` picks, in the worker setting
+    `lora_op` (`services/inference/settings.py`)."""
     lora_dtype: Literal["float32", "model"] = "float32"
     """The slots' dtype: `float32` keeps adapters as PEFT does on a low-precision model
     (`autocast_adapter_dtype`), `model` stores them in the model's dtype (as vLLM does), halving their

@@ -19,7 +19,7 @@ from services.adapter_store.app import build as build_store
 from services.adapter_store.settings import StoreSettings
 from services.cluster.synthetic_adapters import write_adapter
 from services.common.grpc_client import open_channel
-from tests.integration.gateway.kit import InProcessWorkers
+from tests.integration.gateway.kit import GatewayUnderTest, InProcessWorkers, gateway_settings
 from tests.kit.service_auth import trusted
 
 BASE = "mini-llama"
@@ -87,3 +87,15 @@ async def fake_workers() -> AsyncIterator[InProcessWorkers]:
     workers = await InProcessWorkers.start(3, delay_s=0.01)
     yield workers
     await workers.stop()
+
+
+@pytest.fixture
+async def store_gateway(
+    tmp_path: Path, fake_workers: InProcessWorkers, store: StoreUnderTest
+) -> AsyncIterator[GatewayUnderTest]:
+    """A gateway in front of the fake workers and the real store (its tenant-facing store API on)."""
+    started = await GatewayUnderTest.start(
+        gateway_settings(tmp_path, fake_workers.addresses, store_address=store.address), wait_workers=3
+    )
+    yield started
+    await started.stop()

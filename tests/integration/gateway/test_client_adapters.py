@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,24 +17,11 @@ from tests.integration.gateway.kit import (
     ACME_KEY,
     GLOBEX_KEY,
     GatewayUnderTest,
-    InProcessWorkers,
-    gateway_settings,
 )
 
 
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, fake_workers: InProcessWorkers, store: StoreUnderTest
-) -> AsyncIterator[GatewayUnderTest]:
-    started = await GatewayUnderTest.start(
-        gateway_settings(tmp_path, fake_workers.addresses, store_address=store.address), wait_workers=3
-    )
-    yield started
-    await started.stop()
-
-
 async def test_a_tenant_manages_its_adapters_with_the_async_client(
-    gateway: GatewayUnderTest, store: StoreUnderTest, tmp_path: Path
+    store_gateway: GatewayUnderTest, store: StoreUnderTest, tmp_path: Path
 ) -> None:
     provenance = Provenance(
         trainer="alice",
@@ -43,7 +29,7 @@ async def test_a_tenant_manages_its_adapters_with_the_async_client(
         contributors=(Contributor("alice", "trainer", 0.7), Contributor.parse("bob:data:0.3")),
     )
     sent: list[int] = []
-    async with AsyncClient(f"127.0.0.1:{gateway.port}", api_key=ACME_KEY) as client:
+    async with AsyncClient(f"127.0.0.1:{store_gateway.port}", api_key=ACME_KEY) as client:
         info = await client.upload_adapter(
             store.adapter_dir, "acme/poet", base_model=BASE, provenance=provenance, progress=sent.append
         )
@@ -73,8 +59,8 @@ async def test_a_tenant_manages_its_adapters_with_the_async_client(
         assert gone.value.code == grpc.StatusCode.NOT_FOUND
 
 
-async def test_the_blocking_client_sees_what_the_tenant_may_see(gateway: GatewayUnderTest) -> None:
-    target = f"127.0.0.1:{gateway.port}"
+async def test_the_blocking_client_sees_what_the_tenant_may_see(store_gateway: GatewayUnderTest) -> None:
+    target = f"127.0.0.1:{store_gateway.port}"
 
     def as_globex() -> tuple[set[str], OpenLoRAError, OpenLoRAError]:
         with Client(target, api_key=GLOBEX_KEY) as client:
@@ -99,9 +85,9 @@ async def test_the_blocking_client_sees_what_the_tenant_may_see(gateway: Gateway
 
 
 async def test_the_client_reads_its_target_and_key_from_the_environment(
-    gateway: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch
+    store_gateway: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OPENLORA_TARGET", f"127.0.0.1:{gateway.port}")
+    monkeypatch.setenv("OPENLORA_TARGET", f"127.0.0.1:{store_gateway.port}")
     monkeypatch.setenv("OPENLORA_API_KEY", ACME_KEY)
     async with AsyncClient() as client:
         assert PRIVATE_ADAPTER in {a.id for a in await client.list_adapters(owner="acme")}
@@ -110,3 +96,17 @@ async def test_the_client_reads_its_target_and_key_from_the_environment(
         with pytest.raises(OpenLoRAError) as refused:
             await anonymous.list_adapters()
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_refused_upload_reports_the_servers_status_every_time(
+    store_gateway: GatewayUnderTest, store: StoreUnderTest
+) -> None:
+    """The gateway refuses another tenant's id at the header, while the client has bytes to send: the
+    client waits for the header's acceptance, so it never writes into the ended call (grpc.aio would
+    then report INTERNAL instead of the server's INVALID_ARGUMENT)."""
+    async with AsyncClient(f"127.0.0.1:{store_gateway.port}", api_key=GLOBEX_KEY) as client:
+        for _ in range(30):
+            with pytest.raises(OpenLoRAError) as refused:
+                await client.upload_adapter(store.adapter_dir, "acme/not-yours", base_model=BASE)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+            assert "header.id" in refused.value.field_violations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -23,24 +22,11 @@ from tests.integration.gateway.kit import (
     ACME_KEY,
     GLOBEX_KEY,
     GatewayUnderTest,
-    InProcessWorkers,
     auth,
     bad_field,
-    gateway_settings,
     generate,
     generate_request,
 )
-
-
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, fake_workers: InProcessWorkers, store: StoreUnderTest
-) -> AsyncIterator[GatewayUnderTest]:
-    started = await GatewayUnderTest.start(
-        gateway_settings(tmp_path, fake_workers.addresses, store_address=store.address), wait_workers=3
-    )
-    yield started
-    await started.stop()
 
 
 def ref(adapter_id: str) -> common_pb2.AdapterRef:
@@ -48,9 +34,9 @@ def ref(adapter_id: str) -> common_pb2.AdapterRef:
 
 
 async def upload_as(
-    gateway: GatewayUnderTest, key: str, header: store_pb.UploadHeader, folder: Path
+    store_gateway: GatewayUnderTest, key: str, header: store_pb.UploadHeader, folder: Path
 ) -> store_pb.AdapterInfo:
-    return await upload(gateway.store, header, adapter_files(folder), metadata=auth(key), timeout=30)
+    return await upload(store_gateway.store, header, adapter_files(folder), metadata=auth(key), timeout=30)
 
 
 async def status_of(call: object) -> grpc.StatusCode:
@@ -60,46 +46,46 @@ async def status_of(call: object) -> grpc.StatusCode:
 
 
 async def test_uploads_belong_to_the_caller_and_are_named_under_it(
-    gateway: GatewayUnderTest, store: StoreUnderTest
+    store_gateway: GatewayUnderTest, store: StoreUnderTest
 ) -> None:
     header = store_pb.UploadHeader(
         id="globex/tuned", owner="acme", base_model=BASE, visibility=store_pb.PRIVATE
     )
-    info = await upload_as(gateway, GLOBEX_KEY, header, store.adapter_dir)
+    info = await upload_as(store_gateway, GLOBEX_KEY, header, store.adapter_dir)
     assert (info.id, info.owner) == ("globex/tuned", "globex")  # the claimed owner was overwritten
 
     for bad_id in ("tuned", "acme/tuned"):
         header.id = bad_id
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await upload_as(gateway, GLOBEX_KEY, header, store.adapter_dir)
+            await upload_as(store_gateway, GLOBEX_KEY, header, store.adapter_dir)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_field(error.value) == "header.id"
 
     # The new private adapter serves its owner and is invisible to others.
-    await generate(gateway.stub, generate_request(adapter="globex/tuned"), key=GLOBEX_KEY)
+    await generate(store_gateway.stub, generate_request(adapter="globex/tuned"), key=GLOBEX_KEY)
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await generate(gateway.stub, generate_request(adapter="globex/tuned"), key=ACME_KEY)
+        await generate(store_gateway.stub, generate_request(adapter="globex/tuned"), key=ACME_KEY)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_tenants_see_public_adapters_and_their_own(
-    gateway: GatewayUnderTest, store: StoreUnderTest
+    store_gateway: GatewayUnderTest, store: StoreUnderTest
 ) -> None:
     await put_adapter(store.stub, store.adapter_dir, "globex/mine", owner="globex", public=False)
-    as_globex = await gateway.store.List(store_pb.ListAdaptersRequest(), metadata=auth(GLOBEX_KEY))
+    as_globex = await store_gateway.store.List(store_pb.ListAdaptersRequest(), metadata=auth(GLOBEX_KEY))
     assert {a.id for a in as_globex.adapters} == {PUBLIC_ADAPTER, "globex/mine"}
-    as_acme = await gateway.store.List(store_pb.ListAdaptersRequest(), metadata=auth(ACME_KEY))
+    as_acme = await store_gateway.store.List(store_pb.ListAdaptersRequest(), metadata=auth(ACME_KEY))
     assert {a.id for a in as_acme.adapters} == {PUBLIC_ADAPTER, PRIVATE_ADAPTER}
 
-    info = await gateway.store.Get(
+    info = await store_gateway.store.Get(
         store_pb.GetAdapterRequest(adapter=ref(PRIVATE_ADAPTER)), metadata=auth(ACME_KEY)
     )
     assert info.owner == "acme"
-    hidden = gateway.store.Get(
+    hidden = store_gateway.store.Get(
         store_pb.GetAdapterRequest(adapter=ref(PRIVATE_ADAPTER)), metadata=auth(GLOBEX_KEY)
     )
     assert await status_of(hidden) == grpc.StatusCode.NOT_FOUND
-    download = gateway.store.Download(
+    download = store_gateway.store.Download(
         store_pb.DownloadRequest(adapter=ref(PRIVATE_ADAPTER)), metadata=auth(GLOBEX_KEY)
     )
     with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -108,16 +94,16 @@ async def test_tenants_see_public_adapters_and_their_own(
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     chunks = [
         c
-        async for c in gateway.store.Download(
+        async for c in store_gateway.store.Download(
             store_pb.DownloadRequest(adapter=ref(PUBLIC_ADAPTER)), metadata=auth(GLOBEX_KEY)
         )
     ]
     assert chunks[0].header.info.id == PUBLIC_ADAPTER and len(chunks) > 1
 
 
-async def test_only_owners_delete(gateway: GatewayUnderTest, store: StoreUnderTest) -> None:
+async def test_only_owners_delete(store_gateway: GatewayUnderTest, store: StoreUnderTest) -> None:
     def delete(adapter_id: str, key: str) -> object:
-        return gateway.store.Delete(
+        return store_gateway.store.Delete(
             store_pb.DeleteAdapterRequest(adapter=ref(adapter_id)), metadata=auth(key)
         )
 
@@ -129,12 +115,14 @@ async def test_only_owners_delete(gateway: GatewayUnderTest, store: StoreUnderTe
     assert {a.id for a in still.adapters} == {PUBLIC_ADAPTER}
 
 
-async def test_operator_calls_and_anonymous_calls_are_refused(gateway: GatewayUnderTest) -> None:
-    register = gateway.store.RegisterBaseModel(
+async def test_operator_calls_and_anonymous_calls_are_refused(store_gateway: GatewayUnderTest) -> None:
+    register = store_gateway.store.RegisterBaseModel(
         store_pb.RegisterBaseModelRequest(name="x", config_json="{}"), metadata=auth(ACME_KEY)
     )
     assert await status_of(register) == grpc.StatusCode.PERMISSION_DENIED
-    anonymous = gateway.store.List(store_pb.ListAdaptersRequest())
+    anonymous = store_gateway.store.List(store_pb.ListAdaptersRequest())
     assert await status_of(anonymous) == grpc.StatusCode.UNAUTHENTICATED
-    bases = await gateway.store.ListBaseModels(store_pb.ListBaseModelsRequest(), metadata=auth(ACME_KEY))
+    bases = await store_gateway.store.ListBaseModels(
+        store_pb.ListBaseModelsRequest(), metadata=auth(ACME_KEY)
+    )
     assert [b.name for b in bases.base_models] == [BASE]
