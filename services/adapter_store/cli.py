@@ -9,10 +9,11 @@ from typing import Annotated, TypeVar
 
 import grpc
 import typer
+from openlora.adapters import Contributor, Provenance, adapter_ref
 from openlora.files import adapter_files
 from openlora.transfer import download, upload
 from openlora.v1 import adapter_store_pb2 as pb
-from openlora.v1 import adapter_store_pb2_grpc, common_pb2
+from openlora.v1 import adapter_store_pb2_grpc
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -105,20 +106,12 @@ def _run(
         raise typer.Exit(1) from None
 
 
-def _ref(spec: str) -> common_pb2.AdapterRef:
-    adapter_id, _, version = spec.partition("@")
-    return common_pb2.AdapterRef(id=adapter_id, version=version)
-
-
 def _provenance(trainer: str, datasets: list[str], contributors: list[str]) -> pb.Provenance:
-    parsed = []
-    for text in contributors:
-        try:
-            cid, role, share = text.rsplit(":", 2)
-            parsed.append(pb.Contributor(id=cid, role=pb.Role.Value(role.upper()), share=float(share)))
-        except ValueError:
-            raise typer.BadParameter(f"{text!r}: expected id:role:share, e.g. alice:trainer:0.7") from None
-    return pb.Provenance(trainer=trainer, datasets=datasets, contributors=parsed)
+    try:
+        parsed = tuple(Contributor.parse(text) for text in contributors)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc} (e.g. alice:trainer:0.7)", param_hint="--contributor") from None
+    return Provenance(trainer, tuple(datasets), parsed).to_proto()
 
 
 def _progress() -> Progress:
@@ -280,7 +273,13 @@ def show_cmd(
 ) -> None:
     """Show one adapter version."""
     _print_info(
-        _run(store, lambda stub: stub.Get(pb.GetAdapterRequest(adapter=_ref(adapter))), api_key, ca_file, tls)
+        _run(
+            store,
+            lambda stub: stub.Get(pb.GetAdapterRequest(adapter=adapter_ref(adapter))),
+            api_key,
+            ca_file,
+            tls,
+        )
     )
 
 
@@ -297,7 +296,11 @@ def delete_cmd(
     if not yes and not typer.confirm(f"delete {adapter}?"):
         raise typer.Exit(1)
     response = _run(
-        store, lambda stub: stub.Delete(pb.DeleteAdapterRequest(adapter=_ref(adapter))), api_key, ca_file, tls
+        store,
+        lambda stub: stub.Delete(pb.DeleteAdapterRequest(adapter=adapter_ref(adapter))),
+        api_key,
+        ca_file,
+        tls,
     )
     console.print(
         f"deleted {len(response.deleted_versions)} version(s): {', '.join(response.deleted_versions)}"
@@ -314,7 +317,7 @@ def download_cmd(
     tls: UseTls = False,
 ) -> None:
     """Download an adapter's PEFT files, verifying their digests."""
-    request = pb.GetAdapterRequest(adapter=_ref(adapter))
+    request = pb.GetAdapterRequest(adapter=adapter_ref(adapter))
     with _progress() as bar:
         task = bar.add_task(f"downloading {adapter}", total=None)
         info = _run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -58,9 +57,7 @@ def generate(
         "top_k": top_k,
         "seed": seed,
     }
-    with Client(
-        target, api_key=api_key or os.environ.get("OPENLORA_API_KEY"), ca_file=ca_file, timeout_s=timeout
-    ) as client:
+    with Client(target, api_key=api_key, ca_file=ca_file, timeout_s=timeout) as client:
         try:
             if stream:
                 finish = None
