@@ -49,7 +49,8 @@ class Relayed(NamedTuple):
 
 
 def merge(events: list[Any]) -> Relayed:
-    """The chunk events of one stream as one chunk: tokens, text and logprobs in order, the last's end."""
+    """The chunk events of one stream as one chunk: tokens, text and logprobs (with their alternatives
+    and bytes) in order, the last's end."""
     if len(events) == 1:
         event = events[0]
         return Relayed(event.chunk, event.completion_tokens, event.prompt_tokens)
@@ -59,6 +60,8 @@ def merge(events: list[Any]) -> Relayed:
         chunk = inference_pb2.GenerateChunk.FromString(event.chunk)
         merged.token_ids.extend(chunk.token_ids)
         merged.logprobs.extend(chunk.logprobs)
+        merged.top_logprobs.extend(chunk.top_logprobs)
+        merged.token_bytes.extend(chunk.token_bytes)
         text.append(chunk.text)
         if chunk.finish_reason:
             merged.finish_reason = chunk.finish_reason

@@ -40,6 +40,7 @@ from services.inference.engine_process.core import EngineSpec
 from services.inference.engine_process.handoff import HandoffWriter
 from services.inference.engine_process.protocol import EngineInfo
 from services.inference.metrics import AdapterMetrics
+from services.inference.prompts import Prompter
 from services.inference.relay_server import StreamSink, relay_binding
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer, binding
@@ -262,8 +263,8 @@ class WorkerApp(App):
             worker_id=s.worker_id,
             tracer=self.tracer,
         )
-        tokenize = (lambda text: list(tokenizer.encode(text))) if tokenizer is not None else None
-        self.pending.target = InferenceServicer(service, tokenize, default_tenant=s.default_tenant)
+        prompter = Prompter(tokenizer) if tokenizer is not None else None
+        self.pending.target = InferenceServicer(service, prompter, default_tenant=s.default_tenant)
         log.info(
             "worker ready in %.1fs: model=%s context=%d lora_slots=%d engine_pid=%d torch_threads=%d",
             time.perf_counter() - started,

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from opentelemetry import trace
@@ -29,6 +29,7 @@ from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.llm_engine import EngineStats
 from services.inference.engine.sequence import FinishReason
 from services.inference.engine_process.client import EngineClient, EngineOutput, EngineUnavailable
+from services.inference.token_bytes import TokenBytes
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.validation import Limits, ParsedRequest
@@ -55,6 +56,10 @@ class ModelDescription:
     lora_op: str
 
 
+Alternatives = tuple[list[int], list[float], list[bytes]]
+"""The most likely tokens at one position: ids, log-probabilities and bytes, most likely first."""
+
+
 @dataclass(frozen=True)
 class Chunk:
     token_ids: list[int]
@@ -63,6 +68,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # usage, on the last chunk
     completion_tokens: int = 0
+    top_logprobs: list[Alternatives] = field(default_factory=list)  # when asked: per token
+    token_bytes: list[bytes] = field(default_factory=list)  # with logprobs: each token's own bytes
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,9 @@ class WorkerService:
     model: ModelDescription
     worker_id: str
     tracer: trace.Tracer
+
+    def __post_init__(self) -> None:
+        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
     def list_models(self) -> ModelListing:
         """The model served and the adapters this worker holds (on the event loop: the slot state
@@ -259,6 +269,7 @@ class _ChunkMaker:
     ) -> None:
         sampling = request.sampling
         self.detokenizer = None
+        self.token_bytes = service.token_bytes
         if service.tokenizer is not None:
             self.detokenizer = IncrementalDetokenizer(
                 service.tokenizer, request.prompt_token_ids, sampling.stop
@@ -276,9 +287,11 @@ class _ChunkMaker:
 
     def make(self, out: EngineOutput) -> Chunk:
         token_ids, logprobs, finish = out.token_ids, out.logprobs, out.finish_reason
+        top = out.top_logprobs
         text = ""
         if self.detokenizer is not None:
             token_ids, logprobs, finish, text = _detokenize(self.detokenizer, token_ids, logprobs, finish)
+            del top[len(token_ids) :]  # past a stop string
         usage, metrics = self.usage, self.metrics
         now = time.perf_counter()
         if token_ids and not usage.prompt_tokens:
@@ -301,7 +314,12 @@ class _ChunkMaker:
             finish,
             usage.prompt_tokens if done else 0,
             usage.completion_tokens if done else 0,
+            [(ids, values, self._bytes_of(ids)) for ids, values in top],
+            self._bytes_of(token_ids) if logprobs else [],
         )
+
+    def _bytes_of(self, token_ids: list[int]) -> list[bytes]:
+        return self.token_bytes(token_ids) if self.token_bytes is not None else []
 
 
 class _Pusher:

@@ -12,6 +12,7 @@ from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_server import ServiceBinding
 from services.common.trust.caller import caller_role
 from services.inference.engine.sequence import FinishReason
+from services.inference.prompts import Prompter
 from services.inference.relay_server import StreamSink
 from services.inference.service import Chunk, WorkerService
 from services.inference.validation import ParsedRequest, parse_request
@@ -28,13 +29,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(
         self,
         service: WorkerService,
-        tokenize: Callable[[str], list[int]] | None,
+        prompter: Prompter | None,
         *,
         default_tenant: str | None = None,
     ) -> None:
         self.service = service
         self.default_tenant = default_tenant
-        self.tokenize = tokenize
+        self.prompter = prompter
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Any
@@ -55,7 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return parse_request(
             request,
             self.service.limits,
-            self.tokenize,
+            self.prompter,
             caller=caller_role.get(),
             default_tenant=self.default_tenant,
         )
@@ -96,6 +97,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 def to_message(chunk: Chunk) -> inference_pb2.GenerateChunk:
     message = inference_pb2.GenerateChunk(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+    if chunk.token_bytes:
+        message.token_bytes.extend(chunk.token_bytes)
+    for ids, values, pieces in chunk.top_logprobs:
+        message.top_logprobs.add(token_ids=ids, logprobs=values, token_bytes=pieces)
     if chunk.finish_reason is not None:
         message.finish_reason = _FINISH[chunk.finish_reason]
         message.usage.prompt_tokens = chunk.prompt_tokens

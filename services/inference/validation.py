@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from openlora.v1 import common_pb2, inference_pb2
@@ -21,6 +20,7 @@ from services.inference.adapter_cache.key import AdapterKey
 from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.engine.lora.mixes import Strategy
 from services.inference.engine.sequence import SamplingParams
+from services.inference.prompts import Prompter
 
 STRATEGIES: dict[int, Strategy] = {
     common_pb2.LINEAR: "LINEAR",
@@ -30,6 +30,8 @@ STRATEGIES: dict[int, Strategy] = {
 }
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -55,16 +57,17 @@ class ParsedRequest:
 def parse_request(
     request: inference_pb2.GenerateRequest,
     limits: Limits,
-    tokenize: Callable[[str], list[int]] | None,
+    prompter: Prompter | None,
     *,
     caller: Role | None,
     default_tenant: str | None = None,
 ) -> ParsedRequest:
-    """Check every field of `request` against `limits`; `tokenize` turns prompt text into ids. The
-    tenant billed depends on who sent it (`caller`, None on a server that does not check callers)."""
+    """Check every field of `request` against `limits`; `prompter` turns prompt text and
+    conversations into ids (None: token ids only). The tenant billed depends on who sent it
+    (`caller`, None on a server that does not check callers)."""
     check_generate_request(request, require_tenant=False)
     request_id = request.request_id or uuid.uuid4().hex
-    prompt, field = _prompt(request, limits, tokenize)
+    prompt, field = _prompt(request, limits, prompter)
     if len(prompt) >= limits.max_context:
         raise InvalidArgument(
             field,
@@ -72,6 +75,8 @@ def parse_request(
             "(prompt and generated tokens together)",
         )
     sampling = _sampling(request, len(prompt), limits)
+    if request.HasField("response_format"):
+        raise InvalidArgument("response_format", "structured output is not served by this worker yet")
     kind = request.WhichOneof("adapter")
     ref = request.adapter_ref
     adapter = AdapterKey(ref.id, ref.version) if kind == "adapter_ref" else None
@@ -115,11 +120,15 @@ def billed_tenant(named: str, caller: Role | None, default_tenant: str | None) -
 
 
 def _prompt(
-    request: inference_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]] | None
+    request: inference_pb2.GenerateRequest, limits: Limits, prompter: Prompter | None
 ) -> tuple[list[int], str]:
     kind = request.WhichOneof("prompt")
     if kind is None:
-        raise InvalidArgument("text", "a prompt is required (text or token_ids)")
+        raise InvalidArgument("text", "a prompt is required (text, token_ids or messages)")
+    if kind == "messages":
+        if prompter is None:
+            raise InvalidArgument("messages", "this worker's model has no tokenizer: send token_ids")
+        return prompter.chat(request.messages.messages), "messages"
     if kind == "token_ids":
         ids = list(request.token_ids.ids)
         if not ids:
@@ -132,9 +141,9 @@ def _prompt(
         return ids, "token_ids"
     if not request.text:
         raise InvalidArgument("text", "the prompt is empty")
-    if tokenize is None:
+    if prompter is None:
         raise InvalidArgument("text", "this worker's model has no tokenizer: send token_ids")
-    ids = tokenize(request.text)
+    ids = prompter.encode(request.text)
     if not ids:
         raise InvalidArgument("text", "the prompt encodes to no tokens")
     return ids, "text"
@@ -170,6 +179,19 @@ def _sampling(request: inference_pb2.GenerateRequest, prompt_tokens: int, limits
     for i, text in enumerate(stop):
         if not text or len(text) > MAX_STOP_CHARS:
             raise InvalidArgument(f"sampling.stop[{i}]", f"must hold 1 to {MAX_STOP_CHARS} characters")
+    if request.top_logprobs and not request.return_logprobs:
+        raise InvalidArgument("top_logprobs", "needs return_logprobs")
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument("top_logprobs", f"at most {MAX_TOP_LOGPROBS}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(given, name)
+        if not math.isfinite(value) or not -2 <= value <= 2:
+            raise InvalidArgument(f"sampling.{name}", "must be in [-2, 2]")
+    repetition_penalty = given.repetition_penalty or 1.0
+    if not math.isfinite(repetition_penalty) or repetition_penalty < 0:
+        raise InvalidArgument("sampling.repetition_penalty", "must be > 0 (0 means unset)")
+    if not math.isfinite(given.min_p) or not 0 <= given.min_p <= 1:
+        raise InvalidArgument("sampling.min_p", "must be in [0, 1]")
     return SamplingParams(
         temperature=given.temperature,
         top_p=top_p,
@@ -179,4 +201,24 @@ def _sampling(request: inference_pb2.GenerateRequest, prompt_tokens: int, limits
         stop=stop,
         ignore_eos=given.ignore_eos,
         logprobs=request.return_logprobs,
+        top_logprobs=request.top_logprobs,
+        frequency_penalty=given.frequency_penalty,
+        presence_penalty=given.presence_penalty,
+        repetition_penalty=repetition_penalty,
+        min_p=given.min_p,
+        logit_bias=_logit_bias(given, limits),
     )
+
+
+def _logit_bias(given: common_pb2.SamplingParams, limits: Limits) -> tuple[tuple[int, float], ...]:
+    if len(given.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument("sampling.logit_bias", f"at most {MAX_LOGIT_BIAS} tokens")
+    for token_id, bias in given.logit_bias.items():
+        if token_id >= limits.vocab_size:
+            raise InvalidArgument(
+                f"sampling.logit_bias[{token_id}]",
+                f"token id outside the vocabulary [0, {limits.vocab_size})",
+            )
+        if not math.isfinite(bias) or not -100 <= bias <= 100:
+            raise InvalidArgument(f"sampling.logit_bias[{token_id}]", "bias must be in [-100, 100]")
+    return tuple(sorted((int(t), float(b)) for t, b in given.logit_bias.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.quantization import QUANTIZATIONS, Quantization, quantize_base_weights
 from services.inference.engine.sampler import sample
 from services.inference.engine.scheduler import AdapterReady, Scheduler, SchedulerConfig
-from services.inference.engine.sequence import FinishReason, SamplingParams, Sequence
+from services.inference.engine.sequence import FinishReason, SamplingParams, Sequence, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class StepOutput:
     text: str = ""
     """Newly final text (only when the engine has a tokenizer); held back while it may still turn
     into a stop string, and cut right before one."""
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    """The alternatives at each token's position, when the request asked for them."""
 
     @property
     def finished(self) -> bool:
@@ -321,14 +323,18 @@ class LLMEngine:
             with self.residency.pool.step(lora_step):
                 logits = self.runner.execute(batch)
         seqs = batch.sampling_seqs
-        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs])
-        updated = self.scheduler.postprocess(scheduled, sampled.token_ids, sampled.logprobs)
+        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs], seqs)
+        updated = self.scheduler.postprocess(
+            scheduled, sampled.token_ids, sampled.logprobs, sampled.top_logprobs
+        )
         outputs = []
         for seq in updated:
             text = self._detokenize(seq)
-            logprobs = seq.output_logprobs[-1:] if seq.sampling.logprobs else []
+            sampling = seq.sampling
+            logprobs = seq.output_logprobs[-1:] if sampling.logprobs else []
+            top = seq.output_top_logprobs[-1:] if sampling.logprobs and sampling.top_logprobs else []
             outputs.append(
-                StepOutput(seq.request_id, seq.output_token_ids[-1:], logprobs, seq.finish_reason, text)
+                StepOutput(seq.request_id, seq.output_token_ids[-1:], logprobs, seq.finish_reason, text, top)
             )
             if seq.is_finished:
                 self._forget(seq)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.inference.engine.block_manager import BlockManager
-from services.inference.engine.sequence import FinishReason, Sequence, SequenceStatus
+from services.inference.engine.sequence import FinishReason, Sequence, SequenceStatus, TopLogprobs
 
 AdapterReady = Callable[[Sequence], bool]
 """Whether a waiting sequence's adapter is resident. The multi-LoRA cache supplies it (and may start
@@ -184,6 +184,7 @@ class Scheduler:
         out: SchedulerOutput,
         sampled: list[int],
         logprobs: list[float] | None = None,
+        top_logprobs: list[TopLogprobs | None] | None = None,
     ) -> list[Sequence]:
         """Record a finished step: `sampled[i]` is the token of the i-th chunk with `samples` set.
 
@@ -205,7 +206,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             token = sampled[j]
-            seq.append_token(token, None if logprobs is None else logprobs[j])
+            seq.append_token(
+                token,
+                None if logprobs is None else logprobs[j],
+                None if top_logprobs is None else top_logprobs[j],
+            )
             updated.append(seq)
             reason = self._stop_reason(seq, token)
             if reason is not None:

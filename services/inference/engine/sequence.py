@@ -15,6 +15,10 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+TopLogprobs = tuple[list[int], list[float]]
+"""The most likely tokens at one position and their log-probabilities, most likely first."""
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -38,6 +42,19 @@ class SamplingParams:
     """Stop strings: the text ends right before the first one found (needs the engine's tokenizer)."""
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
+    """With `logprobs`: also the most likely alternatives at each position (under the model)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit per time it already appears in the output (OpenAI)."""
+    presence_penalty: float = 0.0
+    """Subtracted from a token's logit once it appears in the output at all (OpenAI)."""
+    repetition_penalty: float = 1.0
+    """Divides the positive logits (multiplies the negative ones) of tokens already in the prompt
+    or output, as `transformers`' RepetitionPenaltyLogitsProcessor does; 1 is off."""
+    min_p: float = 0.0
+    """Drops tokens below `min_p` x the top token's probability (after temperature, top-k, top-p)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before anything else."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -48,6 +65,22 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.top_logprobs < 0:
+            raise ValueError("top_logprobs must be >= 0")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits change before the choice (so even a greedy row needs more than argmax)."""
+        return bool(
+            self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.frequency_penalty
+            or self.presence_penalty
+        )
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +107,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_next_seq_id))
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0
@@ -118,8 +152,12 @@ class Sequence:
         """The most tokens this sequence can ever hold: the KV it may need at its longest."""
         return self.num_prompt_tokens + self.sampling.max_new_tokens
 
-    def append_token(self, token_id: int, logprob: float | None = None) -> None:
+    def append_token(
+        self, token_id: int, logprob: float | None = None, top: TopLogprobs | None = None
+    ) -> None:
         self.output_token_ids.append(token_id)
         self._token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+        if top is not None:
+            self.output_top_logprobs.append(top)

@@ -26,13 +26,13 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.inference.engine.llm_engine import EngineStats
-from services.inference.engine.sequence import FinishReason, SamplingParams
+from services.inference.engine.sequence import FinishReason, SamplingParams, TopLogprobs
 from services.inference.engine_process import protocol
 from services.inference.engine_process.core import EngineSpec
 from services.inference.engine_process.process import EngineProcess
@@ -52,6 +52,7 @@ class EngineOutput:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason | None = None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -79,6 +80,7 @@ class EngineStream:
         "request_id",
         "timer",
         "tokens",
+        "top_logprobs",
         "waiting",
     )
 
@@ -90,6 +92,7 @@ class EngineStream:
         self.request_id = request_id
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[TopLogprobs] = []
         self.finish: FinishReason | None = None
         self.error: BaseException | None = None
         self.news = asyncio.Event()
@@ -104,8 +107,10 @@ class EngineStream:
         self.news.clear()
         if self.error is not None:
             raise self.error
-        out = EngineOutput(self.tokens, self.logprobs, self.finish)
+        out = EngineOutput(self.tokens, self.logprobs, self.finish, self.top_logprobs)
         self.tokens, self.logprobs = [], []
+        if self.top_logprobs:
+            self.top_logprobs = []
         if out.token_ids or out.finish_reason is not None:
             self.due = asyncio.get_running_loop().time() + self._client.stream_interval_s
         return out
@@ -347,13 +352,15 @@ class EngineClient:
         limit = self.max_buffered_tokens
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for request_id, token_ids, logprobs, finish in outputs:
+        for request_id, token_ids, logprobs, finish, *top in outputs:
             stream = streams.get(request_id)
             if stream is None:
                 continue  # its consumer left; the abort is on its way
             stream.tokens += token_ids
             if logprobs:
                 stream.logprobs += logprobs
+            if top:
+                stream.top_logprobs += [(ids, values) for ids, values in top[0]]
             if finish:
                 stream.finish = protocol.finish_reason(finish)
                 del streams[request_id]

@@ -158,7 +158,8 @@ class EngineCore:
         if self.engine.last_step_tokens:
             self.steps += 1
         encoded = [
-            protocol.encode_output(o.request_id, o.token_ids, o.logprobs, o.finish_reason) for o in outputs
+            protocol.encode_output(o.request_id, o.token_ids, o.logprobs, o.finish_reason, o.top_logprobs)
+            for o in outputs
         ]
         if encoded or not self.engine.has_unfinished():
             self._send_step(encoded)

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from services.inference.engine.llm_engine import EngineStats
-from services.inference.engine.sequence import FinishReason, SamplingParams
+from services.inference.engine.sequence import FinishReason, SamplingParams, TopLogprobs
 
 COMMANDS = 0
 SHUTDOWN = 1
@@ -70,6 +70,12 @@ class NewRequest:
             list(s.stop_token_ids),
             s.ignore_eos,
             s.logprobs,
+            s.top_logprobs,
+            s.frequency_penalty,
+            s.presence_penalty,
+            s.repetition_penalty,
+            s.min_p,
+            [list(pair) for pair in s.logit_bias],
         ]
         a = self.adapter
         adapter = [a.key, a.path, a.rank, a.scaling] if a is not None else None
@@ -88,14 +94,28 @@ class NewRequest:
             stop_token_ids=tuple(s[5]),
             ignore_eos=s[6],
             logprobs=s[7],
+            top_logprobs=s[8],
+            frequency_penalty=s[9],
+            presence_penalty=s[10],
+            repetition_penalty=s[11],
+            min_p=s[12],
+            logit_bias=tuple((int(t), float(b)) for t, b in s[13]),
         )
         adapter = AdapterHandle(a[0], a[1], a[2], a[3]) if a is not None else None
         return cls(request_id, prompt, sampling, adapter)
 
 
 def encode_output(
-    request_id: str, token_ids: list[int], logprobs: list[float], finish: FinishReason | None
+    request_id: str,
+    token_ids: list[int],
+    logprobs: list[float],
+    finish: FinishReason | None,
+    top_logprobs: list[TopLogprobs] | None = None,
 ) -> list[Any]:
+    """`[request_id, token_ids, logprobs, finish]`, plus the top alternatives only when asked for
+    (most steps carry none, and every byte of a step message is paid once per token)."""
+    if top_logprobs:
+        return [request_id, token_ids, logprobs, _FINISH_CODES[finish], top_logprobs]
     return [request_id, token_ids, logprobs, _FINISH_CODES[finish]]
 
 

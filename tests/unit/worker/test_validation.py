@@ -7,6 +7,7 @@ from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.trust.roles import GATEWAY, OPERATOR
+from services.inference.prompts import Prompter
 from services.inference.validation import Limits, billed_tenant, parse_request
 
 LIMITS = Limits(max_context=32, default_max_new_tokens=16, max_new_tokens_limit=20, vocab_size=100)
@@ -16,6 +17,24 @@ def tokenize(text: str) -> list[int]:
     return [ord(c) % 100 for c in text]
 
 
+class CharTokenizer:
+    """One id per character, and a chat template that tags each turn with its role."""
+
+    chat_template = "<role>content ... <assistant>"
+
+    def encode(self, text: str) -> list[int]:
+        return tokenize(text)
+
+    def apply_chat_template(self, turns: list[dict[str, str]], **options: object) -> list[int]:
+        assert options["add_generation_prompt"] and options["tokenize"]
+        if turns[-1]["role"] == "assistant":
+            raise ValueError("the last turn must not be the assistant's")
+        return tokenize("".join(f"<{t['role']}>{t['content']}" for t in turns) + "<assistant>")
+
+
+PROMPTER = Prompter(CharTokenizer())
+
+
 def make(**fields: object) -> inference_pb2.GenerateRequest:
     """A request of `fields`, billed to tenant acme unless `tenant` says otherwise."""
     fields.setdefault("tenant", "acme")
@@ -23,6 +42,12 @@ def make(**fields: object) -> inference_pb2.GenerateRequest:
     message = inference_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
     message.sampling.CopyFrom(common_pb2.SamplingParams(**sampling))  # type: ignore[arg-type]
     return message
+
+
+def chat(*turns: tuple[str, str]) -> inference_pb2.ChatMessages:
+    return inference_pb2.ChatMessages(
+        messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in turns]
+    )
 
 
 def mix(*components: tuple[str, str, float]) -> common_pb2.AdapterMix:
@@ -36,7 +61,7 @@ def mix(*components: tuple[str, str, float]) -> common_pb2.AdapterMix:
 
 
 def test_defaults_make_a_greedy_request_with_an_id() -> None:
-    parsed = parse_request(make(text="hello"), LIMITS, tokenize, caller=GATEWAY)
+    parsed = parse_request(make(text="hello"), LIMITS, PROMPTER, caller=GATEWAY)
     assert parsed.prompt_token_ids == tokenize("hello")
     assert len(parsed.request_id) == 32
     s = parsed.sampling
@@ -46,7 +71,7 @@ def test_defaults_make_a_greedy_request_with_an_id() -> None:
 
 def test_the_default_length_shrinks_to_fit_the_context() -> None:
     parsed = parse_request(
-        make(token_ids=inference_pb2.TokenIds(ids=[1] * 25)), LIMITS, tokenize, caller=GATEWAY
+        make(token_ids=inference_pb2.TokenIds(ids=[1] * 25)), LIMITS, PROMPTER, caller=GATEWAY
     )
     assert parsed.sampling.max_new_tokens == 7
 
@@ -77,7 +102,7 @@ def test_fields_are_carried_over() -> None:
 
 def test_two_explicit_versions_of_one_adapter_may_be_mixed() -> None:
     parsed = parse_request(
-        make(text="hi", mix=mix(("a", "v1", 1.0), ("a", "v2", 3.0))), LIMITS, tokenize, caller=GATEWAY
+        make(text="hi", mix=mix(("a", "v1", 1.0), ("a", "v2", 3.0))), LIMITS, PROMPTER, caller=GATEWAY
     )
     assert parsed.mix is not None and parsed.mix.shares == (0.25, 0.75)
 
@@ -110,12 +135,52 @@ def test_two_explicit_versions_of_one_adapter_may_be_mixed() -> None:
         ({"text": "hi", "mix": mix(("a", "", 1.0), ("a", "v1", 1.0))}, "mix.components[1].adapter"),
         ({"text": "hi", "mix": mix(("a", "v1", 1.0), ("a", "v1", 1.0))}, "mix.components[1].adapter"),
         ({"text": "hi", "mix": mix(("a", "", float("inf")))}, "mix.components[0].weight"),
+        ({"text": "hi", "top_logprobs": 2}, "top_logprobs"),
+        ({"text": "hi", "top_logprobs": 21, "return_logprobs": True}, "top_logprobs"),
+        ({"text": "hi", "sampling": {"frequency_penalty": 2.5}}, "sampling.frequency_penalty"),
+        ({"text": "hi", "sampling": {"presence_penalty": float("nan")}}, "sampling.presence_penalty"),
+        ({"text": "hi", "sampling": {"repetition_penalty": -1}}, "sampling.repetition_penalty"),
+        ({"text": "hi", "sampling": {"min_p": 1.5}}, "sampling.min_p"),
+        ({"text": "hi", "sampling": {"logit_bias": {100: 1.0}}}, "sampling.logit_bias[100]"),
+        ({"text": "hi", "sampling": {"logit_bias": {5: 101.0}}}, "sampling.logit_bias[5]"),
+        ({"messages": inference_pb2.ChatMessages()}, "messages"),
+        ({"messages": chat(("", "hi"))}, "messages[0].role"),
+        ({"messages": chat(("user", "hi"), ("assistant", "yo"))}, "messages"),
     ],
 )
 def test_bad_fields_are_named(fields: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        parse_request(make(**fields), LIMITS, tokenize, caller=GATEWAY)
+        parse_request(make(**fields), LIMITS, PROMPTER, caller=GATEWAY)
     assert caught.value.field == field
+
+
+def test_a_conversation_is_rendered_with_the_chat_template() -> None:
+    parsed = parse_request(
+        make(messages=chat(("system", "be"), ("user", "hi"))), LIMITS, PROMPTER, caller=GATEWAY
+    )
+    assert parsed.prompt_token_ids == tokenize("<system>be<user>hi<assistant>")
+
+
+def test_penalties_bias_and_top_logprobs_are_carried_over() -> None:
+    sampling = {
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.25,
+        "repetition_penalty": 1.3,
+        "min_p": 0.125,
+        "logit_bias": {7: -100.0, 3: 2.5},
+    }
+    parsed = parse_request(
+        make(text="hi", sampling=sampling, return_logprobs=True, top_logprobs=5),
+        LIMITS,
+        PROMPTER,
+        caller=GATEWAY,
+    )
+    s = parsed.sampling
+    assert (s.frequency_penalty, s.presence_penalty, s.min_p, s.top_logprobs) == (0.5, -0.25, 0.125, 5)
+    assert s.repetition_penalty == pytest.approx(1.3)
+    assert s.logit_bias == ((3, 2.5), (7, -100.0))
+    unset = parse_request(make(text="hi"), LIMITS, PROMPTER, caller=GATEWAY).sampling
+    assert unset.repetition_penalty == 1.0 and not unset.adjusts_logits
 
 
 def test_text_needs_a_tokenizer() -> None:
@@ -143,8 +208,8 @@ def test_only_the_gateway_names_the_tenant_billed() -> None:
 
 def test_a_direct_request_is_refused_before_it_is_parsed_into_work() -> None:
     with pytest.raises(FailedPrecondition):
-        parse_request(make(text="hi", tenant=""), LIMITS, tokenize, caller=OPERATOR)
+        parse_request(make(text="hi", tenant=""), LIMITS, PROMPTER, caller=OPERATOR)
     parsed = parse_request(
-        make(text="hi", tenant=""), LIMITS, tokenize, caller=OPERATOR, default_tenant="solo"
+        make(text="hi", tenant=""), LIMITS, PROMPTER, caller=OPERATOR, default_tenant="solo"
     )
     assert parsed.tenant == "solo"

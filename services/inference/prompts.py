@@ -1,0 +1,55 @@
+"""Prompt text and conversations → the base model's token ids, with its tokenizer and chat template.
+
+A conversation is rendered with the tokenizer's chat template and `add_generation_prompt`, exactly as
+`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` tokenizes it, so a served chat
+prompt is the one the model was tuned on. (Adapters that ship a template of their own are not
+supported yet: the adapter store keeps only the two PEFT files.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from services.common.errors import InvalidArgument
+
+MAX_MESSAGES = 1024
+
+
+class ChatMessage(Protocol):
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+
+class Prompter:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def chat(self, messages: Sequence[ChatMessage], field: str = "messages") -> list[int]:
+        """The conversation's token ids, ready for the assistant's turn; InvalidArgument naming the
+        field when it is empty or the template refuses it (templates may raise on, say, two user
+        turns in a row)."""
+        if not messages:
+            raise InvalidArgument(field, "a conversation needs at least one message")
+        if len(messages) > MAX_MESSAGES:
+            raise InvalidArgument(field, f"at most {MAX_MESSAGES} messages")
+        for i, message in enumerate(messages):
+            if not message.role:
+                raise InvalidArgument(f"{field}[{i}].role", "must not be empty")
+        if not self.has_chat_template:
+            raise InvalidArgument(field, "this worker's tokenizer has no chat template: send text")
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja's own errors, raised by the template's `raise_exception`
+            raise InvalidArgument(field, f"the chat template refused the conversation: {exc}") from None
+        return [int(i) for i in ids]
