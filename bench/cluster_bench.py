@@ -255,6 +255,7 @@ async def serve_and_measure(
         model=args.model,
         workers=args.workers,
         gateway_port=0,
+        http_port=0,
         worker_dtype=args.dtype,
     )
     cluster = await start_cluster(config, lambda text: print(f"[cluster] {text}", file=sys.stderr))

@@ -59,7 +59,7 @@ async def one_round(args: argparse.Namespace, path: str, scratch: Path) -> dict[
     worker_argv += ["--port", str(worker_port), "--delay", str(args.delay_s)]
     if path == "call_per_stream":
         worker_argv.append("--no-relay")
-    gateway_argv = [OPENLORA, "gateway", "serve", "--port", str(gateway_port)]
+    gateway_argv = [OPENLORA, "gateway", "serve", "--port", str(gateway_port), "--http-port", "0"]
     gateway_argv += ["--workers", f"127.0.0.1:{worker_port}"]
     if path == "grpc_floor":  # the floor server stands where the gateway does; the worker idles
         gateway_argv = [sys.executable, FLOOR_SERVER, "--port", str(gateway_port)]

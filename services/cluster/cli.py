@@ -93,6 +93,9 @@ def up(
         Path, typer.Option(help="Adapters, ledger, caches and spools of this cluster.")
     ] = Path("~/.local/share/openlora/cluster"),
     gateway_port: Annotated[int, typer.Option(help="Port clients connect to (0: any free port).")] = 50051,
+    http_port: Annotated[
+        int, typer.Option(help="Port of the OpenAI-compatible HTTP API (0: any free port).")
+    ] = 8000,
     database_url: Annotated[
         str | None,
         typer.Option(help="Ledger database (default: SQLite in --data-dir), e.g. postgresql+psycopg://..."),
@@ -126,6 +129,7 @@ def up(
         model=model,
         workers=workers,
         gateway_port=gateway_port,
+        http_port=http_port,
         database_url=database_url,
         tenant=tenant,
         worker_dtype=dtype,

@@ -177,7 +177,9 @@ async def run_demo(model: str = "smollm2", keep: Path | None = None, serve: bool
     with tempfile.TemporaryDirectory(prefix="openlora-demo-") as scratch:
         data = keep or Path(scratch)
         step(f"starting the cluster ({model}) in {data}")
-        cluster = await start_cluster(ClusterConfig(data_dir=data, model=model, gateway_port=0), step)
+        cluster = await start_cluster(
+            ClusterConfig(data_dir=data, model=model, gateway_port=0, http_port=0), step
+        )
         try:
             step(f"gateway on {cluster.gateway}, API key for tenant {cluster.tenant}: {cluster.api_key}")
             step("uploading four adapters with their provenance")

@@ -51,6 +51,8 @@ class ClusterConfig:
     workers: int = 1
     gateway_port: int = 50051
     """0 picks a free port."""
+    http_port: int = 8000
+    """The gateway's OpenAI-compatible HTTP API; 0 picks a free port."""
     database_url: str | None = None
     """None: SQLite in `data_dir`."""
     tenant: str = "demo"
@@ -68,6 +70,8 @@ class Cluster:
     """Where everything listens, once started."""
 
     gateway: str
+    http: str
+    """`host:port` of the gateway's OpenAI-compatible HTTP API."""
     store: str
     attribution: str
     workers: list[str]
@@ -80,6 +84,11 @@ class Cluster:
     supervisor: Supervisor = field(repr=False)
     tls: ClientTLS | None = None
     """With `--tls`: how an operator reaches the services (the cluster's CA, the operator's certificate)."""
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (https with `--tls`: the gateway's certificate serves both)."""
+        return f"{'https' if self.tls else 'http'}://{self.http}"
 
 
 def prepare_model(model: str, data_dir: Path, say: Callable[[str], None]) -> tuple[Path, str]:
@@ -122,6 +131,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
     ports = {name: _free_port() for name in ("store", "attribution")}
     worker_ports = [_free_port() for _ in range(config.workers)]
     gateway_port = config.gateway_port or _free_port()
+    http_port = config.http_port or _free_port()
     store_args = ["store", "serve", "--port", str(ports["store"])]
     if "OPENLORA_STORE_BACKEND" not in os.environ:  # embedded default unless S3 is configured
         store_args += ["--backend", "local", "--local-dir", str(data / "store")]
@@ -226,6 +236,8 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                     str(key_file),
                     "--metrics-port",
                     "0",
+                    "--http-port",
+                    str(http_port),
                 ],
                 gateway_port,
                 {**services_secret, **_env(tls, "gateway"), "OPENLORA_GATEWAY_LOG_LEVEL": config.log_level},
@@ -237,6 +249,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
         raise
     return Cluster(
         gateway=f"127.0.0.1:{gateway_port}",
+        http=f"127.0.0.1:{http_port}",
         store=store,
         attribution=attribution,
         workers=workers,
@@ -297,6 +310,7 @@ def say(text: str) -> None:
 def describe(cluster: Cluster) -> str:
     lines = [
         f"gateway      {cluster.gateway}   (clients connect here)",
+        f"http api     {cluster.http_url}   (OpenAI-compatible)",
         f"api key      {cluster.api_key}   (tenant {cluster.tenant})",
         f"store        {cluster.store}",
         f"attribution  {cluster.attribution}",
@@ -309,6 +323,8 @@ def describe(cluster: Cluster) -> str:
         f"  export OPENLORA_TARGET={cluster.gateway} OPENLORA_API_KEY={cluster.api_key}"
         + (f" OPENLORA_CA_FILE={cluster.tls.ca_file}" if cluster.tls else ""),
         '  openlora generate "Hello"',
+        "OpenAI SDKs and curl (the same key):",
+        f"  export OPENAI_BASE_URL={cluster.http_url}/v1 OPENAI_API_KEY={cluster.api_key}",
     ]
     return "\n".join(lines)
 

@@ -20,6 +20,8 @@ from services.common.grpc_server import ServiceBinding
 from services.common.trust.setup import service_identity
 from services.gateway.access import AdapterAccess
 from services.gateway.auth import Authenticator
+from services.gateway.http.routes import OpenAIFront, build_app
+from services.gateway.http.server import HttpServer
 from services.gateway.keys import KeySource, TenantLimits
 from services.gateway.limits import TenantLimiter
 from services.gateway.membership import WorkerPool
@@ -61,6 +63,7 @@ class GatewayApp(App):
         self.metrics = GatewayMetrics(self.registry, lambda: list(self.pool.endpoints.values()))
         authenticate = Authenticator(self.keys)
         access: AdapterAccess | None = None
+        store: adapter_store_pb2_grpc.AdapterStoreAsyncStub | None = None
         store_bindings: list[ServiceBinding] = []
         if settings.store_address:
             channel = self.upstream(
@@ -104,6 +107,23 @@ class GatewayApp(App):
             metrics=self.metrics,
         )
         self.serve([binding(inference), *store_bindings])
+        self.http: HttpServer | None = None
+        if settings.http_port is not None:
+            front = OpenAIFront(
+                inference,
+                authenticate,
+                self.metrics,
+                store,
+                request_timeout_s=settings.http_request_timeout_s,
+            )
+            self.http = HttpServer(
+                build_app(front),
+                settings.host,
+                settings.http_port,
+                cert_file=settings.tls_cert_file,
+                key_file=settings.tls_key_file,
+                grace_s=settings.grace_period_s,
+            )
         self._watching = False
         self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
@@ -113,13 +133,21 @@ class GatewayApp(App):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
     async def on_listening(self, port: int) -> None:
-        """Watch the workers; SERVING as soon as one of them is."""
+        """Watch the workers (SERVING as soon as one of them is); open the HTTP API."""
         self._watching = True
         await self.pool.start()
         await self.server.set_ready(self.pool.any_healthy())
+        if self.http is not None:
+            await self.http.start()
 
     async def release(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.pool.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -32,6 +32,10 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics port (OPENLORA_GATEWAY_METRICS_PORT).")
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(help="OpenAI-compatible HTTP API port (OPENLORA_GATEWAY_HTTP_PORT)."),
+    ] = None,
 ) -> None:
     """Run the gateway (every setting: `openlora gateway config`)."""
     from services.common.log import configure_logging
@@ -45,10 +49,20 @@ def serve(
         store_address=store_address,
         api_keys_file=api_keys_file,
         metrics_port=metrics_port,
+        http_port=http_port,
     )
     configure_logging("gateway", settings.log_level, settings.log_format)
     serve_app(
         "gateway",
         lambda: build(settings),
-        lambda _, port: f"gateway listening on {settings.host}:{port} (workers {settings.workers})",
+        lambda app, port: (
+            f"gateway listening on {settings.host}:{port} (workers {settings.workers})"
+            + (f", OpenAI-compatible HTTP on {settings.host}:{http}" if (http := _http_port(app)) else "")
+        ),
     )
+
+
+def _http_port(app: object) -> int | None:
+    from services.gateway.app import GatewayApp
+
+    return app.http_port if isinstance(app, GatewayApp) else None

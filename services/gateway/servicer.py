@@ -50,7 +50,15 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
     async def Generate(  # type: ignore[override]  # chunks go out as the worker serialized them
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[bytes]:
-        with CallOutcome(self.metrics, "Generate", context) as call:
+        async for chunk in self.stream(request, context, "Generate"):
+            yield chunk
+
+    async def stream(
+        self, request: inference_pb2.GenerateRequest, context: Any, method: str
+    ) -> AsyncIterator[bytes]:
+        """A Generate call from any front (gRPC, HTTP): authenticated, admitted, checked, relayed.
+        `context` answers what a gRPC context does: its metadata and the time left."""
+        with CallOutcome(self.metrics, method, context) as call:
             tenant = call.tenant = self.authenticate(context).tenant
             # Refused here what a worker or attribution would refuse later: once a worker streams a
             # request, its usage must be recordable.
@@ -79,27 +87,32 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
         adapters, so they (and the worker's id) are left out; operators ask workers directly."""
         with CallOutcome(self.metrics, "ListModels", context) as call:
             call.tenant = self.authenticate(context).tenant
-            for load in sorted(self.pool.healthy_loads(), key=lambda w: w.in_flight):
-                endpoint = self.pool.get(load.address)
-                if endpoint is None:
-                    continue
-                remaining = context.time_remaining()
-                timeout = (
-                    LIST_MODELS_TIMEOUT_S if remaining is None else min(remaining, LIST_MODELS_TIMEOUT_S)
+            return await self.base_model(context.time_remaining())
+
+    async def base_model(self, time_remaining: float | None) -> inference_pb2.ListModelsResponse:
+        """What the least loaded worker serves, without its cache or id."""
+        for load in sorted(self.pool.healthy_loads(), key=lambda w: w.in_flight):
+            endpoint = self.pool.get(load.address)
+            if endpoint is None:
+                continue
+            timeout = (
+                LIST_MODELS_TIMEOUT_S
+                if time_remaining is None
+                else min(time_remaining, LIST_MODELS_TIMEOUT_S)
+            )
+            try:
+                response: inference_pb2.ListModelsResponse = await endpoint.stub.ListModels(
+                    inference_pb2.ListModelsRequest(), timeout=timeout
                 )
-                try:
-                    response: inference_pb2.ListModelsResponse = await endpoint.stub.ListModels(
-                        request, timeout=timeout
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        endpoint.report_failure()
-                        continue
-                    raise UpstreamError(exc) from None
-                del response.adapters[:]
-                response.worker_id = ""
-                return response
-            raise Unavailable("no inference worker is available", retry_after_s=NO_WORKER_RETRY_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    endpoint.report_failure()
+                    continue
+                raise UpstreamError(exc) from None
+            del response.adapters[:]
+            response.worker_id = ""
+            return response
+        raise Unavailable("no inference worker is available", retry_after_s=NO_WORKER_RETRY_S)
 
 
 def binding(servicer: GatewayInference) -> ServiceBinding:

@@ -20,6 +20,15 @@ class GatewaySettings(ServiceSettings):
     port: Port = 50051
     """TCP port clients connect to; 0 picks a free port."""
 
+    http_port: Port | None = 8000
+    """Port of the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`,
+    `/v1/models`, `/health`), on `host`, with the same API keys, limits and TLS certificate as the
+    gRPC API; 0 picks a free port; None turns it off."""
+
+    http_request_timeout_s: float | None = Field(default=600.0, gt=0)
+    """Longest an HTTP generation may run (HTTP clients send no deadline; gRPC clients' own deadlines
+    apply to theirs); None means no limit."""
+
     workers: str = "127.0.0.1:50052"
     """Inference workers: a comma-separated `host:port` list, or `dns:///name:port` (every address
     the name resolves to, re-resolved every `dns_refresh_s`; a Kubernetes headless Service)."""
@@ -89,8 +98,8 @@ class GatewaySettings(ServiceSettings):
     addresses (e.g. every worker's certificate names the headless Service)."""
 
     metrics_port: Port | None = 9465
-    """The Prometheus `/metrics` port, on by default for the gateway's metrics; None turns it off."""
-    """Port of the Prometheus `/metrics` endpoint; 0 picks a free port; None turns it off."""
+    """Port of the Prometheus `/metrics` endpoint, on by default for the gateway's metrics; 0 picks
+    a free port; None turns it off."""
 
     @model_validator(mode="after")
     def _check_gateway(self) -> Self:

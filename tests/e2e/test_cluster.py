@@ -84,6 +84,7 @@ def cluster(
         data_dir=tmp_path_factory.mktemp("cluster"),
         model="tiny",
         gateway_port=0,
+        http_port=0,
         database_url=database_url,
         tenant=TENANT,
     )

@@ -33,7 +33,12 @@ TENANT = "tls"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     config = ClusterConfig(
-        data_dir=tmp_path_factory.mktemp("cluster"), model="tiny", gateway_port=0, tenant=TENANT, tls=True
+        data_dir=tmp_path_factory.mktemp("cluster"),
+        model="tiny",
+        gateway_port=0,
+        http_port=0,
+        tenant=TENANT,
+        tls=True,
     )
     with running_cluster(config, {}) as (running, _logs):
         assert running.tls is not None and running.tls.ca_file is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -17,7 +17,7 @@ from openlora.channel import Connection, Deadline, call_metadata
 from openlora.errors import OpenLoRAError
 from openlora.files import adapter_files
 from openlora.models import Models
-from openlora.request import Chunk, Completion, GenerateOptions, build_request
+from openlora.request import Chunk, Completion, GenerateOptions, Prompt, build_request
 from openlora.retry import DEFAULT_RETRY, RetryPolicy
 from openlora.transfer import DownloadError, DownloadWriter, Progress, upload
 from openlora.v1 import adapter_store_pb2 as store_pb
@@ -62,9 +62,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def stream(
-        self, prompt: str | Sequence[int], **options: Unpack[GenerateOptions]
-    ) -> AsyncGenerator[Chunk]:
+    async def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncGenerator[Chunk]:
         """Chunks as the server produces them. Leaving the loop early cancels the call, which frees the
         worker's resources for it within one step."""
         request = build_request(prompt, **options)
@@ -91,7 +89,7 @@ class AsyncClient:
             finally:
                 call.cancel()
 
-    async def generate(self, prompt: str | Sequence[int], **options: Unpack[GenerateOptions]) -> Completion:
+    async def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         request_id = options["request_id"] = options.get("request_id") or uuid.uuid4().hex
         completion = Completion(request_id)
         async for chunk in self.stream(prompt, **options):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict, Unpack
 
@@ -73,14 +73,29 @@ class GenerateOptions(TypedDict, total=False):
     ignore_eos: bool
     logprobs: bool
     """Return each generated token's log-probability."""
+    top_logprobs: int
+    """With `logprobs`: also the most likely tokens at each position (up to 20)."""
+    frequency_penalty: float
+    """In [-2, 2]: lowers a token's logit per time it already appears in the output."""
+    presence_penalty: float
+    """In [-2, 2]: lowers a token's logit once it appears in the output."""
+    repetition_penalty: float
+    """> 0 (1: off): transformers' penalty on tokens of the prompt and the output."""
+    min_p: float
+    """In [0, 1]: drops tokens below min_p x the most likely token's probability."""
+    logit_bias: Mapping[int, float]
+    """Token id → bias added to its logit, in [-100, 100]."""
     request_id: str | None
     """Your id for the request (idempotent billing, logs); a fresh one when absent."""
 
 
-def build_request(
-    prompt: str | Sequence[int], **options: Unpack[GenerateOptions]
-) -> inference_pb2.GenerateRequest:
-    """The wire request for a text prompt or a prompt of token ids."""
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+"""Text, token ids, or a conversation (`{"role": ..., "content": ...}` turns, rendered on the
+worker with the model's chat template)."""
+
+
+def build_request(prompt: Prompt, **options: Unpack[GenerateOptions]) -> inference_pb2.GenerateRequest:
+    """The wire request for a text prompt, a prompt of token ids or a conversation."""
     adapter, mix = options.get("adapter"), options.get("mix")
     if adapter is not None and mix is not None:
         raise ValueError("give either adapter or mix, not both")
@@ -94,13 +109,23 @@ def build_request(
             max_new_tokens=options.get("max_new_tokens", 0),
             stop=list(options.get("stop", ())),
             ignore_eos=options.get("ignore_eos", False),
+            frequency_penalty=options.get("frequency_penalty", 0.0),
+            presence_penalty=options.get("presence_penalty", 0.0),
+            repetition_penalty=options.get("repetition_penalty", 0.0),
+            min_p=options.get("min_p", 0.0),
+            logit_bias=dict(options.get("logit_bias", {})),
         ),
         return_logprobs=options.get("logprobs", False),
+        top_logprobs=options.get("top_logprobs", 0),
     )
     if isinstance(prompt, str):
         request.text = prompt
+    elif prompt and isinstance(prompt[0], Mapping):
+        for turn in prompt:
+            assert isinstance(turn, Mapping)
+            request.messages.messages.add(role=turn["role"], content=turn["content"])
     else:
-        request.token_ids.ids.extend(prompt)
+        request.token_ids.ids.extend(int(t) for t in prompt)  # type: ignore[arg-type]
     if adapter is not None:
         request.adapter_ref.CopyFrom(adapter_ref(adapter))
     if mix is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -17,7 +17,7 @@ from openlora.channel import Connection, Deadline, call_metadata
 from openlora.errors import OpenLoRAError
 from openlora.files import adapter_files
 from openlora.models import Models
-from openlora.request import Chunk, Completion, GenerateOptions, build_request
+from openlora.request import Chunk, Completion, GenerateOptions, Prompt, build_request
 from openlora.retry import DEFAULT_RETRY, RetryPolicy
 from openlora.transfer import DownloadError, DownloadWriter, Progress, upload_messages
 from openlora.v1 import adapter_store_pb2 as store_pb
@@ -63,7 +63,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def stream(self, prompt: str | Sequence[int], **options: Unpack[GenerateOptions]) -> Generator[Chunk]:
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generator[Chunk]:
         """Chunks as the server produces them; closing the iterator early cancels the call."""
         request = build_request(prompt, **options)
         deadline = Deadline(self.timeout_s)
@@ -89,7 +89,7 @@ class Client:
             finally:
                 call.cancel()
 
-    def generate(self, prompt: str | Sequence[int], **options: Unpack[GenerateOptions]) -> Completion:
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """The whole completion at once."""
         request_id = options["request_id"] = options.get("request_id") or uuid.uuid4().hex
         completion = Completion(request_id)

@@ -60,6 +60,7 @@ def gateway_settings(tmp_path: Path, workers: Sequence[str], **overrides: Any) -
         # A test that wrote its own key file (tenant limits) keeps it.
         "api_keys_file": keys if (keys := tmp_path / "keys.json").exists() else write_keys(keys),
         "metrics_port": None,
+        "http_port": None,
         "worker_retry_s": 0.2,
         "worker_retry_max_s": 1.0,
         "grace_period_s": 2.0,

@@ -34,7 +34,8 @@ def scrape(port: int) -> str:
 async def test_serve_generate_scrape_and_stop(tmp_path: Path) -> None:
     workers = await InProcessWorkers.start(2)
     port, metrics_port = free_ports(2)
-    argv = [OPENLORA, "gateway", "serve", "--port", str(port), "--workers", ",".join(workers.addresses)]
+    argv = [OPENLORA, "gateway", "serve", "--port", str(port), "--http-port", "0"]
+    argv += ["--workers", ",".join(workers.addresses)]
     argv += ["--store-address", "", "--metrics-port", str(metrics_port)]
     argv += ["--api-keys-file", str(write_keys(tmp_path / "keys.json"))]
     process = spawn(argv, tmp_path / "gateway.log")
@@ -77,7 +78,19 @@ def test_a_malformed_key_file_is_a_readable_start_up_error(tmp_path: Path) -> No
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": [{"sha256": "the-key-itself", "tenant": "acme"}]}')
     result = subprocess.run(
-        [OPENLORA, "gateway", "serve", "--port", "0", "--api-keys-file", str(keys), "--metrics-port", "0"],
+        [
+            OPENLORA,
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--api-keys-file",
+            str(keys),
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
