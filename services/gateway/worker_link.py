@@ -250,12 +250,16 @@ class WorkerLink:
             stream_id=stream_id, request=request, timeout_s=timeout_s or 0.0, trace_headers=trace_headers
         )
         inbox = call.start(stream_id, start)
+        samples = request.sampling.n
         done = False  # the stream ended by itself, rather than its consumer leaving
         try:
             while True:
                 events = await inbox.take()
                 chunks = [e for e in events if e.chunk]
-                if chunks:
+                if chunks and samples > 1:  # the samples' chunks interleave: never merged
+                    for event in chunks:
+                        yield Relayed(event.chunk, event.completion_tokens, event.prompt_tokens)
+                elif chunks:
                     yield merge(chunks)
                 end = events[-1] if events[-1].HasField("end") else None
                 if end is not None:

@@ -70,6 +70,8 @@ class Chunk:
     completion_tokens: int = 0
     top_logprobs: list[Alternatives] = field(default_factory=list)  # when asked: per token
     token_bytes: list[bytes] = field(default_factory=list)  # with logprobs: each token's own bytes
+    index: int = 0  # the sample (n > 1)
+    last: bool = False  # the request's last chunk: it carries the usage of every sample
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,30 @@ class WorkerService:
 
     async def generate(self, request: ParsedRequest) -> AsyncGenerator[Chunk]:
         """Stream the request's chunks; the last carries `finish_reason` and usage."""
-        async with (
-            self._request(request) as (chunks, outcome),
-            contextlib.aclosing(self._pull(request, chunks)) as stream,
-        ):
-            async for chunk in stream:
-                if chunk.finish_reason is not None:
-                    outcome[0] = chunk.finish_reason.value
+        if request.n > 1:
+            async with contextlib.aclosing(self._generate_samples(request)) as samples:
+                async for chunk in samples:
+                    yield chunk
+            return
+        async with self._request(request) as (samples, outcome):
+            chunks = samples[0]
+            async with contextlib.aclosing(self._pull(request, chunks)) as stream:
+                async for chunk in stream:
+                    if chunk.finish_reason is not None:
+                        outcome[0] = chunk.finish_reason.value
+                    yield chunk
+
+    async def _generate_samples(self, request: ParsedRequest) -> AsyncGenerator[Chunk]:
+        """Several samples' chunks, in the order they come: `serve` into a queue."""
+        sink = _QueueSink()
+        serving = asyncio.ensure_future(self.serve(request, sink))
+        serving.add_done_callback(lambda _: sink.queue.put_nowait(None))
+        try:
+            while (chunk := await sink.queue.get()) is not None:
                 yield chunk
+            await serving  # raises what ended it
+        finally:
+            serving.cancel()
 
     async def serve(self, request: ParsedRequest, sink: ChunkSink) -> None:
         """Run the request to its end, handing each chunk to `sink` from inside the engine client's
@@ -147,19 +165,29 @@ class WorkerService:
         generator resumed per chunk (a slow model makes one chunk per token, so this is the front's
         cost per token). The sink says when it can take the next chunk; until then the tokens wait
         in the engine stream, which cancels the request once too many do."""
-        async with self._request(request) as (chunks, outcome):
-            pusher = _Pusher(self, request, chunks, sink)
+        async with self._request(request) as (samples, outcome):
+            shared = sink if len(samples) == 1 else _SharedSink(sink)
+            pushers: list[_Pusher] = []
             try:
-                await pusher.done
+                for chunks in samples:
+                    pushers.append(_Pusher(self, request, chunks, shared))
+                await asyncio.gather(*(pusher.done for pusher in pushers))
             finally:
-                pusher.stream.close()
-                if pusher.finish is not None:
-                    outcome[0] = pusher.finish.value
+                for pusher in pushers:
+                    pusher.stream.close()
+                    if pusher.done.done():
+                        pusher.done.exception()  # retrieved: gather re-raised the first one only
+                    else:
+                        pusher.done.cancel()
+                finishes = [p.finish for p in pushers if p.finish is not None]
+                if len(finishes) == len(samples):
+                    outcome[0] = finishes[-1].value
 
     @contextlib.asynccontextmanager
-    async def _request(self, request: ParsedRequest) -> AsyncIterator[tuple[_ChunkMaker, list[str]]]:
+    async def _request(self, request: ParsedRequest) -> AsyncIterator[tuple[list[_ChunkMaker], list[str]]]:
         """A request's life around its chunks: adapter resolved and released, usage tracked, span and
-        outcome metric. Yields the chunk maker and a one-item list the caller sets the outcome in."""
+        outcome metric. Yields a chunk maker per sample and a one-item list the caller sets the
+        outcome in."""
         arrived = time.perf_counter()
         outcome = ["error"]
         # Not made current across yields: the stream may be resumed or closed from another context.
@@ -189,7 +217,11 @@ class WorkerService:
             )
             if self.reporter is not None:
                 self.reporter.track(usage)
-            yield _ChunkMaker(self, request, resolved, usage, arrived), outcome
+            samples = _Samples(request.n)
+            yield (
+                [_ChunkMaker(self, request, resolved, usage, arrived, samples, i) for i in range(request.n)],
+                outcome,
+            )
         except (asyncio.CancelledError, GeneratorExit):
             outcome[0] = "cancelled"
             raise
@@ -216,7 +248,7 @@ class WorkerService:
         outputs = cast(
             AsyncGenerator[EngineOutput],  # declared an iterator; it is an async generator
             self.engine.generate(
-                chunks.usage.request_id,
+                chunks.engine_id,
                 request.prompt_token_ids,
                 chunks.engine_sampling,
                 adapter=chunks.adapter,
@@ -256,6 +288,66 @@ def _unavailable(exc: EngineUnavailable) -> Unavailable:
     return Unavailable(f"this worker's engine is not serving: {exc}", retry_after_s=1.0)
 
 
+class _Samples:
+    """How many of a request's samples are still generating: usage goes on the very last chunk."""
+
+    __slots__ = ("unfinished",)
+
+    def __init__(self, n: int) -> None:
+        self.unfinished = n
+
+    def finish(self) -> bool:
+        """One sample ended; True when it was the last."""
+        self.unfinished -= 1
+        return self.unfinished == 0
+
+
+class _SharedSink:
+    """One stream's sink shared by several samples' pushers: one chunk at a time, and each pusher
+    waiting for the sink is called back in turn (the real sink holds one callback)."""
+
+    __slots__ = ("_sink", "_waiting")
+
+    def __init__(self, sink: ChunkSink) -> None:
+        self._sink = sink
+        self._waiting: list[Callable[[], None]] = []
+
+    @property
+    def writable(self) -> bool:
+        return self._sink.writable
+
+    def send(self, chunk: Chunk) -> None:
+        self._sink.send(chunk)
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        self._waiting.append(callback)
+        if len(self._waiting) == 1:
+            self._sink.on_writable(self._written)
+
+    def _written(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for callback in waiting:
+            if not self._sink.writable:  # an earlier one sent a chunk: the rest wait for it
+                self.on_writable(callback)
+            else:
+                callback()
+
+
+class _QueueSink:
+    """`serve`'s chunks into a queue, for `generate`'s readers (no transport to wait for)."""
+
+    writable = True
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
+
+    def send(self, chunk: Chunk) -> None:
+        self.queue.put_nowait(chunk)
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        callback()
+
+
 class _ChunkMaker:
     """Engine output → chunk of one request: text and stop strings, usage and token metrics."""
 
@@ -266,8 +358,17 @@ class _ChunkMaker:
         resolved: ResolvedAdapter | None,
         usage: RequestUsage,
         arrived: float,
+        samples: _Samples,
+        index: int,
     ) -> None:
         sampling = request.sampling
+        if index and sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
+        self.index = index
+        self.samples = samples
+        # The engine knows sample 0 by the usage id; the others wait for its prompt's blocks.
+        self.engine_id = usage.request_id if index == 0 else f"{usage.request_id}.{index}"
+        self.after = usage.request_id if index else None
         self.detokenizer = None
         self.token_bytes = service.token_bytes
         if service.tokenizer is not None:
@@ -301,7 +402,7 @@ class _ChunkMaker:
         elif token_ids:
             metrics.inter_token.observe((now - self.last) / len(token_ids))
         self.last = now
-        done = finish is not None
+        done = finish is not None and self.samples.finish()
         # Billed as the chunk is handed to the transport, which sends it: a stream cancelled while
         # its chunk is being written (a hang-up, the relay's batch write) still bills what went
         # out. Tokens the engine made but never handed over are not billed.
@@ -316,6 +417,8 @@ class _ChunkMaker:
             usage.completion_tokens if done else 0,
             [(ids, values, self._bytes_of(ids)) for ids, values in top],
             self._bytes_of(token_ids) if logprobs else [],
+            self.index,
+            last=done,
         )
 
     def _bytes_of(self, token_ids: list[int]) -> list[bytes]:
@@ -335,11 +438,12 @@ class _Pusher:
         self.held = False  # news came while the sink was busy: take it once it is writable
         try:
             self.stream = service.engine.open(
-                chunks.usage.request_id,
+                chunks.engine_id,
                 request.prompt_token_ids,
                 chunks.engine_sampling,
                 adapter=chunks.adapter,
                 on_news=self._news,
+                after=chunks.after,
             )
         except EngineUnavailable as exc:
             raise _unavailable(exc) from None
@@ -351,7 +455,10 @@ class _Pusher:
         # An error ends the stream now, even behind a chunk still being written (its end event
         # follows that chunk): a reader that stopped reading must not keep the request open.
         if not self.sink.writable and self.stream.error is None:
-            self.held = True
+            if not self.held:
+                self.held = True
+                # The chunk being written may be another sample's: ask to hear when it is.
+                self.sink.on_writable(self._writable)
             return
         self._send()
 

@@ -97,12 +97,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 def to_message(chunk: Chunk) -> inference_pb2.GenerateChunk:
     message = inference_pb2.GenerateChunk(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+    if chunk.index:
+        message.index = chunk.index
     if chunk.token_bytes:
         message.token_bytes.extend(chunk.token_bytes)
     for ids, values, pieces in chunk.top_logprobs:
         message.top_logprobs.add(token_ids=ids, logprobs=values, token_bytes=pieces)
     if chunk.finish_reason is not None:
         message.finish_reason = _FINISH[chunk.finish_reason]
+    if chunk.last:
         message.usage.prompt_tokens = chunk.prompt_tokens
         message.usage.completion_tokens = chunk.completion_tokens
     return message

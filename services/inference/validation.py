@@ -32,6 +32,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ParsedRequest:
     adapter: AdapterKey | None  # a single adapter
     mix: MixSpec | None  # or a mix; neither = the base model
     tenant: str
+    n: int = 1  # samples of the prompt
 
 
 def parse_request(
@@ -82,7 +84,10 @@ def parse_request(
     adapter = AdapterKey(ref.id, ref.version) if kind == "adapter_ref" else None
     mix = mix_spec(request.mix, "mix") if kind == "mix" else None
     tenant = billed_tenant(request.tenant, caller, default_tenant)
-    return ParsedRequest(request_id, prompt, sampling, adapter, mix, tenant)
+    n = request.sampling.n or 1
+    if n > MAX_SAMPLES:
+        raise InvalidArgument("sampling.n", f"at most {MAX_SAMPLES} samples per request")
+    return ParsedRequest(request_id, prompt, sampling, adapter, mix, tenant, n)
 
 
 def mix_spec(message: common_pb2.AdapterMix, field: str = "adapter_mix") -> MixSpec:

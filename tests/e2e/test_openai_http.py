@@ -256,7 +256,7 @@ def test_errors_are_openai_error_objects_with_their_statuses(cluster: Cluster, s
         sdk.completions.create(model=cluster.base_model, prompt="x", max_tokens=10**6)
     assert isinstance(too_long.value.body, dict) and too_long.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as several:
-        sdk.chat.completions.create(model=cluster.base_model, messages=MESSAGES, n=2)
+        sdk.chat.completions.create(model=cluster.base_model, messages=MESSAGES, n=17)
     assert isinstance(several.value.body, dict) and several.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as bad_type:
         sdk.chat.completions.create(model=cluster.base_model, messages=MESSAGES, temperature=9)
@@ -269,3 +269,48 @@ def test_health(cluster: Cluster) -> None:
 
     with urllib.request.urlopen(f"{cluster.http_url}/health", timeout=10) as reply:
         assert reply.status == 200 and json.loads(reply.read()) == {"status": "ok"}
+
+
+def test_n_samples_are_choices_billed_one_prompt_and_reproducible_with_a_seed(
+    sdk: openai.OpenAI, grpc_client: Client, cluster: Cluster
+) -> None:
+    def four() -> openai.types.chat.ChatCompletion:
+        return sdk.chat.completions.create(
+            model=f"{TENANT}/alpha",
+            messages=MESSAGES,
+            n=4,
+            seed=5,
+            temperature=1.0,
+            max_tokens=6,
+            extra_body={"ignore_eos": True},
+        )
+
+    first, second = four(), four()
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert texts == [c.message.content for c in second.choices], "same seed, same samples"
+    assert len(set(texts)) > 1
+    single = sdk.chat.completions.create(
+        model=f"{TENANT}/alpha",
+        messages=MESSAGES,
+        temperature=1.0,
+        seed=5,
+        max_tokens=6,
+        extra_body={"ignore_eos": True},
+    )
+    assert first.usage is not None and single.usage is not None
+    assert first.usage.prompt_tokens == single.usage.prompt_tokens, "the prompt is billed once"
+    assert first.usage.completion_tokens == 4 * 6
+    # Streamed over gRPC, the samples' chunks interleave, each naming its sample.
+    streamed: dict[int, str] = {}
+    for chunk in grpc_client.stream(
+        CONVERSATION,
+        adapter=f"{TENANT}/alpha",
+        n=4,
+        seed=5,
+        temperature=1.0,
+        max_new_tokens=6,
+        ignore_eos=True,
+    ):
+        streamed[chunk.index] = streamed.get(chunk.index, "") + chunk.text
+    assert [streamed[i] for i in range(4)] == texts

@@ -17,7 +17,7 @@ from openlora.channel import Connection, Deadline, call_metadata
 from openlora.errors import OpenLoRAError
 from openlora.files import adapter_files
 from openlora.models import Models
-from openlora.request import Chunk, Completion, GenerateOptions, Prompt, build_request
+from openlora.request import Chunk, Completion, GenerateOptions, Prompt, build_request, one_sample
 from openlora.retry import DEFAULT_RETRY, RetryPolicy
 from openlora.transfer import DownloadError, DownloadWriter, Progress, upload
 from openlora.v1 import adapter_store_pb2 as store_pb
@@ -90,6 +90,7 @@ class AsyncClient:
                 call.cancel()
 
     async def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
+        one_sample(options)
         request_id = options["request_id"] = options.get("request_id") or uuid.uuid4().hex
         completion = Completion(request_id)
         async for chunk in self.stream(prompt, **options):

@@ -85,6 +85,8 @@ class GenerateOptions(TypedDict, total=False):
     """In [0, 1]: drops tokens below min_p x the most likely token's probability."""
     logit_bias: Mapping[int, float]
     """Token id → bias added to its logit, in [-100, 100]."""
+    n: int
+    """Samples of the prompt (up to 16; `stream()` only: each chunk says its sample's `index`)."""
     request_id: str | None
     """Your id for the request (idempotent billing, logs); a fresh one when absent."""
 
@@ -114,6 +116,7 @@ def build_request(prompt: Prompt, **options: Unpack[GenerateOptions]) -> inferen
             repetition_penalty=options.get("repetition_penalty", 0.0),
             min_p=options.get("min_p", 0.0),
             logit_bias=dict(options.get("logit_bias", {})),
+            n=options.get("n", 0),
         ),
         return_logprobs=options.get("logprobs", False),
         top_logprobs=options.get("top_logprobs", 0),
@@ -146,6 +149,12 @@ def build_request(prompt: Prompt, **options: Unpack[GenerateOptions]) -> inferen
     return request
 
 
+def one_sample(options: GenerateOptions) -> None:
+    """`generate()` assembles one completion: several samples are for `stream()`."""
+    if options.get("n", 1) > 1:
+        raise ValueError("generate() returns one completion: use stream() for n > 1 (chunks carry index)")
+
+
 @dataclass(frozen=True)
 class Chunk:
     text: str
@@ -155,6 +164,8 @@ class Chunk:
     """`stop`, `length` or `cancelled` on the last chunk."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0
+    """The sample it belongs to (with `n` > 1)."""
 
     @classmethod
     def from_proto(cls, chunk: inference_pb2.GenerateChunk) -> Chunk:
@@ -165,6 +176,7 @@ class Chunk:
             finish_reason=FINISH_REASONS.get(chunk.finish_reason),
             prompt_tokens=chunk.usage.prompt_tokens,
             completion_tokens=chunk.usage.completion_tokens,
+            index=chunk.index,
         )
 
 

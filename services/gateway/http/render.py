@@ -64,8 +64,8 @@ class Rendering:
     chat: bool
     logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
-    text_offset: int = 0
-    sent_role: bool = False
+    text_offsets: dict[int, int] = field(default_factory=dict)  # per sample: text sent so far
+    opened: set[int] = field(default_factory=set)  # samples whose chat stream sent the role
 
     @property
     def id(self) -> str:
@@ -88,20 +88,23 @@ class Rendering:
     def stream_events(self, chunk: inference_pb2.GenerateChunk) -> list[dict[str, Any]]:
         """The stream events of one chunk (the chat stream opens with the assistant's role)."""
         finish = _FINISH.get(chunk.finish_reason)
-        if not chunk.token_ids and finish is None and self.sent_role:
+        index = chunk.index
+        opened = index in self.opened
+        if not chunk.token_ids and finish is None and opened:
             return []
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
         if self.chat:
-            delta: dict[str, Any] = {"content": chunk.text} if chunk.text or not self.sent_role else {}
-            if not self.sent_role:
+            delta: dict[str, Any] = {"content": chunk.text} if chunk.text or not opened else {}
+            if not opened:
                 delta = {"role": "assistant", **delta}
-                self.sent_role = True
             choice["delta"] = delta
             choice["logprobs"] = chat_logprobs(chunk) if self.logprobs and chunk.token_ids else None
         else:
+            offset = self.text_offsets.get(index, 0)
             choice["text"] = chunk.text
-            choice["logprobs"] = text_logprobs(chunk, self.text_offset) if self.logprobs else None
-            self.text_offset += len(chunk.text)
+            choice["logprobs"] = text_logprobs(chunk, offset) if self.logprobs else None
+            self.text_offsets[index] = offset + len(chunk.text)
+        self.opened.add(index)
         return [self._envelope([choice], streamed=True)]
 
     def usage_event(self, usage: common_pb2.Usage) -> dict[str, Any]:
@@ -111,28 +114,33 @@ class Rendering:
         return event
 
     def response(self, chunks: list[inference_pb2.GenerateChunk]) -> dict[str, Any]:
-        """The whole response of a non-streaming call."""
-        merged = inference_pb2.GenerateChunk()
+        """The whole response of a non-streaming call: a choice per sample."""
+        samples: dict[int, inference_pb2.GenerateChunk] = {}
+        usage = common_pb2.Usage()
         for chunk in chunks:
+            merged = samples.setdefault(chunk.index, inference_pb2.GenerateChunk(index=chunk.index))
             merged.token_ids.extend(chunk.token_ids)
+            merged.text += chunk.text
             merged.logprobs.extend(chunk.logprobs)
             merged.top_logprobs.extend(chunk.top_logprobs)
             merged.token_bytes.extend(chunk.token_bytes)
             if chunk.finish_reason:
                 merged.finish_reason = chunk.finish_reason
             if chunk.HasField("usage"):
-                merged.usage.CopyFrom(chunk.usage)
-        text = "".join(chunk.text for chunk in chunks)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH.get(merged.finish_reason)}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = chat_logprobs(merged) if self.logprobs else None
-        else:
-            choice["text"] = text
-            choice["logprobs"] = text_logprobs(merged, 0) if self.logprobs else None
-        body = self._envelope([choice], streamed=False)
-        body["usage"] = usage_object(merged.usage)
+                usage = chunk.usage
+        body = self._envelope([self._choice(samples[i]) for i in sorted(samples)], streamed=False)
+        body["usage"] = usage_object(usage)
         return body
+
+    def _choice(self, sample: inference_pb2.GenerateChunk) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": sample.index, "finish_reason": _FINISH.get(sample.finish_reason)}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": sample.text}
+            choice["logprobs"] = chat_logprobs(sample) if self.logprobs else None
+        else:
+            choice["text"] = sample.text
+            choice["logprobs"] = text_logprobs(sample, 0) if self.logprobs else None
+        return choice
 
 
 def usage_object(usage: common_pb2.Usage) -> dict[str, int]:

@@ -3,7 +3,7 @@
 Parameters follow the OpenAI API, with the peers' extensions a client sends in `extra_body`: `top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, a per-request `mix` of adapters, LoRAX's `adapter_id`,
 and `regex` / `grammar` output constraints. What the API has but this server does not do (tools,
-`n` > 1, `echo`, `suffix`, `best_of` > 1) is refused by name rather than silently ignored.
+`echo`, `suffix`, `best_of` > 1) is refused by name rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class _Generation(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -165,8 +165,6 @@ def completion_request(body: CompletionRequest, base_model: str) -> inference_pb
 
 
 def _common(body: _Generation, base_model: str, max_tokens: int | None) -> inference_pb2.GenerateRequest:
-    if body.n != 1:
-        raise InvalidArgument("n", "only n = 1 is supported: send several requests for more samples")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     request = inference_pb2.GenerateRequest(
         sampling=common_pb2.SamplingParams(
@@ -182,6 +180,7 @@ def _common(body: _Generation, base_model: str, max_tokens: int | None) -> infer
             repetition_penalty=body.repetition_penalty,
             min_p=body.min_p,
             logit_bias=_logit_bias(body.logit_bias),
+            n=body.n,
         )
     )
     if body.seed is not None and body.seed < 0:

@@ -238,7 +238,11 @@ class LLMEngine:
         sampling: SamplingParams | None = None,
         *,
         adapter_key: str | None = None,
+        after: str | None = None,
     ) -> Sequence:
+        """Queue a request. `after` names a running request with the same prompt and adapter (another
+        sample of it): this one is admitted once that one's prompt is in the KV cache, and then
+        shares its full blocks through the prefix cache instead of computing and holding its own."""
         sampling = sampling or SamplingParams()
         if request_id in self._requests:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
@@ -268,6 +272,8 @@ class LLMEngine:
                     "adapter", f"adapter {adapter_key!r} is not registered with this engine"
                 )
         seq = Sequence(request_id, list(prompt_token_ids), sampling, adapter_key=adapter_key)
+        if after is not None:
+            seq.after = self._requests.get(after)
         self.scheduler.add(seq)
         self._requests[request_id] = seq
         if self.tokenizer is not None:

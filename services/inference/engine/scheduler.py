@@ -153,6 +153,9 @@ class Scheduler:
                 seq.status = SequenceStatus.LOADING
                 skipped.append(self.waiting.popleft())
                 continue
+            if _waits_for_sibling(seq):
+                skipped.append(self.waiting.popleft())
+                continue
             hits = bm.lookup_prefix(seq)
             num_new = min(seq.num_tokens - len(hits) * bm.block_size, self._chunk_limit(budget))
             target = len(hits) * bm.block_size + num_new
@@ -236,3 +239,15 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _waits_for_sibling(seq: Sequence) -> bool:
+    """A sample whose sibling (same prompt, queued first) has not computed its prompt yet waits for
+    those blocks to be cached; once the sibling has, or is gone, it goes its own way."""
+    sibling = seq.after
+    if sibling is None:
+        return False
+    if sibling.status is not SequenceStatus.FINISHED and not sibling.prefill_done:
+        return True
+    seq.after = None  # from now on an ordinary request (a preemption recomputes it on its own)
+    return False

@@ -115,6 +115,13 @@ class Sequence:
     """Tokens of the last admission served from the prefix cache (for metrics and tests)."""
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    after: Sequence | None = None
+    """Another sample of the same prompt: this one waits until that one's prompt is computed, so
+    its blocks come from the prefix cache rather than a second prefill."""
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

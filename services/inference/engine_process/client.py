@@ -258,16 +258,18 @@ class EngineClient:
         *,
         adapter: AdapterHandle | None = None,
         on_news: Callable[[], None] | None = None,
+        after: str | None = None,
     ) -> EngineStream:
         """Start a request; its output gathers in the returned stream (see `EngineStream`), which
-        the caller must `close`. A refusal comes as the stream's error."""
+        the caller must `close`. A refusal comes as the stream's error. `after` names a request with
+        the same prompt whose cached prefill this one reuses (another sample of it)."""
         if not self.alive:
             raise EngineUnavailable(self._why_not_alive())
         if request_id in self._streams:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
         stream = EngineStream(self, request_id, on_news)
         self._streams[request_id] = stream
-        self._queue(add=NewRequest(request_id, prompt_token_ids, sampling, adapter).encode())
+        self._queue(add=NewRequest(request_id, prompt_token_ids, sampling, adapter, after).encode())
         return stream
 
     async def generate(

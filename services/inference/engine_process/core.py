@@ -146,6 +146,7 @@ class EngineCore:
                 request.prompt_token_ids,
                 request.sampling,
                 adapter_key=adapter.key if adapter is not None else None,
+                after=request.after,
             )
         except InvalidArgument as exc:
             self.outbox.send(protocol.pack([protocol.REFUSED, request.request_id, exc.field, exc.problem]))

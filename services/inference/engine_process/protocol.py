@@ -58,6 +58,8 @@ class NewRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     adapter: AdapterHandle | None = None
+    after: str | None = None
+    """Another sample of the same prompt, admitted once this one's prefill is cached (n > 1)."""
 
     def encode(self) -> list[Any]:
         s = self.sampling
@@ -79,11 +81,11 @@ class NewRequest:
         ]
         a = self.adapter
         adapter = [a.key, a.path, a.rank, a.scaling] if a is not None else None
-        return [self.request_id, self.prompt_token_ids, sampling, adapter]
+        return [self.request_id, self.prompt_token_ids, sampling, adapter, self.after]
 
     @classmethod
     def decode(cls, fields: list[Any]) -> NewRequest:
-        request_id, prompt, s, a = fields
+        request_id, prompt, s, a, after = fields
         # Stop strings never travel: the front, which holds the tokenizer, applies them.
         sampling = SamplingParams(
             temperature=s[0],
@@ -102,7 +104,7 @@ class NewRequest:
             logit_bias=tuple((int(t), float(b)) for t, b in s[13]),
         )
         adapter = AdapterHandle(a[0], a[1], a[2], a[3]) if a is not None else None
-        return cls(request_id, prompt, sampling, adapter)
+        return cls(request_id, prompt, sampling, adapter, after)
 
 
 def encode_output(

@@ -275,3 +275,28 @@ async def test_each_request_is_one_span_with_a_child_span_for_its_adapter_load(
     assert cold.attributes["openlora.outcome"] == "length"
     parents = {load.parent.span_id for load in loads if load.parent is not None}
     assert parents == {cold.context.span_id, warm.context.span_id}
+
+
+async def test_samples_stream_interleaved_and_bill_the_prompt_once(cluster: Cluster) -> None:
+    """n = 3 on a worker's own Generate: each sample's chunks name it, each sample ends with its
+    finish reason, usage (all samples) rides on the very last chunk, and the ledger has the prompt
+    once and every sample's tokens."""
+    message = request(
+        [4, 8, 15, 16, 23, 42], max_new_tokens=5, request_id="fan", n=3, temperature=1.0, seed=9
+    )
+    chunks = [c async for c in cluster.worker.stub.Generate(message)]
+    texts: dict[int, list[int]] = {}
+    for chunk in chunks:
+        texts.setdefault(chunk.index, []).extend(chunk.token_ids)
+    assert sorted(texts) == [0, 1, 2] and all(len(ids) == 5 for ids in texts.values())
+    assert sorted(c.index for c in chunks if c.finish_reason) == [0, 1, 2]
+    with_usage = [c for c in chunks if c.HasField("usage")]
+    assert with_usage == [chunks[-1]]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (6, 15)
+    await wait_until(
+        lambda: (
+            {k: v for k, v in ledger_counts(cluster.ledger_url).items() if k[0] == "fan"}
+            == {("fan", PROMPT): 6, ("fan", COMPLETION): 15}
+        ),
+        what="the ledger",
+    )

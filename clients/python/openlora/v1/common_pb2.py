@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/common.proto\x12\x0bopenlora.v1\")\n\nAdapterRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\tComponent\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x93\x01\n\nAdapterMix\x12*\n\ncomponents\x18\x01 \x03(\x0b\x32\x16.openlora.v1.Component\x12,\n\x08strategy\x18\x02 \x01(\x0e\x32\x1a.openlora.v1.MergeStrategy\x12\x0f\n\x07\x64\x65nsity\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xdd\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.openlora.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r*e\n\rMergeStrategy\x12\x1e\n\x1aMERGE_STRATEGY_UNSPECIFIED\x10\x00\x12\n\n\x06LINEAR\x10\x01\x12\x08\n\x04TIES\x10\x02\x12\x0f\n\x0b\x44\x41RE_LINEAR\x10\x03\x12\r\n\tDARE_TIES\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18openlora/v1/common.proto\x12\x0bopenlora.v1\")\n\nAdapterRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\tComponent\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x93\x01\n\nAdapterMix\x12*\n\ncomponents\x18\x01 \x03(\x0b\x32\x16.openlora.v1.Component\x12,\n\x08strategy\x18\x02 \x01(\x0e\x32\x1a.openlora.v1.MergeStrategy\x12\x0f\n\x07\x64\x65nsity\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xe8\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\r\n\x05min_p\x18\x0b \x01(\x02\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.openlora.v1.SamplingParams.LogitBiasEntry\x12\t\n\x01n\x18\r \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r*e\n\rMergeStrategy\x12\x1e\n\x1aMERGE_STRATEGY_UNSPECIFIED\x10\x00\x12\n\n\x06LINEAR\x10\x01\x12\x08\n\x04TIES\x10\x02\x12\x0f\n\x0b\x44\x41RE_LINEAR\x10\x03\x12\r\n\tDARE_TIES\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_MERGESTRATEGY']._serialized_start=716
-  _globals['_MERGESTRATEGY']._serialized_end=817
+  _globals['_MERGESTRATEGY']._serialized_start=727
+  _globals['_MERGESTRATEGY']._serialized_end=828
   _globals['_ADAPTERREF']._serialized_start=41
   _globals['_ADAPTERREF']._serialized_end=82
   _globals['_COMPONENT']._serialized_start=84
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERMIX']._serialized_start=156
   _globals['_ADAPTERMIX']._serialized_end=303
   _globals['_SAMPLINGPARAMS']._serialized_start=306
-  _globals['_SAMPLINGPARAMS']._serialized_end=655
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=607
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=655
-  _globals['_USAGE']._serialized_start=657
-  _globals['_USAGE']._serialized_end=714
+  _globals['_SAMPLINGPARAMS']._serialized_end=666
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=618
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=666
+  _globals['_USAGE']._serialized_start=668
+  _globals['_USAGE']._serialized_end=725
 # @@protoc_insertion_point(module_scope)

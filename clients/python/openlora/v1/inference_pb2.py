@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from openlora.v1 import common_pb2 as openlora_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopenlora/v1/inference.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa1\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.openlora.v1.TokenIdsH\x00\x12-\n\x08messages\x18\t \x01(\x0b\x32\x19.openlora.v1.ChatMessagesH\x00\x12.\n\x0b\x61\x64\x61pter_ref\x18\x04 \x01(\x0b\x32\x17.openlora.v1.AdapterRefH\x01\x12&\n\x03mix\x18\x05 \x01(\x0b\x32\x17.openlora.v1.AdapterMixH\x01\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x07 \x01(\x08\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x34\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x1b.openlora.v1.ResponseFormatB\x08\n\x06promptB\t\n\x07\x61\x64\x61pter\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.openlora.v1.ChatMessage\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"G\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x03(\x0c\"\xdc\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.openlora.v1.Usage\x12.\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs\x12\x13\n\x0btoken_bytes\x18\x07 \x03(\x0c\"\x13\n\x11ListModelsRequest\"S\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x14\n\x0cquantization\x18\x04 \x01(\t\"\x91\x01\n\rCachedAdapter\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12$\n\x04tier\x18\x03 \x01(\x0e\x32\x16.openlora.v1.CacheTier\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"r\n\x0b\x45ngineStats\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\"\xd6\x01\n\x12ListModelsResponse\x12*\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.openlora.v1.ModelInfo\x12,\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1a.openlora.v1.CachedAdapter\x12\x19\n\x11\x61ttention_backend\x18\x03 \x01(\t\x12\x0f\n\x07lora_op\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\'\n\x05stats\x18\x06 \x01(\x0b\x32\x18.openlora.v1.EngineStats*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03*G\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\x08\n\x04\x44ISK\x10\x03\x32\xa2\x01\n\tInference\x12\x46\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.openlora.v1.ListModelsRequest\x1a\x1f.openlora.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopenlora/v1/inference.proto\x12\x0bopenlora.v1\x1a\x18openlora/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa1\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.openlora.v1.TokenIdsH\x00\x12-\n\x08messages\x18\t \x01(\x0b\x32\x19.openlora.v1.ChatMessagesH\x00\x12.\n\x0b\x61\x64\x61pter_ref\x18\x04 \x01(\x0b\x32\x17.openlora.v1.AdapterRefH\x01\x12&\n\x03mix\x18\x05 \x01(\x0b\x32\x17.openlora.v1.AdapterMixH\x01\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.openlora.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x07 \x01(\x08\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x34\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x1b.openlora.v1.ResponseFormatB\x08\n\x06promptB\t\n\x07\x61\x64\x61pter\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.openlora.v1.ChatMessage\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"G\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x03(\x0c\"\xeb\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.openlora.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.openlora.v1.Usage\x12.\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x18.openlora.v1.TopLogprobs\x12\x13\n\x0btoken_bytes\x18\x07 \x03(\x0c\x12\r\n\x05index\x18\x08 \x01(\r\"\x13\n\x11ListModelsRequest\"S\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x14\n\x0cquantization\x18\x04 \x01(\t\"\x91\x01\n\rCachedAdapter\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12$\n\x04tier\x18\x03 \x01(\x0e\x32\x16.openlora.v1.CacheTier\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"r\n\x0b\x45ngineStats\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\"\xd6\x01\n\x12ListModelsResponse\x12*\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.openlora.v1.ModelInfo\x12,\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1a.openlora.v1.CachedAdapter\x12\x19\n\x11\x61ttention_backend\x18\x03 \x01(\t\x12\x0f\n\x07lora_op\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\'\n\x05stats\x18\x06 \x01(\x0b\x32\x18.openlora.v1.EngineStats*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03*G\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\x08\n\x04\x44ISK\x10\x03\x32\xa2\x01\n\tInference\x12\x46\n\x08Generate\x12\x1c.openlora.v1.GenerateRequest\x1a\x1a.openlora.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.openlora.v1.ListModelsRequest\x1a\x1f.openlora.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1614
-  _globals['_FINISHREASON']._serialized_end=1696
-  _globals['_CACHETIER']._serialized_start=1698
-  _globals['_CACHETIER']._serialized_end=1769
+  _globals['_FINISHREASON']._serialized_start=1629
+  _globals['_FINISHREASON']._serialized_end=1711
+  _globals['_CACHETIER']._serialized_start=1713
+  _globals['_CACHETIER']._serialized_end=1784
   _globals['_TOKENIDS']._serialized_start=70
   _globals['_TOKENIDS']._serialized_end=93
   _globals['_GENERATEREQUEST']._serialized_start=96
@@ -50,17 +50,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPLOGPROBS']._serialized_start=731
   _globals['_TOPLOGPROBS']._serialized_end=802
   _globals['_GENERATECHUNK']._serialized_start=805
-  _globals['_GENERATECHUNK']._serialized_end=1025
-  _globals['_LISTMODELSREQUEST']._serialized_start=1027
-  _globals['_LISTMODELSREQUEST']._serialized_end=1046
-  _globals['_MODELINFO']._serialized_start=1048
-  _globals['_MODELINFO']._serialized_end=1131
-  _globals['_CACHEDADAPTER']._serialized_start=1134
-  _globals['_CACHEDADAPTER']._serialized_end=1279
-  _globals['_ENGINESTATS']._serialized_start=1281
-  _globals['_ENGINESTATS']._serialized_end=1395
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1398
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1612
-  _globals['_INFERENCE']._serialized_start=1772
-  _globals['_INFERENCE']._serialized_end=1934
+  _globals['_GENERATECHUNK']._serialized_end=1040
+  _globals['_LISTMODELSREQUEST']._serialized_start=1042
+  _globals['_LISTMODELSREQUEST']._serialized_end=1061
+  _globals['_MODELINFO']._serialized_start=1063
+  _globals['_MODELINFO']._serialized_end=1146
+  _globals['_CACHEDADAPTER']._serialized_start=1149
+  _globals['_CACHEDADAPTER']._serialized_end=1294
+  _globals['_ENGINESTATS']._serialized_start=1296
+  _globals['_ENGINESTATS']._serialized_end=1410
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1413
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1627
+  _globals['_INFERENCE']._serialized_start=1787
+  _globals['_INFERENCE']._serialized_end=1949
 # @@protoc_insertion_point(module_scope)

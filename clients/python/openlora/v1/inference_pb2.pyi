@@ -314,7 +314,7 @@ Global___TopLogprobs: _TypeAlias = TopLogprobs  # noqa: Y015
 
 @_typing.final
 class GenerateChunk(_message.Message):
-    """A piece of the generated output."""
+    """A piece of the generated output (of one sample, when several were asked for)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -325,12 +325,17 @@ class GenerateChunk(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     TOKEN_BYTES_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text of those tokens, detokenized incrementally (a multi-byte character
     split across tokens appears once it is complete).
     """
     finish_reason: Global___FinishReason.ValueType
     """Set on the last chunk only."""
+    index: _builtins.int
+    """Which sample (0 to n - 1) the chunk belongs to. With n > 1 every sample's last chunk has
+    its `finish_reason`, and `usage` (all samples together) comes on the stream's last chunk.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids generated since the previous chunk."""
@@ -363,10 +368,11 @@ class GenerateChunk(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
         token_bytes: _abc.Iterable[_builtins.bytes] | None = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "text", b"text", "token_bytes", b"token_bytes", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "text", b"text", "token_bytes", b"token_bytes", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
