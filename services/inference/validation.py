@@ -7,6 +7,7 @@ the service; everything a request says about itself is checked here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from services.common.request_checks import check_generate_request, check_mix_com
 from services.common.trust.roles import Role
 from services.inference.adapter_cache.key import AdapterKey
 from services.inference.adapter_cache.mixing import MixSpec
+from services.inference.engine.constraints import Constraint, check_constraint
 from services.inference.engine.lora.mixes import Strategy
 from services.inference.engine.sequence import SamplingParams
 from services.inference.prompts import Prompter
@@ -33,6 +35,7 @@ MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_SAMPLES = 16
+MAX_CONSTRAINT_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def parse_request(
         )
     sampling = _sampling(request, len(prompt), limits)
     if request.HasField("response_format"):
-        raise InvalidArgument("response_format", "structured output is not served by this worker yet")
+        sampling = dataclasses.replace(sampling, constraint=constraint_of(request.response_format))
     kind = request.WhichOneof("adapter")
     ref = request.adapter_ref
     adapter = AdapterKey(ref.id, ref.version) if kind == "adapter_ref" else None
@@ -213,6 +216,20 @@ def _sampling(request: inference_pb2.GenerateRequest, prompt_tokens: int, limits
         min_p=given.min_p,
         logit_bias=_logit_bias(given, limits),
     )
+
+
+def constraint_of(given: inference_pb2.ResponseFormat) -> Constraint:
+    """The output constraint a request asks for, checked (an invalid schema, regex or grammar is the
+    request's error, named here, not the engine's)."""
+    kind = given.WhichOneof("format")
+    if kind is None or (kind == "json_object" and not given.json_object):
+        raise InvalidArgument("response_format", "name a format: json_object, json_schema, regex or grammar")
+    spec = "" if kind == "json_object" else str(getattr(given, kind))
+    if len(spec) > MAX_CONSTRAINT_CHARS:
+        raise InvalidArgument(f"response_format.{kind}", f"longer than {MAX_CONSTRAINT_CHARS} characters")
+    constraint = Constraint(kind, spec)
+    check_constraint(constraint)
+    return constraint
 
 
 def _logit_bias(given: common_pb2.SamplingParams, limits: Limits) -> tuple[tuple[int, float], ...]:

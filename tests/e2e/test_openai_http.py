@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -314,3 +315,41 @@ def test_n_samples_are_choices_billed_one_prompt_and_reproducible_with_a_seed(
     ):
         streamed[chunk.index] = streamed.get(chunk.index, "") + chunk.text
     assert [streamed[i] for i in range(4)] == texts
+
+
+def test_structured_output_over_http_validates_and_bad_schemas_are_400(
+    sdk: openai.OpenAI, cluster: Cluster
+) -> None:
+    import jsonschema
+
+    from tests.integration.inference.test_structured_output import SCHEMA
+
+    pet_format: Any = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}}
+    reply = sdk.chat.completions.create(
+        model=f"{TENANT}/beta",
+        messages=MESSAGES,
+        n=8,
+        seed=1,
+        temperature=1.0,
+        max_tokens=256,
+        response_format=pet_format,
+    )
+    assert len(reply.choices) == 8
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content or ""), SCHEMA)
+    regex = sdk.completions.create(
+        model=cluster.base_model, prompt="code:", max_tokens=40, extra_body={"regex": r"[A-Z]{3}-\d{4}"}
+    )
+    assert re.fullmatch(r"[A-Z]{3}-\d{4}", regex.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.completions.create(model=cluster.base_model, prompt="x", extra_body={"regex": "(unclosed"})
+    assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "regex"
+    with pytest.raises(openai.BadRequestError) as bad_schema:
+        sdk.chat.completions.create(
+            model=cluster.base_model,
+            messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+        )
+    assert isinstance(bad_schema.value.body, dict)
+    assert bad_schema.value.body["param"] == "response_format.json_schema.schema"

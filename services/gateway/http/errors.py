@@ -39,6 +39,9 @@ _PARAM_NAMES = {
     "adapter_ref.version": "model",
     "adapter_ref": "model",
     "return_logprobs": "logprobs",
+    "response_format.json_schema": "response_format.json_schema.schema",
+    "response_format.regex": "regex",  # extra_body's
+    "response_format.grammar": "grammar",
 }
 
 

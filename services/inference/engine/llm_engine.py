@@ -14,6 +14,11 @@ import torch
 from services.common.errors import InvalidArgument
 from services.inference.engine import attention
 from services.inference.engine.block_manager import BlockManager
+from services.inference.engine.constraints import (
+    ConstraintCompiler,
+    ConstraintMatcher,
+    ConstraintViolation,
+)
 from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.dtypes import resolve_dtype, warn_if_slow
 from services.inference.engine.kv_cache import KVCacheSpec, PagedKVCache, free_device_memory
@@ -133,10 +138,13 @@ class LLMEngine:
         adapter_ready: AdapterReady | None = None,
         adapter_lookup: Callable[[str], HostAdapter | None] | None = None,
         request_adapter: Callable[[str], None] | None = None,
+        load_tokenizer: Callable[[], Any] | None = None,
     ) -> None:
         """`adapter_lookup(key)` returns an adapter already in host RAM (the worker's adapter cache) and
         `request_adapter(key)` starts loading one in the background; without them, adapters are
-        registered up front with `add_adapter` (offline use, tests)."""
+        registered up front with `add_adapter` (offline use, tests). Output constraints need the
+        vocabulary: `tokenizer`, or `load_tokenizer()` on the first constrained request (without
+        either, such requests are refused)."""
         rope = getattr(model.config, "rope_parameters", None) or {}
         if rope.get("rope_type") in _BATCH_DEPENDENT_ROPE:
             raise ValueError(f"rope_type {rope['rope_type']!r} is not supported by the ragged batch")
@@ -197,6 +205,9 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.tokenizer = tokenizer
+        self._load_tokenizer = load_tokenizer if tokenizer is None else (lambda: tokenizer)
+        self._constraints: ConstraintCompiler | None = None
+        self._matchers: dict[int, ConstraintMatcher] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
         self._batch_ids = itertools.count()
@@ -272,6 +283,8 @@ class LLMEngine:
                     "adapter", f"adapter {adapter_key!r} is not registered with this engine"
                 )
         seq = Sequence(request_id, list(prompt_token_ids), sampling, adapter_key=adapter_key)
+        if sampling.constraint is not None:
+            self._matchers[seq.seq_id] = self._constraint_compiler().matcher(sampling.constraint)
         if after is not None:
             seq.after = self._requests.get(after)
         self.scheduler.add(seq)
@@ -281,6 +294,15 @@ class LLMEngine:
                 self.tokenizer, seq.prompt_token_ids, sampling.stop
             )
         return seq
+
+    def _constraint_compiler(self) -> ConstraintCompiler:
+        if self._constraints is None:
+            if self._load_tokenizer is None:
+                raise InvalidArgument("response_format", "output constraints need an engine with a tokenizer")
+            # Once per engine, on the first constrained request: the vocabulary's tables (~0.1-0.3 s).
+            eos = self.scheduler.config.eos_token_ids or None
+            self._constraints = ConstraintCompiler(self._load_tokenizer(), self.vocab_size, eos)
+        return self._constraints
 
     def abort(self, request_id: str) -> StepOutput | None:
         """Cancel a request; its KV blocks are free on return. None if it is unknown or done."""
@@ -329,10 +351,18 @@ class LLMEngine:
             with self.residency.pool.step(lora_step):
                 logits = self.runner.execute(batch)
         seqs = batch.sampling_seqs
-        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs], seqs)
+        sampled = sample(
+            logits,
+            [s.sampling for s in seqs],
+            [self._generator(s) for s in seqs],
+            seqs,
+            self._masker(seqs) if self._matchers else None,
+        )
         updated = self.scheduler.postprocess(
             scheduled, sampled.token_ids, sampled.logprobs, sampled.top_logprobs
         )
+        if self._matchers:
+            self._advance_constraints(updated)
         outputs = []
         for seq in updated:
             text = self._detokenize(seq)
@@ -345,6 +375,31 @@ class LLMEngine:
             if seq.is_finished:
                 self._forget(seq)
         return outputs
+
+    def _masker(self, seqs: list[Sequence]) -> Callable[[torch.Tensor], None] | None:
+        """What masks the constrained rows of a step's logits (None when no row is constrained)."""
+        rows = [i for i, s in enumerate(seqs) if s.seq_id in self._matchers]
+        if not rows:
+            return None
+        matchers = [self._matchers[seqs[i].seq_id] for i in rows]
+        compiler = self._constraint_compiler()
+        return lambda logits: compiler.apply_masks(logits, rows, matchers)
+
+    def _advance_constraints(self, updated: list[Sequence]) -> None:
+        """Feed each constrained sequence its token; one whose output is complete (nothing but EOS
+        may follow) ends with STOP now, even under `ignore_eos`, rather than sample a forced EOS."""
+        for seq in updated:
+            matcher = self._matchers.get(seq.seq_id)
+            if matcher is None:
+                continue
+            try:
+                matcher.accept(seq.output_token_ids[-1])
+            except ConstraintViolation:  # a bug, not the request's fault: end it, keep the engine up
+                log.exception("request %s left its output constraint; ending it", seq.request_id)
+                self.scheduler.finish(seq, FinishReason.STOP)
+                continue
+            if matcher.is_finished and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
 
     def _detokenize(self, seq: Sequence) -> str:
         detokenizer = self._detokenizers.get(seq.seq_id)
@@ -379,6 +434,7 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self._requests.pop(seq.request_id, None)
+        self._matchers.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
         self._detokenizers.pop(seq.seq_id, None)
 

@@ -8,7 +8,7 @@ else shares its batches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,13 +121,20 @@ def sample(
     params: list[SamplingParams],  # S
     generators: list[torch.Generator | None],  # S: a seeded generator per row, or None
     histories: Sequence[TokenHistory] | None = None,  # S: each row's tokens (needed by penalties)
+    constrain: Callable[[torch.Tensor], None] | None = None,  # masks constrained rows, in place
 ) -> SamplerOutput:
     """The next token of every row. Log-probabilities (and their top alternatives) are the model's
-    own, before bias, penalties and temperature, as the OpenAI API and vLLM report them."""
+    own, before bias, penalties, output constraints and temperature, as the OpenAI API and vLLM
+    report them."""
     num_rows = logits.shape[0]
     if num_rows == 0:
         return SamplerOutput([], None, None)
     adjusted = adjusted_logits(logits, params, histories)
+    if constrain is not None:
+        if adjusted is logits and any(p.logprobs for p in params):
+            adjusted = logits.clone()  # logprobs are read from the model's logits
+        with torch.inference_mode():  # the model's logits are inference tensors: updated in place
+            constrain(adjusted)
     tokens = argmax_rows(adjusted)  # [S]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:

@@ -6,6 +6,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from services.inference.engine.constraints import Constraint
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -55,6 +57,8 @@ class SamplingParams:
     """Drops tokens below `min_p` x the top token's probability (after temperature, top-k, top-p)."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before anything else."""
+    constraint: Constraint | None = None
+    """A format the output must follow (JSON, a schema, a regex, a grammar), masked token by token."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -203,6 +203,16 @@ def engine_info(engine: LLMEngine, torch_threads: int) -> EngineInfo:
     )
 
 
+def constraint_tokenizer(model_folder: str) -> Any:
+    """Output constraints need the vocabulary: the model folder's tokenizer, loaded on first use."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_folder)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument("response_format", f"this model has no usable tokenizer: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = EngineSpec.from_json(args[0])
@@ -231,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             spec.model_folder,
             spec.engine_config(),
             tokenizer=None,  # text is the front's job
+            load_tokenizer=lambda: constraint_tokenizer(spec.model_folder),
             adapter_lookup=reader.lookup,
             request_adapter=lambda key: None,  # never called: lookup finds every announced adapter
         )

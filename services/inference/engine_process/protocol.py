@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from services.inference.engine.constraints import Constraint
 from services.inference.engine.llm_engine import EngineStats
 from services.inference.engine.sequence import FinishReason, SamplingParams, TopLogprobs
 
@@ -78,6 +79,7 @@ class NewRequest:
             s.repetition_penalty,
             s.min_p,
             [list(pair) for pair in s.logit_bias],
+            s.constraint.encode() if s.constraint is not None else None,
         ]
         a = self.adapter
         adapter = [a.key, a.path, a.rank, a.scaling] if a is not None else None
@@ -102,6 +104,7 @@ class NewRequest:
             repetition_penalty=s[11],
             min_p=s[12],
             logit_bias=tuple((int(t), float(b)) for t, b in s[13]),
+            constraint=Constraint.decode(s[14]) if s[14] is not None else None,
         )
         adapter = AdapterHandle(a[0], a[1], a[2], a[3]) if a is not None else None
         return cls(request_id, prompt, sampling, adapter, after)

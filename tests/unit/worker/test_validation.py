@@ -7,6 +7,7 @@ from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.trust.roles import GATEWAY, OPERATOR
+from services.inference.engine.constraints import Constraint
 from services.inference.prompts import Prompter
 from services.inference.validation import Limits, billed_tenant, parse_request
 
@@ -42,6 +43,10 @@ def make(**fields: object) -> inference_pb2.GenerateRequest:
     message = inference_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
     message.sampling.CopyFrom(common_pb2.SamplingParams(**sampling))  # type: ignore[arg-type]
     return message
+
+
+def fmt(**kind: str) -> inference_pb2.ResponseFormat:
+    return inference_pb2.ResponseFormat(**kind)  # type: ignore[arg-type]
 
 
 def chat(*turns: tuple[str, str]) -> inference_pb2.ChatMessages:
@@ -144,6 +149,10 @@ def test_two_explicit_versions_of_one_adapter_may_be_mixed() -> None:
         ({"text": "hi", "sampling": {"logit_bias": {100: 1.0}}}, "sampling.logit_bias[100]"),
         ({"text": "hi", "sampling": {"logit_bias": {5: 101.0}}}, "sampling.logit_bias[5]"),
         ({"messages": inference_pb2.ChatMessages()}, "messages"),
+        ({"text": "hi", "response_format": inference_pb2.ResponseFormat()}, "response_format"),
+        ({"text": "hi", "response_format": fmt(json_schema="{")}, "response_format.json_schema"),
+        ({"text": "hi", "response_format": fmt(regex="(ab")}, "response_format.regex"),
+        ({"text": "hi", "response_format": fmt(grammar="start: nope")}, "response_format.grammar"),
         ({"messages": chat(("", "hi"))}, "messages[0].role"),
         ({"messages": chat(("user", "hi"), ("assistant", "yo"))}, "messages"),
     ],
@@ -213,3 +222,14 @@ def test_a_direct_request_is_refused_before_it_is_parsed_into_work() -> None:
         make(text="hi", tenant=""), LIMITS, PROMPTER, caller=OPERATOR, default_tenant="solo"
     )
     assert parsed.tenant == "solo"
+
+
+def test_a_response_format_becomes_the_engines_constraint() -> None:
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
+    parsed = parse_request(
+        make(text="hi", response_format=fmt(json_schema=schema)), LIMITS, PROMPTER, caller=GATEWAY
+    )
+    assert parsed.sampling.constraint == Constraint("json_schema", schema)
+    json_object = inference_pb2.ResponseFormat(json_object=True)
+    parsed = parse_request(make(text="hi", response_format=json_object), LIMITS, PROMPTER, caller=GATEWAY)
+    assert parsed.sampling.constraint == Constraint("json_object")

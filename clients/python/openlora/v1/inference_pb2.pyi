@@ -257,7 +257,9 @@ class ResponseFormat(_message.Message):
     regex: _builtins.str
     """Text that fully matches this regular expression."""
     grammar: _builtins.str
-    """Text in the language of this grammar (Lark syntax, `start` rule)."""
+    """Text in the language of this grammar: Lark syntax (`start` rule), or GBNF-style EBNF
+    (`root` rule) when it contains `::=`.
+    """
     def __init__(
         self,
         *,
