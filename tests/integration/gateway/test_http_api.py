@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -146,3 +147,12 @@ async def test_health_follows_the_workers(gateway: GatewayUnderTest) -> None:
     await writer.drain()
     assert b"200 OK" in await reader.readuntil(b"\r\n\r\n")
     writer.close()
+
+
+async def test_kept_alive_connections_do_not_wait_for_delayed_acks(gateway: GatewayUnderTest) -> None:
+    """Nagle's algorithm off on every accepted connection: asyncio only turns it off on sockets that
+    say they are TCP, and an SSE stream's small writes would each wait ~40 ms for the client's ACK."""
+    http = gateway.gateway.http
+    assert http is not None and http._socket is not None
+    assert http._socket.proto == socket.IPPROTO_TCP
+    assert http._socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
