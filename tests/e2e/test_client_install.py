@@ -1,5 +1,6 @@
 """The client as a backend team installs it: a fresh venv with only `pip install ./clients/python` (no
-torch, no server stack) runs the README's client example against `openlora demo --serve`."""
+torch, no server stack) runs the README's client example against `openlora demo --serve`; the README's
+`curl` line and `openai` SDK example run against the same cluster's HTTP API."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 OPENLORA = Path(sys.executable).with_name("openlora")
 EXPORT = re.compile(r"export OPENLORA_TARGET=(\S+) OPENLORA_API_KEY=(\S+)")
+OPENAI_EXPORT = re.compile(r"export OPENAI_BASE_URL=(\S+) OPENAI_API_KEY=(\S+)")
 
 
-def readme_client_example() -> str:
-    """The python block after the README's `client-example` marker, exactly as a reader copies it."""
+def readme_block(marker: str, language: str = "python") -> str:
+    """The code block after one of the README's `<!-- marker ... -->` lines, exactly as a reader copies it."""
     text = (ROOT / "README.md").read_text()
-    found = re.search(r"<!-- client-example[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert found, "README.md lost its marked client example"
+    found = re.search(rf"<!-- {marker}[^>]*-->\s*```{language}\n(.*?)```", text, re.S)
+    assert found, f"README.md lost its marked {marker} block"
     return found.group(1)
 
 
@@ -61,8 +63,10 @@ def lines_of(process: subprocess.Popen[str]) -> queue.Queue[str]:
     return lines
 
 
-def wait_for_exports(lines: queue.Queue[str], timeout_s: float) -> tuple[str, str, str]:
+def wait_for_exports(lines: queue.Queue[str], timeout_s: float) -> tuple[dict[str, str], str]:
+    """The environment the demo's `export` lines set (gRPC and OpenAI), and its output so far."""
     seen = ""
+    env: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -71,7 +75,11 @@ def wait_for_exports(lines: queue.Queue[str], timeout_s: float) -> tuple[str, st
             continue
         seen += line
         if found := EXPORT.search(line):
-            return found.group(1), found.group(2), seen
+            env |= {"OPENLORA_TARGET": found.group(1), "OPENLORA_API_KEY": found.group(2)}
+        if found := OPENAI_EXPORT.search(line):
+            env |= {"OPENAI_BASE_URL": found.group(1), "OPENAI_API_KEY": found.group(2)}
+        if len(env) == 4:
+            return env, seen
     raise AssertionError("the demo never said where to connect:\n" + seen[-4000:])
 
 
@@ -103,20 +111,46 @@ def test_the_readme_client_example_runs_from_a_client_only_venv(tmp_path: Path) 
         text=True,
     )
     try:
-        target, api_key, log = wait_for_exports(lines_of(demo), timeout_s=420)
+        exports, log = wait_for_exports(lines_of(demo), timeout_s=420)
         example = tmp_path / "example.py"
-        example.write_text(readme_client_example())
+        example.write_text(readme_block("client-example"))
+        grpc_env = {k: v for k, v in exports.items() if k.startswith("OPENLORA_")}
         run = subprocess.run(
             [str(python), str(example)],
             capture_output=True,
             text=True,
             cwd=tmp_path,
             timeout=120,
-            env={**isolated, "OPENLORA_TARGET": target, "OPENLORA_API_KEY": api_key},
+            env={**isolated, **grpc_env},
         )
         assert run.returncode == 0, run.stdout + run.stderr + log[-3000:]
         assert "demo/poet" in run.stdout  # the example lists the adapters it may use
         assert re.search(r"\b\d+ completion tokens", run.stdout), run.stdout
+
+        http_env = {**isolated, **{k: v for k, v in exports.items() if k.startswith("OPENAI_")}}
+        curl = subprocess.run(
+            ["bash", "-c", readme_block("curl-example", "bash")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=http_env,
+        )
+        assert curl.returncode == 0 and curl.stdout.rstrip().endswith("data: [DONE]"), (
+            curl.stdout + curl.stderr
+        )
+        sdk_example = tmp_path / "openai_example.py"
+        sdk_example.write_text(readme_block("openai-example"))
+        # The repository's environment has the openai SDK (a dev dependency); the client venv need not.
+        sdk = subprocess.run(
+            [sys.executable, str(sdk_example)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+            env=http_env,
+        )
+        assert sdk.returncode == 0, sdk.stdout + sdk.stderr + log[-3000:]
+        assert "demo/chef" in sdk.stdout and "completion_tokens=" in sdk.stdout, sdk.stdout
     finally:
         demo.send_signal(signal.SIGINT)
         try:
