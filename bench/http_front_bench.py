@@ -81,7 +81,7 @@ def grpc_path(
         )
         started = time.perf_counter()
         first = None
-        for chunk in stub.Generate(request, metadata=metadata(), timeout=60):
+        for chunk in stub.Generate(request, metadata=tuple(metadata()), timeout=60):
             if first is None and chunk.token_ids:
                 first = time.perf_counter() - started
         assert first is not None

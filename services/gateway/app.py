@@ -63,7 +63,7 @@ class GatewayApp(App):
         self.metrics = GatewayMetrics(self.registry, lambda: list(self.pool.endpoints.values()))
         authenticate = Authenticator(self.keys)
         access: AdapterAccess | None = None
-        store: adapter_store_pb2_grpc.AdapterStoreAsyncStub | None = None
+        proxy: StoreProxy | None = None
         store_bindings: list[ServiceBinding] = []
         if settings.store_address:
             channel = self.upstream(
@@ -113,7 +113,7 @@ class GatewayApp(App):
                 inference,
                 authenticate,
                 self.metrics,
-                store,
+                proxy,
                 request_timeout_s=settings.http_request_timeout_s,
             )
             self.http = HttpServer(

@@ -50,14 +50,9 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
     async def Generate(  # type: ignore[override]  # chunks go out as the worker serialized them
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[bytes]:
-        async for chunk in self.stream(request, context, "Generate"):
-            yield chunk
-
-    async def stream(
-        self, request: inference_pb2.GenerateRequest, context: Any, method: str
-    ) -> AsyncIterator[bytes]:
-        """A Generate call from any front (gRPC, HTTP): authenticated, admitted, checked, relayed.
-        `context` answers what a gRPC context does: its metadata and the time left."""
+        """A Generate call from either front: gRPC's, or the HTTP API's with a context that answers
+        what a gRPC context does (its metadata, the time left) and names the route it came by."""
+        method = getattr(context, "method_label", "Generate")
         with CallOutcome(self.metrics, method, context) as call:
             tenant = call.tenant = self.authenticate(context).tenant
             # Refused here what a worker or attribution would refuse later: once a worker streams a

@@ -15,7 +15,8 @@ _FORWARDED = ("authorization", "traceparent", "tracestate", "baggage")
 
 
 class HttpCall:
-    def __init__(self, headers: Headers, timeout_s: float | None) -> None:
+    def __init__(self, headers: Headers, timeout_s: float | None, method_label: str = "http") -> None:
+        self.method_label = method_label  # the route, in the gateway's per-method metrics
         self._metadata = tuple((name, headers[name]) for name in _FORWARDED if name in headers)
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible routes: chat and text completions (streamed as SSE or whole), models, health.
 
 Every route runs the gateway's own paths: the API key is checked by the gateway's authenticator, a
-generation goes through `GatewayInference.stream` (tenant limits, adapter access, routing, retries,
+generation goes through `GatewayInference.Generate` (tenant limits, adapter access, routing, retries,
 the relay), models come from a worker and the adapter store. Only the shapes differ.
 """
 
@@ -15,18 +15,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from openlora.adapters import adapter_ref
 from openlora.v1 import adapter_store_pb2 as store_pb
-from openlora.v1 import adapter_store_pb2_grpc, inference_pb2
+from openlora.v1 import inference_pb2
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import JSONResponse, Response
 
 from services.common.errors import InvalidArgument, NotFound, ServiceError
 from services.common.request_checks import check_request_id
-from services.gateway.access import ownership
 from services.gateway.auth import Authenticator
 from services.gateway.http.call import HttpCall
 from services.gateway.http.errors import error_body, error_response, internal_error
@@ -40,7 +38,7 @@ from services.gateway.http.schema import (
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outcome import CallOutcome
 from services.gateway.servicer import GatewayInference
-from services.gateway.upstream import UpstreamError
+from services.gateway.store_proxy import StoreProxy
 
 REQUEST_ID_HEADER = "x-request-id"
 BASE_MODEL_TTL_S = 30.0
@@ -55,7 +53,7 @@ class OpenAIFront:
         inference: GatewayInference,
         authenticate: Authenticator,
         metrics: GatewayMetrics,
-        store: adapter_store_pb2_grpc.AdapterStoreAsyncStub | None,
+        store: StoreProxy | None,
         *,
         request_timeout_s: float | None,
     ) -> None:
@@ -75,14 +73,14 @@ class OpenAIFront:
         self._base_model = (response, time.monotonic())
         return response
 
-    def call(self, request: Request) -> HttpCall:
-        return HttpCall(request.headers, self.request_timeout_s)
+    def call(self, request: Request, method: str = "http") -> HttpCall:
+        return HttpCall(request.headers, self.request_timeout_s, method)
 
     async def generate(self, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
         chat = isinstance(body, ChatCompletionRequest)
         method = "http.chat.completions" if chat else "http.completions"
         request_id = request.state.request_id
-        call = self.call(request)
+        call = self.call(request, method)
         with contextlib.ExitStack() as refused:
             # Counted here only if refused before the relay, which counts every call it takes.
             outcome = refused.enter_context(CallOutcome(self.metrics, method, call))
@@ -95,7 +93,7 @@ class OpenAIFront:
             message.request_id = request_id
             refused.pop_all()
         rendering = Rendering(request_id, body.model, chat, logprobs=message.return_logprobs)
-        chunks = _Chunks(self.inference.stream(message, call, method))
+        chunks = _Chunks(self.inference.Generate(message, call))
         # The first chunk before any byte of the response: a refusal (an unknown adapter, a limit)
         # is then an HTTP status, not an error event inside a 200 stream.
         first = await chunks.first()
@@ -108,57 +106,38 @@ class OpenAIFront:
         return JSONResponse(rendering.response(collected), headers={REQUEST_ID_HEADER: request_id})
 
     async def list_models(self, request: Request, limit: int, page_token: str) -> dict[str, Any]:
+        """The base model, then a page of the adapters the tenant may use (the store proxy's List:
+        public ones and the tenant's own)."""
         call = self.call(request)
-        with CallOutcome(self.metrics, "http.models", call) as outcome:
-            tenant = outcome.tenant = self.authenticate(call).tenant
-            if not 1 <= limit <= MAX_MODELS_PAGE:
-                raise InvalidArgument("limit", f"must be in [1, {MAX_MODELS_PAGE}]")
-            data: list[dict[str, Any]] = []
-            if not page_token:
-                data.append(_base_object(await self.base_model(call)))
-            next_token = ""
-            if self.store is not None:
-                try:
-                    page: store_pb.ListAdaptersResponse = await self.store.List(
-                        store_pb.ListAdaptersRequest(page_size=limit, page_token=page_token),
-                        timeout=call.time_remaining(),
-                    )
-                except Exception as exc:
-                    raise _upstream(exc) from None
-                data += [_adapter_object(a) for a in page.adapters if ownership(a).visible_to(tenant)]
-                next_token = page.next_page_token
-            return {
-                "object": "list",
-                "data": data,
-                "has_more": bool(next_token),
-                "next_page_token": next_token or None,
-            }
+        self.authenticate(call)
+        if not 1 <= limit <= MAX_MODELS_PAGE:
+            raise InvalidArgument("limit", f"must be in [1, {MAX_MODELS_PAGE}]")
+        data: list[dict[str, Any]] = []
+        if not page_token:
+            data.append(_base_object(await self.base_model(call)))
+        next_token = ""
+        if self.store is not None:
+            asked = store_pb.ListAdaptersRequest(page_size=limit, page_token=page_token)
+            page = await self.store.List(asked, call)
+            data += [_adapter_object(info) for info in page.adapters]
+            next_token = page.next_page_token
+        return {
+            "object": "list",
+            "data": data,
+            "has_more": bool(next_token),
+            "next_page_token": next_token or None,
+        }
 
     async def get_model(self, request: Request, model: str) -> dict[str, Any]:
         call = self.call(request)
-        with CallOutcome(self.metrics, "http.model", call) as outcome:
-            tenant = outcome.tenant = self.authenticate(call).tenant
-            base = await self.base_model(call)
-            if model == base.base_model.name:
-                return _base_object(base)
-            if self.store is None:
-                raise NotFound(f"model {model!r} not found")
-            try:
-                info: store_pb.AdapterInfo = await self.store.Get(
-                    store_pb.GetAdapterRequest(adapter=adapter_ref(model)),
-                    timeout=call.time_remaining(),
-                )
-            except Exception as exc:
-                raise _upstream(exc) from None
-            if not ownership(info).visible_to(tenant):
-                raise NotFound(f"model {model!r} not found")
-            return _adapter_object(info)
-
-
-def _upstream(exc: Exception) -> Exception:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return UpstreamError(exc)
-    return exc
+        self.authenticate(call)
+        base = await self.base_model(call)
+        if model == base.base_model.name:
+            return _base_object(base)
+        if self.store is None:
+            raise NotFound(f"model {model!r} not found")
+        info = await self.store.Get(store_pb.GetAdapterRequest(adapter=adapter_ref(model)), call)
+        return _adapter_object(info)
 
 
 def _base_object(listing: inference_pb2.ListModelsResponse) -> dict[str, Any]:
