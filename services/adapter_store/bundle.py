@@ -1,16 +1,21 @@
 """What an upload or import may contain, and how a tar archive is unpacked safely.
 
 Accepted: the two PEFT files (`adapter_config.json`, `adapter_model.safetensors`), or one tar archive
-(optionally gzip-compressed) holding them, at the top or inside one folder. Pickle weights are refused
+(optionally gzip-compressed) holding them, at the top or inside one folder; with either, the adapter's
+own chat template as `chat_template.jinja` or in a `tokenizer_config.json` (only its `chat_template`
+is kept), which must parse as Jinja. Pickle weights are refused
 by name and never opened. Tar members that are links, devices, absolute paths or climb out with `..`
 are refused; other plain files (a README) are skipped without being extracted.
 """
 
 from __future__ import annotations
 
+import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import jinja2
 
 from services.adapter_store.safetensors_file import FIELD as WEIGHTS
 from services.adapter_store.validation import CONFIG
@@ -19,12 +24,19 @@ from services.common.errors import InvalidArgument
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_CONFIG_BYTES = 1024 * 1024
+CHAT_TEMPLATE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+TEMPLATE_FILES = (CHAT_TEMPLATE, TOKENIZER_CONFIG)
+MAX_TEMPLATE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
 class AdapterFiles:
     config: bytes
     weights: Path
+    chat_template: str = ""
 
 
 def refuse_pickle(name: str, field: str) -> None:
@@ -42,11 +54,13 @@ def check_names(names: list[str], field: str = "files") -> None:
         refuse_pickle(name, f"{field}[{i}].name")
     if len(names) == 1 and names[0].lower().endswith(ARCHIVE_SUFFIXES):
         return
-    if sorted(names) != sorted([CONFIG, WEIGHTS]):
+    required = [n for n in names if n not in TEMPLATE_FILES]
+    templates = [n for n in names if n in TEMPLATE_FILES]
+    if sorted(required) != sorted([CONFIG, WEIGHTS]) or len(templates) > 1:
         raise InvalidArgument(
             field,
-            f"expected {CONFIG} and {WEIGHTS}, or one .tar archive of them; "
-            f"got {', '.join(names) or 'nothing'}",
+            f"expected {CONFIG} and {WEIGHTS} (and at most one of {' or '.join(TEMPLATE_FILES)}), "
+            f"or one .tar archive of them; got {', '.join(names) or 'nothing'}",
         )
 
 
@@ -61,7 +75,42 @@ def unpack(staged: dict[str, Path], workdir: Path, max_bytes: int) -> AdapterFil
         raise InvalidArgument("files", f"need both {CONFIG} and {WEIGHTS}")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise InvalidArgument(CONFIG, f"is larger than {MAX_CONFIG_BYTES} bytes")
-    return AdapterFiles(config_path.read_bytes(), weights)
+    template = next(((n, p) for n, p in staged.items() if n in TEMPLATE_FILES), None)
+    chat_template = chat_template_of(*template) if template else ""
+    return AdapterFiles(config_path.read_bytes(), weights, chat_template)
+
+
+def chat_template_of(name: str, path: Path) -> str:
+    """The chat template a `chat_template.jinja` or `tokenizer_config.json` holds ("" when the config
+    has none), checked to parse as Jinja: a template the workers cannot render is refused here."""
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise InvalidArgument(name, f"is larger than {MAX_TEMPLATE_BYTES} bytes")
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(name, "is not UTF-8 text") from None
+    if name == TOKENIZER_CONFIG:
+        try:
+            config = json.loads(text)
+        except ValueError:
+            raise InvalidArgument(name, "is not valid JSON") from None
+        found = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(found, list):  # named templates, as transformers saves several: the default
+            found = next(
+                (t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None
+            )
+        if found is None:
+            return ""
+        if not isinstance(found, str):
+            raise InvalidArgument(f"{name}.chat_template", "must be a string (or named templates)")
+        text = found
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InvalidArgument(
+            name, f"the chat template does not parse: {exc.message} (line {exc.lineno})"
+        ) from None
+    return text
 
 
 def _from_archive(name: str, path: Path, workdir: Path, max_bytes: int) -> AdapterFiles:
@@ -93,7 +142,7 @@ def _from_archive(name: str, path: Path, workdir: Path, max_bytes: int) -> Adapt
             total += member.size
             if total > max_bytes:
                 raise InvalidArgument(name, f"unpacks to more than the {max_bytes}-byte limit")
-            if base not in (CONFIG, WEIGHTS):
+            if base not in (CONFIG, WEIGHTS, *TEMPLATE_FILES):
                 continue
             if base in found:
                 raise InvalidArgument(name, f"holds {base} twice")
@@ -113,4 +162,8 @@ def _from_archive(name: str, path: Path, workdir: Path, max_bytes: int) -> Adapt
     missing = [n for n in (CONFIG, WEIGHTS) if n not in found]
     if missing:
         raise InvalidArgument(name, f"does not contain {' or '.join(missing)}")
-    return AdapterFiles(found[CONFIG].read_bytes(), found[WEIGHTS])
+    templates = [(n, found[n]) for n in TEMPLATE_FILES if n in found]
+    if len(templates) > 1:
+        raise InvalidArgument(name, f"holds both {CHAT_TEMPLATE} and {TOKENIZER_CONFIG}: keep one")
+    chat_template = chat_template_of(*templates[0]) if templates else ""
+    return AdapterFiles(found[CONFIG].read_bytes(), found[WEIGHTS], chat_template)

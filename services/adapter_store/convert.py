@@ -54,6 +54,7 @@ def info_to_proto(manifest: Manifest) -> pb.AdapterInfo:
         owner=manifest["owner"],
         visibility=pb.Visibility.Value(manifest["visibility"]),
         provenance=provenance_to_proto(manifest["provenance"]),
+        chat_template=manifest.get("chat_template", ""),  # manifests before templates have none
     )
     info.created_at.FromDatetime(datetime.datetime.fromisoformat(manifest["created_at"]))
     return info

@@ -127,6 +127,7 @@ class AdapterStoreService:
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
             "source_uri": meta.source_uri,
             "config": adapter.config,
+            "chat_template": files.chat_template,
         }
         self.catalog.put_version(manifest, canonical)
         log.info(

@@ -31,6 +31,7 @@ from services.common.trust.setup import service_identity
 from services.inference.adapter_cache import AdapterCache
 from services.inference.adapters import AdapterResolver
 from services.inference.base_model_guard import BaseModelGuard
+from services.inference.chat_templates import AdapterTemplates
 from services.inference.configs import cache_config, engine_config
 from services.inference.engine.dtypes import resolve_dtype
 from services.inference.engine.llm_engine import EngineStats
@@ -40,7 +41,6 @@ from services.inference.engine_process.core import EngineSpec
 from services.inference.engine_process.handoff import HandoffWriter
 from services.inference.engine_process.protocol import EngineInfo
 from services.inference.metrics import AdapterMetrics
-from services.inference.prompts import Prompter
 from services.inference.relay_server import StreamSink, relay_binding
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer, binding
@@ -260,11 +260,11 @@ class WorkerApp(App):
                 attention_backend=s.attention_backend,
                 lora_op=info.pool.op_name if info.pool is not None else "none",
             ),
+            templates=AdapterTemplates(cache.fetcher.info) if cache is not None else None,
             worker_id=s.worker_id,
             tracer=self.tracer,
         )
-        prompter = Prompter(tokenizer) if tokenizer is not None else None
-        self.pending.target = InferenceServicer(service, prompter, default_tenant=s.default_tenant)
+        self.pending.target = InferenceServicer(service, service.prompter, default_tenant=s.default_tenant)
         log.info(
             "worker ready in %.1fs: model=%s context=%d lora_slots=%d engine_pid=%d torch_threads=%d",
             time.perf_counter() - started,

@@ -2,13 +2,14 @@
 
 A conversation is rendered with the tokenizer's chat template and `add_generation_prompt`, exactly as
 `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` tokenizes it, so a served chat
-prompt is the one the model was tuned on. (Adapters that ship a template of their own are not
-supported yet: the adapter store keeps only the two PEFT files.)
+prompt is the one the model was tuned on; an adapter that ships its own template is rendered with
+that one instead (`chat_templates.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.common.errors import InvalidArgument
@@ -24,6 +25,12 @@ class ChatMessage(Protocol):
     def content(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
 class Prompter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -32,10 +39,12 @@ class Prompter:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def chat(self, messages: Sequence[ChatMessage], field: str = "messages") -> list[int]:
-        """The conversation's token ids, ready for the assistant's turn; InvalidArgument naming the
-        field when it is empty or the template refuses it (templates may raise on, say, two user
-        turns in a row)."""
+    def chat(
+        self, messages: Sequence[ChatMessage], field: str = "messages", template: str | None = None
+    ) -> list[int]:
+        """The conversation's token ids, ready for the assistant's turn, under the tokenizer's chat
+        template or `template` (an adapter's own); InvalidArgument naming the field when it is empty
+        or the template refuses it (templates may raise on, say, two user turns in a row)."""
         if not messages:
             raise InvalidArgument(field, "a conversation needs at least one message")
         if len(messages) > MAX_MESSAGES:
@@ -43,12 +52,12 @@ class Prompter:
         for i, message in enumerate(messages):
             if not message.role:
                 raise InvalidArgument(f"{field}[{i}].role", "must not be empty")
-        if not self.has_chat_template:
+        if not self.has_chat_template and template is None:
             raise InvalidArgument(field, "this worker's tokenizer has no chat template: send text")
         turns = [{"role": m.role, "content": m.content} for m in messages]
         try:
             ids = self.tokenizer.apply_chat_template(
-                turns, add_generation_prompt=True, tokenize=True, return_dict=False
+                turns, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except Exception as exc:  # jinja's own errors, raised by the template's `raise_exception`
             raise InvalidArgument(field, f"the chat template refused the conversation: {exc}") from None

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -25,14 +25,17 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.adapter_cache import AdapterKey
 from services.inference.adapters import AdapterResolver, ResolvedAdapter
+from services.inference.chat_templates import AdapterTemplates
+from services.inference.chunks import Chunk, ChunkSink, QueueSink, SharedSink
 from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.llm_engine import EngineStats
 from services.inference.engine.sequence import FinishReason
 from services.inference.engine_process.client import EngineClient, EngineOutput, EngineUnavailable
+from services.inference.prompts import Prompter
 from services.inference.token_bytes import TokenBytes
 from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
-from services.inference.validation import Limits, ParsedRequest
+from services.inference.validation import Limits, ParsedRequest, with_prompt
 from services.inference.worker_metrics import WorkerMetrics
 
 
@@ -54,24 +57,6 @@ class ModelDescription:
     max_context: int
     attention_backend: str
     lora_op: str
-
-
-Alternatives = tuple[list[int], list[float], list[bytes]]
-"""The most likely tokens at one position: ids, log-probabilities and bytes, most likely first."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0  # usage, on the last chunk
-    completion_tokens: int = 0
-    top_logprobs: list[Alternatives] = field(default_factory=list)  # when asked: per token
-    token_bytes: list[bytes] = field(default_factory=list)  # with logprobs: each token's own bytes
-    index: int = 0  # the sample (n > 1)
-    last: bool = False  # the request's last chunk: it carries the usage of every sample
 
 
 @dataclass(frozen=True)
@@ -104,8 +89,25 @@ class WorkerService:
     worker_id: str
     tracer: trace.Tracer
 
+    templates: AdapterTemplates | None = None  # adapters' own chat templates (None: base model's only)
+
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
+        self.prompter = Prompter(self.tokenizer) if self.tokenizer is not None else None
+
+    async def _with_adapter_template(
+        self, request: ParsedRequest, resolved: ResolvedAdapter | None
+    ) -> ParsedRequest:
+        """A conversation for an adapter that ships its own chat template, rendered with that one."""
+        if not request.messages or request.adapter is None or resolved is None:
+            return request
+        if self.templates is None or self.prompter is None:
+            return request
+        adapter_id, version, _ = resolved.components[0]
+        template = await self.templates.of(adapter_id, version)
+        if not template:
+            return request
+        return with_prompt(request, self.prompter.chat(request.messages, template=template), self.limits)
 
     def list_models(self) -> ModelListing:
         """The model served and the adapters this worker holds (on the event loop: the slot state
@@ -149,7 +151,7 @@ class WorkerService:
 
     async def _generate_samples(self, request: ParsedRequest) -> AsyncGenerator[Chunk]:
         """Several samples' chunks, in the order they come: `serve` into a queue."""
-        sink = _QueueSink()
+        sink = QueueSink()
         serving = asyncio.ensure_future(self.serve(request, sink))
         serving.add_done_callback(lambda _: sink.queue.put_nowait(None))
         try:
@@ -166,7 +168,7 @@ class WorkerService:
         cost per token). The sink says when it can take the next chunk; until then the tokens wait
         in the engine stream, which cancels the request once too many do."""
         async with self._request(request) as (samples, outcome):
-            shared = sink if len(samples) == 1 else _SharedSink(sink)
+            shared = sink if len(samples) == 1 else SharedSink(sink)
             pushers: list[_Pusher] = []
             try:
                 for chunks in samples:
@@ -206,6 +208,7 @@ class WorkerService:
                 span.set_attributes(
                     {"openlora.adapter.key": resolved.key, "openlora.cache.tier": resolved.tier}
                 )
+            request = await self._with_adapter_template(request, resolved)
             components = resolved.components if resolved else ()
             usage = RequestUsage(
                 usage_id,
@@ -249,7 +252,7 @@ class WorkerService:
             AsyncGenerator[EngineOutput],  # declared an iterator; it is an async generator
             self.engine.generate(
                 chunks.engine_id,
-                request.prompt_token_ids,
+                chunks.prompt_token_ids,
                 chunks.engine_sampling,
                 adapter=chunks.adapter,
             ),
@@ -269,20 +272,6 @@ class WorkerService:
                     return  # a stop string ended it before the engine knew: aclosing aborts the rest
 
 
-class ChunkSink(Protocol):
-    """Where `WorkerService.serve` hands a request's chunks (the relay's stream to the gateway)."""
-
-    @property
-    def writable(self) -> bool:
-        """The previous chunk was written: the next may be sent."""
-
-    def send(self, chunk: Chunk) -> None:
-        """Queue the chunk for the transport (billed: it is sent even if the call ends now)."""
-
-    def on_writable(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once the chunk last sent was written."""
-
-
 def _unavailable(exc: EngineUnavailable) -> Unavailable:
     """The engine is down or restarting: not the request's fault."""
     return Unavailable(f"this worker's engine is not serving: {exc}", retry_after_s=1.0)
@@ -300,52 +289,6 @@ class _Samples:
         """One sample ended; True when it was the last."""
         self.unfinished -= 1
         return self.unfinished == 0
-
-
-class _SharedSink:
-    """One stream's sink shared by several samples' pushers: one chunk at a time, and each pusher
-    waiting for the sink is called back in turn (the real sink holds one callback)."""
-
-    __slots__ = ("_sink", "_waiting")
-
-    def __init__(self, sink: ChunkSink) -> None:
-        self._sink = sink
-        self._waiting: list[Callable[[], None]] = []
-
-    @property
-    def writable(self) -> bool:
-        return self._sink.writable
-
-    def send(self, chunk: Chunk) -> None:
-        self._sink.send(chunk)
-
-    def on_writable(self, callback: Callable[[], None]) -> None:
-        self._waiting.append(callback)
-        if len(self._waiting) == 1:
-            self._sink.on_writable(self._written)
-
-    def _written(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for callback in waiting:
-            if not self._sink.writable:  # an earlier one sent a chunk: the rest wait for it
-                self.on_writable(callback)
-            else:
-                callback()
-
-
-class _QueueSink:
-    """`serve`'s chunks into a queue, for `generate`'s readers (no transport to wait for)."""
-
-    writable = True
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
-
-    def send(self, chunk: Chunk) -> None:
-        self.queue.put_nowait(chunk)
-
-    def on_writable(self, callback: Callable[[], None]) -> None:
-        callback()
 
 
 class _ChunkMaker:
@@ -382,6 +325,7 @@ class _ChunkMaker:
         self.adapter = resolved.handle if resolved else None
         self.usage = usage
         self.metrics = service.metrics
+        self.prompt_token_ids = request.prompt_token_ids
         self.prompt_tokens = len(request.prompt_token_ids)
         self.arrived = arrived
         self.last = arrived
@@ -439,7 +383,7 @@ class _Pusher:
         try:
             self.stream = service.engine.open(
                 chunks.engine_id,
-                request.prompt_token_ids,
+                chunks.prompt_token_ids,
                 chunks.engine_sampling,
                 adapter=chunks.adapter,
                 on_news=self._news,

@@ -11,10 +11,11 @@ from openlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.contracts import SERVICE_NAMES
 from services.common.grpc_server import ServiceBinding
 from services.common.trust.caller import caller_role
+from services.inference.chunks import Chunk
 from services.inference.engine.sequence import FinishReason
 from services.inference.prompts import Prompter
 from services.inference.relay_server import StreamSink
-from services.inference.service import Chunk, WorkerService
+from services.inference.service import WorkerService
 from services.inference.validation import ParsedRequest, parse_request
 
 _TIERS = {"device": inference_pb2.DEVICE, "host": inference_pb2.HOST, "disk": inference_pb2.DISK}

@@ -22,7 +22,7 @@ from services.inference.adapter_cache.mixing import MixSpec
 from services.inference.engine.constraints import Constraint, check_constraint
 from services.inference.engine.lora.mixes import Strategy
 from services.inference.engine.sequence import SamplingParams
-from services.inference.prompts import Prompter
+from services.inference.prompts import ChatTurn, Prompter
 
 STRATEGIES: dict[int, Strategy] = {
     common_pb2.LINEAR: "LINEAR",
@@ -57,6 +57,8 @@ class ParsedRequest:
     mix: MixSpec | None  # or a mix; neither = the base model
     tenant: str
     n: int = 1  # samples of the prompt
+    messages: tuple[ChatTurn, ...] = ()  # the conversation a chat prompt was rendered from
+    max_new_tokens_asked: int = 0  # as the request said (0: the worker's default)
 
 
 def parse_request(
@@ -90,7 +92,9 @@ def parse_request(
     n = request.sampling.n or 1
     if n > MAX_SAMPLES:
         raise InvalidArgument("sampling.n", f"at most {MAX_SAMPLES} samples per request")
-    return ParsedRequest(request_id, prompt, sampling, adapter, mix, tenant, n)
+    messages = tuple(ChatTurn(m.role, m.content) for m in request.messages.messages)
+    asked = request.sampling.max_new_tokens
+    return ParsedRequest(request_id, prompt, sampling, adapter, mix, tenant, n, messages, asked)
 
 
 def mix_spec(message: common_pb2.AdapterMix, field: str = "adapter_mix") -> MixSpec:
@@ -157,6 +161,36 @@ def _prompt(
     return ids, "text"
 
 
+def fitted_length(prompt_tokens: int, asked: int, limits: Limits) -> int:
+    """The most tokens to generate after a prompt: `asked` when the context holds it (else the
+    request's error), the worker's default shrunk to fit when 0 was asked."""
+    room = limits.max_context - prompt_tokens
+    if not asked:
+        # The default is a convenience, not a demand: it shrinks to fit rather than fail.
+        return min(limits.default_max_new_tokens, room)
+    if asked > room:
+        raise InvalidArgument(
+            "sampling.max_new_tokens",
+            f"prompt ({prompt_tokens}) + max_new_tokens ({asked}) exceeds this worker's "
+            f"context of {limits.max_context} tokens",
+        )
+    return asked
+
+
+def with_prompt(request: ParsedRequest, prompt: list[int], limits: Limits) -> ParsedRequest:
+    """`request` with another rendering of its conversation (an adapter's own chat template),
+    checked against the context as the first one was."""
+    if len(prompt) >= limits.max_context:
+        raise InvalidArgument(
+            "messages",
+            f"the prompt has {len(prompt)} tokens under the adapter's chat template; this worker's "
+            f"context holds {limits.max_context} (prompt and generated tokens together)",
+        )
+    length = fitted_length(len(prompt), request.max_new_tokens_asked, limits)
+    sampling = dataclasses.replace(request.sampling, max_new_tokens=length)
+    return dataclasses.replace(request, prompt_token_ids=prompt, sampling=sampling)
+
+
 def _sampling(request: inference_pb2.GenerateRequest, prompt_tokens: int, limits: Limits) -> SamplingParams:
     given = request.sampling
     if not math.isfinite(given.temperature) or given.temperature < 0:
@@ -169,18 +203,7 @@ def _sampling(request: inference_pb2.GenerateRequest, prompt_tokens: int, limits
             "sampling.max_new_tokens",
             f"{given.max_new_tokens} exceeds this worker's limit of {limits.max_new_tokens_limit}",
         )
-    room = limits.max_context - prompt_tokens
-    if given.max_new_tokens:
-        max_new_tokens = given.max_new_tokens
-        if max_new_tokens > room:
-            raise InvalidArgument(
-                "sampling.max_new_tokens",
-                f"prompt ({prompt_tokens}) + max_new_tokens ({max_new_tokens}) exceeds this worker's "
-                f"context of {limits.max_context} tokens",
-            )
-    else:
-        # The default is a convenience, not a demand: it shrinks to fit rather than fail.
-        max_new_tokens = min(limits.default_max_new_tokens, room)
+    max_new_tokens = fitted_length(prompt_tokens, given.max_new_tokens, limits)
     stop = tuple(given.stop)
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")

@@ -94,12 +94,17 @@ def cluster(
         yield running
 
 
-async def upload_adapter(cluster: Cluster, name: str, seed: int, folder: Path) -> None:
-    """Through the gateway's store API, as the tenant: trainer 70%, data contributor 30%."""
+async def upload_adapter(
+    cluster: Cluster, name: str, seed: int, folder: Path, chat_template: str | None = None
+) -> None:
+    """Through the gateway's store API, as the tenant: trainer 70%, data contributor 30% (with the
+    adapter's own chat template when given)."""
     import json
 
     config = json.loads((cluster.model_dir / "config.json").read_text())
     path = write_adapter(folder, config, rank=4, targets=["q_proj", "v_proj"], seed=seed, std=0.1)
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(chat_template)
     header = store_pb.UploadHeader(
         id=f"{TENANT}/{name}",
         visibility=store_pb.PRIVATE,

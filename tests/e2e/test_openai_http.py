@@ -29,6 +29,8 @@ CONVERSATION = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name three colours."},
 ]
+# An adapter's own chat template, unlike the tiny tokenizer's.
+OWN_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
 MESSAGES = cast(list[ChatCompletionMessageParam], CONVERSATION)  # the SDK's own type for them
 
 
@@ -40,6 +42,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with running_cluster(config, {}) as (running, _logs):
         for name, seed in (("alpha", 1), ("beta", 2)):
             asyncio.run(upload_adapter(running, name, seed, tmp_path_factory.mktemp(name)))
+        asyncio.run(upload_adapter(running, "gamma", 3, tmp_path_factory.mktemp("gamma"), OWN_TEMPLATE))
         yield running
 
 
@@ -69,7 +72,7 @@ def test_models_list_shows_the_base_model_and_the_tenants_adapters(
     sdk: openai.OpenAI, cluster: Cluster
 ) -> None:
     models = {m.id: m for m in sdk.models.list()}
-    assert set(models) == {cluster.base_model, f"{TENANT}/alpha", f"{TENANT}/beta"}
+    assert set(models) == {cluster.base_model, *(f"{TENANT}/{n}" for n in ("alpha", "beta", "gamma"))}
     assert models[f"{TENANT}/alpha"].owned_by == TENANT
     assert sdk.models.retrieve(f"{TENANT}/beta").id == f"{TENANT}/beta"
     with pytest.raises(openai.NotFoundError):
@@ -353,3 +356,32 @@ def test_structured_output_over_http_validates_and_bad_schemas_are_400(
         )
     assert isinstance(bad_schema.value.body, dict)
     assert bad_schema.value.body["param"] == "response_format.json_schema.schema"
+
+
+def test_an_adapters_own_chat_template_renders_its_conversations(
+    sdk: openai.OpenAI, grpc_client: Client, tokenizer: Any
+) -> None:
+    own = tokenizer.apply_chat_template(
+        CONVERSATION, chat_template=OWN_TEMPLATE, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    base = tokenizer.apply_chat_template(
+        CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert own != base
+    expected = grpc_client.generate(own, adapter=f"{TENANT}/gamma", max_new_tokens=8, ignore_eos=True)
+    over_grpc = grpc_client.generate(
+        CONVERSATION, adapter=f"{TENANT}/gamma", max_new_tokens=8, ignore_eos=True
+    )
+    assert (over_grpc.prompt_tokens, over_grpc.token_ids) == (len(own), expected.token_ids)
+    reply = sdk.chat.completions.create(
+        model=f"{TENANT}/gamma",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(own)
+    assert reply.choices[0].message.content == expected.text
+    # Another adapter, without a template of its own, keeps the base model's.
+    plain = grpc_client.generate(CONVERSATION, adapter=f"{TENANT}/alpha", max_new_tokens=2, ignore_eos=True)
+    assert plain.prompt_tokens == len(base)

@@ -85,6 +85,8 @@ class AdapterInfo:
     """`public` or `private`."""
     provenance: Provenance = field(default_factory=Provenance)
     created_at: datetime | None = None
+    chat_template: str = ""
+    """The adapter's own chat template ("": the base model's applies)."""
 
     @property
     def ref(self) -> str:
@@ -105,6 +107,7 @@ class AdapterInfo:
             visibility=pb.Visibility.Name(info.visibility).lower(),
             provenance=Provenance.from_proto(info.provenance),
             created_at=info.created_at.ToDatetime(tzinfo=UTC) if info.HasField("created_at") else None,
+            chat_template=info.chat_template,
         )
 
 

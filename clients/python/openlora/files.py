@@ -43,10 +43,15 @@ def declare(paths: list[Path]) -> list[DeclaredFile]:
 
 
 def adapter_files(source: Path) -> list[Path]:
-    """The files to upload for a PEFT folder (its two files) or an archive (itself)."""
+    """The files to upload for a PEFT folder (its two files, and its own chat template when it has
+    one: `chat_template.jinja`, else a `tokenizer_config.json`) or an archive (itself)."""
     if source.is_file():
         return [source]
-    return [source / "adapter_config.json", source / "adapter_model.safetensors"]
+    files = [source / "adapter_config.json", source / "adapter_model.safetensors"]
+    for template in ("chat_template.jinja", "tokenizer_config.json"):
+        if (source / template).is_file():
+            return [*files, source / template]
+    return files
 
 
 class FileSplitter:

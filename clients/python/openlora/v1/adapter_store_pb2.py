@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from openlora.v1 import common_pb2 as openlora_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fopenlora/v1/adapter_store.proto\x12\x0bopenlora.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18openlora/v1/common.proto\"I\n\x0b\x43ontributor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.openlora.v1.Role\x12\r\n\x05share\x18\x03 \x01(\x01\"_\n\nProvenance\x12\x0f\n\x07trainer\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x02 \x03(\t\x12.\n\x0c\x63ontributors\x18\x03 \x03(\x0b\x32\x18.openlora.v1.Contributor\"7\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xbe\x01\n\x0cUploadHeader\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12+\n\nvisibility\x18\x03 \x01(\x0e\x32\x17.openlora.v1.Visibility\x12+\n\nprovenance\x18\x04 \x01(\x0b\x32\x17.openlora.v1.Provenance\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12%\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x16.openlora.v1.FileEntry\"U\n\x0bUploadChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.openlora.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xac\x01\n\rImportRequest\x12\x12\n\nsource_uri\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12+\n\nvisibility\x18\x04 \x01(\x0e\x32\x17.openlora.v1.Visibility\x12+\n\nprovenance\x18\x05 \x01(\x0b\x32\x17.openlora.v1.Provenance\x12\x12\n\nbase_model\x18\x06 \x01(\t\"\xb0\x02\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\r\n\x05owner\x18\t \x01(\t\x12+\n\nvisibility\x18\n \x01(\x0e\x32\x17.openlora.v1.Visibility\x12+\n\nprovenance\x18\x0b \x01(\x0b\x32\x17.openlora.v1.Provenance\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x11GetAdapterRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\"_\n\x13ListAdaptersRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.openlora.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x14\x44\x65leteAdapterRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\"1\n\x15\x44\x65leteAdapterResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\t\";\n\x0f\x44ownloadRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\"_\n\x0e\x44ownloadHeader\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.openlora.v1.AdapterInfo\x12%\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x16.openlora.v1.FileEntry\"Y\n\rDownloadChunk\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.openlora.v1.DownloadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"=\n\x18RegisterBaseModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"F\n\x0bModuleShape\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\r\x12\x14\n\x0cout_features\x18\x03 \x01(\r\"l\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12)\n\x07modules\x18\x03 \x03(\x0b\x32\x18.openlora.v1.ModuleShape\x12\x12\n\nmodel_type\x18\x04 \x01(\t\"\x17\n\x15ListBaseModelsRequest\"E\n\x16ListBaseModelsResponse\x12+\n\x0b\x62\x61se_models\x18\x01 \x03(\x0b\x32\x16.openlora.v1.BaseModel*A\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\n\n\x06PUBLIC\x10\x01\x12\x0b\n\x07PRIVATE\x10\x02*3\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07TRAINER\x10\x01\x12\x08\n\x04\x44\x41TA\x10\x02\x32\xe4\x04\n\x0c\x41\x64\x61pterStore\x12>\n\x06Upload\x12\x18.openlora.v1.UploadChunk\x1a\x18.openlora.v1.AdapterInfo(\x01\x12>\n\x06Import\x12\x1a.openlora.v1.ImportRequest\x1a\x18.openlora.v1.AdapterInfo\x12?\n\x03Get\x12\x1e.openlora.v1.GetAdapterRequest\x1a\x18.openlora.v1.AdapterInfo\x12K\n\x04List\x12 .openlora.v1.ListAdaptersRequest\x1a!.openlora.v1.ListAdaptersResponse\x12O\n\x06\x44\x65lete\x12!.openlora.v1.DeleteAdapterRequest\x1a\".openlora.v1.DeleteAdapterResponse\x12\x46\n\x08\x44ownload\x12\x1c.openlora.v1.DownloadRequest\x1a\x1a.openlora.v1.DownloadChunk0\x01\x12R\n\x11RegisterBaseModel\x12%.openlora.v1.RegisterBaseModelRequest\x1a\x16.openlora.v1.BaseModel\x12Y\n\x0eListBaseModels\x12\".openlora.v1.ListBaseModelsRequest\x1a#.openlora.v1.ListBaseModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fopenlora/v1/adapter_store.proto\x12\x0bopenlora.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18openlora/v1/common.proto\"I\n\x0b\x43ontributor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.openlora.v1.Role\x12\r\n\x05share\x18\x03 \x01(\x01\"_\n\nProvenance\x12\x0f\n\x07trainer\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x02 \x03(\t\x12.\n\x0c\x63ontributors\x18\x03 \x03(\x0b\x32\x18.openlora.v1.Contributor\"7\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xbe\x01\n\x0cUploadHeader\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12+\n\nvisibility\x18\x03 \x01(\x0e\x32\x17.openlora.v1.Visibility\x12+\n\nprovenance\x18\x04 \x01(\x0b\x32\x17.openlora.v1.Provenance\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12%\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x16.openlora.v1.FileEntry\"U\n\x0bUploadChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.openlora.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xac\x01\n\rImportRequest\x12\x12\n\nsource_uri\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12+\n\nvisibility\x18\x04 \x01(\x0e\x32\x17.openlora.v1.Visibility\x12+\n\nprovenance\x18\x05 \x01(\x0b\x32\x17.openlora.v1.Provenance\x12\x12\n\nbase_model\x18\x06 \x01(\t\"\xc7\x02\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\r\n\x05owner\x18\t \x01(\t\x12+\n\nvisibility\x18\n \x01(\x0e\x32\x17.openlora.v1.Visibility\x12+\n\nprovenance\x18\x0b \x01(\x0b\x32\x17.openlora.v1.Provenance\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rchat_template\x18\r \x01(\t\"=\n\x11GetAdapterRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\"_\n\x13ListAdaptersRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.openlora.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x14\x44\x65leteAdapterRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\"1\n\x15\x44\x65leteAdapterResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\t\";\n\x0f\x44ownloadRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.openlora.v1.AdapterRef\"_\n\x0e\x44ownloadHeader\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.openlora.v1.AdapterInfo\x12%\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x16.openlora.v1.FileEntry\"Y\n\rDownloadChunk\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.openlora.v1.DownloadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"=\n\x18RegisterBaseModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"F\n\x0bModuleShape\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\r\x12\x14\n\x0cout_features\x18\x03 \x01(\r\"l\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12)\n\x07modules\x18\x03 \x03(\x0b\x32\x18.openlora.v1.ModuleShape\x12\x12\n\nmodel_type\x18\x04 \x01(\t\"\x17\n\x15ListBaseModelsRequest\"E\n\x16ListBaseModelsResponse\x12+\n\x0b\x62\x61se_models\x18\x01 \x03(\x0b\x32\x16.openlora.v1.BaseModel*A\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\n\n\x06PUBLIC\x10\x01\x12\x0b\n\x07PRIVATE\x10\x02*3\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07TRAINER\x10\x01\x12\x08\n\x04\x44\x41TA\x10\x02\x32\xe4\x04\n\x0c\x41\x64\x61pterStore\x12>\n\x06Upload\x12\x18.openlora.v1.UploadChunk\x1a\x18.openlora.v1.AdapterInfo(\x01\x12>\n\x06Import\x12\x1a.openlora.v1.ImportRequest\x1a\x18.openlora.v1.AdapterInfo\x12?\n\x03Get\x12\x1e.openlora.v1.GetAdapterRequest\x1a\x18.openlora.v1.AdapterInfo\x12K\n\x04List\x12 .openlora.v1.ListAdaptersRequest\x1a!.openlora.v1.ListAdaptersResponse\x12O\n\x06\x44\x65lete\x12!.openlora.v1.DeleteAdapterRequest\x1a\".openlora.v1.DeleteAdapterResponse\x12\x46\n\x08\x44ownload\x12\x1c.openlora.v1.DownloadRequest\x1a\x1a.openlora.v1.DownloadChunk0\x01\x12R\n\x11RegisterBaseModel\x12%.openlora.v1.RegisterBaseModelRequest\x1a\x16.openlora.v1.BaseModel\x12Y\n\x0eListBaseModels\x12\".openlora.v1.ListBaseModelsRequest\x1a#.openlora.v1.ListBaseModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openlora.v1.adapter_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VISIBILITY']._serialized_start=2058
-  _globals['_VISIBILITY']._serialized_end=2123
-  _globals['_ROLE']._serialized_start=2125
-  _globals['_ROLE']._serialized_end=2176
+  _globals['_VISIBILITY']._serialized_start=2081
+  _globals['_VISIBILITY']._serialized_end=2146
+  _globals['_ROLE']._serialized_start=2148
+  _globals['_ROLE']._serialized_end=2199
   _globals['_CONTRIBUTOR']._serialized_start=107
   _globals['_CONTRIBUTOR']._serialized_end=180
   _globals['_PROVENANCE']._serialized_start=182
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMPORTREQUEST']._serialized_start=617
   _globals['_IMPORTREQUEST']._serialized_end=789
   _globals['_ADAPTERINFO']._serialized_start=792
-  _globals['_ADAPTERINFO']._serialized_end=1096
-  _globals['_GETADAPTERREQUEST']._serialized_start=1098
-  _globals['_GETADAPTERREQUEST']._serialized_end=1159
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1161
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1256
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1258
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1349
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1351
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1415
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1417
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1466
-  _globals['_DOWNLOADREQUEST']._serialized_start=1468
-  _globals['_DOWNLOADREQUEST']._serialized_end=1527
-  _globals['_DOWNLOADHEADER']._serialized_start=1529
-  _globals['_DOWNLOADHEADER']._serialized_end=1624
-  _globals['_DOWNLOADCHUNK']._serialized_start=1626
-  _globals['_DOWNLOADCHUNK']._serialized_end=1715
-  _globals['_REGISTERBASEMODELREQUEST']._serialized_start=1717
-  _globals['_REGISTERBASEMODELREQUEST']._serialized_end=1778
-  _globals['_MODULESHAPE']._serialized_start=1780
-  _globals['_MODULESHAPE']._serialized_end=1850
-  _globals['_BASEMODEL']._serialized_start=1852
-  _globals['_BASEMODEL']._serialized_end=1960
-  _globals['_LISTBASEMODELSREQUEST']._serialized_start=1962
-  _globals['_LISTBASEMODELSREQUEST']._serialized_end=1985
-  _globals['_LISTBASEMODELSRESPONSE']._serialized_start=1987
-  _globals['_LISTBASEMODELSRESPONSE']._serialized_end=2056
-  _globals['_ADAPTERSTORE']._serialized_start=2179
-  _globals['_ADAPTERSTORE']._serialized_end=2791
+  _globals['_ADAPTERINFO']._serialized_end=1119
+  _globals['_GETADAPTERREQUEST']._serialized_start=1121
+  _globals['_GETADAPTERREQUEST']._serialized_end=1182
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1184
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1279
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1281
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1372
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1374
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1438
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1440
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1489
+  _globals['_DOWNLOADREQUEST']._serialized_start=1491
+  _globals['_DOWNLOADREQUEST']._serialized_end=1550
+  _globals['_DOWNLOADHEADER']._serialized_start=1552
+  _globals['_DOWNLOADHEADER']._serialized_end=1647
+  _globals['_DOWNLOADCHUNK']._serialized_start=1649
+  _globals['_DOWNLOADCHUNK']._serialized_end=1738
+  _globals['_REGISTERBASEMODELREQUEST']._serialized_start=1740
+  _globals['_REGISTERBASEMODELREQUEST']._serialized_end=1801
+  _globals['_MODULESHAPE']._serialized_start=1803
+  _globals['_MODULESHAPE']._serialized_end=1873
+  _globals['_BASEMODEL']._serialized_start=1875
+  _globals['_BASEMODEL']._serialized_end=1983
+  _globals['_LISTBASEMODELSREQUEST']._serialized_start=1985
+  _globals['_LISTBASEMODELSREQUEST']._serialized_end=2008
+  _globals['_LISTBASEMODELSRESPONSE']._serialized_start=2010
+  _globals['_LISTBASEMODELSRESPONSE']._serialized_end=2079
+  _globals['_ADAPTERSTORE']._serialized_start=2202
+  _globals['_ADAPTERSTORE']._serialized_end=2814
 # @@protoc_insertion_point(module_scope)

@@ -196,7 +196,8 @@ class UploadHeader(_message.Message):
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEntry]:
         """The files that follow, in order: either one tar archive or the two files
-        `adapter_config.json` and `adapter_model.safetensors`.
+        `adapter_config.json` and `adapter_model.safetensors`, optionally with the adapter's chat
+        template as `chat_template.jinja` or in a `tokenizer_config.json`.
         """
 
     def __init__(
@@ -311,6 +312,7 @@ class AdapterInfo(_message.Message):
     VISIBILITY_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Adapter id."""
     version: _builtins.str
@@ -329,6 +331,11 @@ class AdapterInfo(_message.Message):
     """Owning tenant."""
     visibility: Global___Visibility.ValueType
     """Who may use it."""
+    chat_template: _builtins.str
+    """The adapter's own chat template (Jinja), when its upload shipped `chat_template.jinja` or a
+    `tokenizer_config.json` holding one; workers render its conversations with it. Empty: the
+    base model's.
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the modules it adapts (e.g. `q_proj`, `down_proj`)."""
@@ -356,10 +363,11 @@ class AdapterInfo(_message.Message):
         visibility: Global___Visibility.ValueType = ...,
         provenance: Global___Provenance | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        chat_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "base_model", b"base_model", "created_at", b"created_at", "digest", b"digest", "id", b"id", "owner", b"owner", "provenance", b"provenance", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "base_model", b"base_model", "chat_template", b"chat_template", "created_at", b"created_at", "digest", b"digest", "id", b"id", "owner", b"owner", "provenance", b"provenance", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
