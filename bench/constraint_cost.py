@@ -43,7 +43,8 @@ from transformers import AutoTokenizer
 
 from services.cluster.tiny_models import build_tokenizer
 from services.common.smollm2 import GGUF_FILE, wheel_folder
-from services.inference.engine.constraints import Constraint, ConstraintCompiler
+from services.inference.engine.constraints import ConstraintCompiler
+from services.inference.engine.output_format import Constraint
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "flat": {

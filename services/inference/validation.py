@@ -19,8 +19,9 @@ from services.common.request_checks import check_generate_request, check_mix_com
 from services.common.trust.roles import Role
 from services.inference.adapter_cache.key import AdapterKey
 from services.inference.adapter_cache.mixing import MixSpec
-from services.inference.engine.constraints import Constraint, check_constraint
+from services.inference.engine.constraints import check_constraint
 from services.inference.engine.lora.mixes import Strategy
+from services.inference.engine.output_format import Constraint
 from services.inference.engine.sequence import SamplingParams
 from services.inference.prompts import ChatTurn, Prompter
 

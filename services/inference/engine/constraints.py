@@ -29,16 +29,13 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import xgrammar
 
 from services.common.errors import InvalidArgument
-
-ConstraintKind = Literal["json_object", "json_schema", "regex", "grammar"]
-KINDS: tuple[ConstraintKind, ...] = get_args(ConstraintKind)
+from services.inference.engine.output_format import Constraint
 
 # The field a client's invalid constraint is reported against (GenerateRequest's).
 _FIELDS: dict[str, str] = {
@@ -58,26 +55,6 @@ _NATIVE_NOISE = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )
 
 class ConstraintViolation(ValueError):
     """A token the constraint does not allow was accepted: the mask was not applied before sampling."""
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What a request asks its output to match; plain data, sent between processes as [kind, spec]."""
-
-    kind: ConstraintKind
-    spec: str = ""
-    """Empty for json_object; else the JSON schema text, the regex (matched in full), or the grammar:
-    Lark (rule `start`), or xgrammar's GBNF-style EBNF (rule `root`) when it contains "::="."""
-
-    def encode(self) -> list[str]:
-        return [self.kind, self.spec]
-
-    @classmethod
-    def decode(cls, fields: Sequence[str]) -> Constraint:
-        if len(fields) != 2 or fields[0] not in KINDS:
-            raise InvalidArgument("response_format", f"unknown constraint {list(fields)[:1]}")
-        kind: ConstraintKind = fields[0]  # narrowed by the membership test above
-        return cls(kind, fields[1])
 
 
 class ConstraintCompiler:

@@ -6,7 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from services.inference.engine.constraints import Constraint
+from services.inference.engine.output_format import Constraint
 
 
 class SequenceStatus(enum.Enum):

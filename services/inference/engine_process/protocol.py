@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from services.inference.engine.constraints import Constraint
 from services.inference.engine.llm_engine import EngineStats
+from services.inference.engine.output_format import Constraint
 from services.inference.engine.sequence import FinishReason, SamplingParams, TopLogprobs
 
 COMMANDS = 0

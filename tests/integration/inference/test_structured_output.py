@@ -11,8 +11,8 @@ from pathlib import Path
 import jsonschema
 import torch
 
-from services.inference.engine.constraints import Constraint
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
+from services.inference.engine.output_format import Constraint
 from services.inference.engine.sequence import FinishReason, SamplingParams
 
 # Every string, number and array bounded: a random model then always finishes (see constraints.py).

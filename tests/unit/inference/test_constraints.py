@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from services.common.errors import InvalidArgument
 from services.inference.engine.constraints import (
-    Constraint,
     ConstraintCompiler,
     ConstraintMatcher,
     ConstraintViolation,
 )
+from services.inference.engine.output_format import Constraint
 
 # Wider than the tokenizer's 512 tokens, as a model's padded lm_head can be.
 LOGITS_WIDTH = 520

@@ -7,7 +7,7 @@ from openlora.v1 import common_pb2, inference_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.trust.roles import GATEWAY, OPERATOR
-from services.inference.engine.constraints import Constraint
+from services.inference.engine.output_format import Constraint
 from services.inference.prompts import Prompter
 from services.inference.validation import Limits, billed_tenant, parse_request
 
