@@ -12,17 +12,12 @@ import json
 from typing import Annotated, Any, Literal
 
 from openlora.adapters import adapter_ref
+from openlora.request import STRATEGIES
 from openlora.v1 import common_pb2, inference_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import InvalidArgument
 
-STRATEGIES = {
-    "linear": common_pb2.LINEAR,
-    "ties": common_pb2.TIES,
-    "dare_linear": common_pb2.DARE_LINEAR,
-    "dare_ties": common_pb2.DARE_TIES,
-}
 MAX_COMPLETION_LOGPROBS = 20
 
 
