@@ -148,7 +148,9 @@ class KeySource:
     """The current key ring: inline JSON plus a file re-read when its modification time changes.
 
     A file that turns invalid keeps the last good ring (logged), so a bad edit never locks every
-    tenant out; at start-up an invalid file or value is an error.
+    tenant out; at start-up an invalid file or value is an error. A file deleted or emptied holds no
+    keys: that is how an operator revokes them all at once, and its keys stop working at the next
+    check.
     """
 
     def __init__(
@@ -192,15 +194,25 @@ class KeySource:
     def _read_file(self) -> KeyRing:
         assert self.path is not None
         self._stamp = self._file_stamp()
-        ring = parse_key_ring(self.path.read_text(), self.defaults, str(self.path))
-        return self._inline.merged(ring)
+        text = self.path.read_text()
+        if not text.strip():
+            return self._inline
+        return self._inline.merged(parse_key_ring(text, self.defaults, str(self.path)))
 
     def _maybe_reload(self) -> None:
+        assert self.path is not None
         try:
             if self._file_stamp() == self._stamp:
                 return
             self._ring = self._read_file()
+            if len(self._ring.keys) == len(self._inline.keys):
+                log.warning("API key file %s is empty: only inline keys work now", self.path)
             log.info("API keys reloaded", extra={"keys": len(self._ring.keys)})
+        except FileNotFoundError:
+            if self._stamp is not None:
+                log.warning("API key file %s is gone: its keys no longer work", self.path)
+            self._stamp = None
+            self._ring = self._inline
         except (OSError, ValueError) as exc:
             log.error("API key file not reloaded; keeping the previous keys: %s", exc)
 

@@ -76,6 +76,30 @@ def test_the_file_is_reloaded_when_it_changes_and_a_bad_edit_keeps_the_old_keys(
         source.authenticate(key)
 
 
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_a_key_file_deleted_or_emptied_revokes_its_keys(tmp_path: Path, how: str) -> None:
+    now = [0.0]
+    file_key, inline_key = new_key(), new_key()
+    path = tmp_path / "keys.json"
+    path.write_text(document({"sha256": hash_key(file_key), "tenant": "acme"}))
+    inline = document({"sha256": hash_key(inline_key), "tenant": "globex"})
+    source = KeySource(DEFAULTS, path=path, inline=inline, reload_s=5, clock=lambda: now[0])
+    assert source.authenticate(file_key).tenant == "acme"
+    if how == "deleted":
+        path.unlink()
+    else:
+        path.write_text("\n")
+        os.utime(path, ns=(1, 1))
+    now[0] = 6
+    with pytest.raises(Unauthenticated):
+        source.authenticate(file_key)
+    assert source.authenticate(inline_key).tenant == "globex"  # inline keys are not the file's
+    path.write_text(document({"sha256": hash_key(file_key), "tenant": "acme"}))
+    os.utime(path, ns=(2, 2))
+    now[0] = 12
+    assert source.authenticate(file_key).tenant == "acme"  # and a file put back is read again
+
+
 def test_inline_keys_and_file_keys_are_merged(tmp_path: Path) -> None:
     inline_key, file_key = new_key(), new_key()
     path = tmp_path / "keys.json"
