@@ -73,7 +73,7 @@ def spec_from_config(name: str, config_json: str | bytes) -> BaseModelSpec:
     check_base_model_name(name, "name")
     try:
         config = json.loads(config_json)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidArgument("config_json", f"is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise InvalidArgument("config_json", "must be a JSON object")

@@ -92,8 +92,8 @@ def chat_template_of(name: str, path: Path) -> str:
     if name == TOKENIZER_CONFIG:
         try:
             config = json.loads(text)
-        except ValueError:
-            raise InvalidArgument(name, "is not valid JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
+            raise InvalidArgument(name, "is not valid JSON (or is nested too deep)") from None
         found = config.get("chat_template") if isinstance(config, dict) else None
         if isinstance(found, list):  # named templates, as transformers saves several: the default
             found = next(

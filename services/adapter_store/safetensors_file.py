@@ -69,8 +69,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         raw = src.read(header_len)
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(FIELD, "header is not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
+        raise InvalidArgument(FIELD, "header is not valid JSON (or is nested too deep)") from None
     if not isinstance(header, dict):
         raise InvalidArgument(FIELD, "header is not a JSON object")
     metadata = header.pop("__metadata__", {})

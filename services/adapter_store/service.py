@@ -142,7 +142,7 @@ class AdapterStoreService:
     def _base_model_from_config(config_raw: bytes) -> str:
         try:
             name = json.loads(config_raw).get("base_model_name_or_path") or ""
-        except (ValueError, AttributeError, UnicodeDecodeError):
+        except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
             raise InvalidArgument(CONFIG, "is not a valid JSON object") from None
         if not name:
             raise InvalidArgument("base_model", "not given, and adapter_config.json names none")

@@ -40,8 +40,8 @@ class ValidatedAdapter:
 def parse_config(raw: bytes, max_rank: int) -> tuple[int, float, dict[str, Any]]:
     try:
         config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(CONFIG, "is not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
+        raise InvalidArgument(CONFIG, "is not valid JSON (or is nested too deep)") from None
     if not isinstance(config, dict):
         raise InvalidArgument(CONFIG, "must be a JSON object")
     if config.get("peft_type", "LORA") != "LORA":

@@ -143,6 +143,16 @@ def garbage_header(data: bytes) -> bytes:
     return data[:8] + b"{" * n + data[8 + n :]
 
 
+def deeply_nested(depth: int = 100_000) -> bytes:
+    """Valid JSON nesting deeper than Python's recursion limit: a parser must refuse it cleanly."""
+    return b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def nested_header(data: bytes) -> bytes:
+    header = deeply_nested()
+    return struct.pack("<Q", len(header)) + header
+
+
 def truncated(data: bytes) -> bytes:
     return data[:-100]
 
@@ -184,4 +194,8 @@ CASES: dict[str, BadCase] = {
     "id with nul": BadCase(good, "not a valid adapter id", header_id="ok\x00id"),
     "id with spaces": BadCase(good, "not a valid adapter id", header_id="my adapter"),
     "id too deep": BadCase(good, "not a valid adapter id", header_id="a/b/c"),
+    "config nested too deep": BadCase(
+        lambda f: good(f) | {"adapter_config.json": deeply_nested()}, "nested too deep"
+    ),
+    "header nested too deep": BadCase(lambda f: with_weights_bytes(f, nested_header), "nested too deep"),
 }
