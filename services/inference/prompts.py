@@ -35,6 +35,20 @@ class Prompter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # No token stands for more characters than its own vocabulary entry holds, so a text longer
+        # than max_context x this cannot fit: it is refused before tokenising (megabytes of text
+        # would otherwise hold the event loop for seconds, and their ids the memory).
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.max_token_chars = max((len(p) for p in pieces if isinstance(p, str)), default=1) or 1
+
+    def check_fits(self, chars: int, max_tokens: int, field: str) -> None:
+        """InvalidArgument when `chars` characters are more than `max_tokens` tokens can hold."""
+        if chars > max_tokens * self.max_token_chars:
+            raise InvalidArgument(
+                field,
+                f"{chars} characters cannot fit this worker's context of {max_tokens} tokens "
+                f"(a token holds at most {self.max_token_chars} characters of this tokenizer)",
+            )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))

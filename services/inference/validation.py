@@ -141,7 +141,9 @@ def _prompt(
     if kind == "messages":
         if prompter is None:
             raise InvalidArgument("messages", "this worker's model has no tokenizer: send token_ids")
-        return prompter.chat(request.messages.messages), "messages"
+        turns = request.messages.messages
+        prompter.check_fits(sum(len(t.content) for t in turns), limits.max_context, "messages")
+        return prompter.chat(turns), "messages"
     if kind == "token_ids":
         ids = list(request.token_ids.ids)
         if not ids:
@@ -156,6 +158,7 @@ def _prompt(
         raise InvalidArgument("text", "the prompt is empty")
     if prompter is None:
         raise InvalidArgument("text", "this worker's model has no tokenizer: send token_ids")
+    prompter.check_fits(len(request.text), limits.max_context, "text")
     ids = prompter.encode(request.text)
     if not ids:
         raise InvalidArgument("text", "the prompt encodes to no tokens")

@@ -23,6 +23,12 @@ class CharTokenizer:
 
     chat_template = "<role>content ... <assistant>"
 
+    def __len__(self) -> int:
+        return 100
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return ["ab" if i == 7 else "a" for i in ids]  # token 7 holds two characters
+
     def encode(self, text: str) -> list[int]:
         return tokenize(text)
 
@@ -233,3 +239,18 @@ def test_a_response_format_becomes_the_engines_constraint() -> None:
     json_object = inference_pb2.ResponseFormat(json_object=True)
     parsed = parse_request(make(text="hi", response_format=json_object), LIMITS, PROMPTER, caller=GATEWAY)
     assert parsed.sampling.constraint == Constraint("json_object")
+
+
+def test_a_text_too_long_for_any_tokenisation_is_refused_before_tokenising() -> None:
+    """32 tokens of context, at most 2 characters a token: 65 characters cannot fit, whatever they
+    are, and are refused without running the tokenizer."""
+    assert PROMPTER.max_token_chars == 2
+    with pytest.raises(InvalidArgument) as caught:
+        parse_request(make(text="x" * 65), LIMITS, PROMPTER, caller=GATEWAY)
+    assert caught.value.field == "text" and "65 characters cannot fit" in caught.value.problem
+    with pytest.raises(InvalidArgument) as chat_caught:
+        parse_request(make(messages=chat(("user", "x" * 65))), LIMITS, PROMPTER, caller=GATEWAY)
+    assert chat_caught.value.field == "messages"
+    with pytest.raises(InvalidArgument) as long_prompt:  # 40 characters fit the bound but not the context
+        parse_request(make(text="x" * 40), LIMITS, PROMPTER, caller=GATEWAY)
+    assert "the prompt has 40 tokens" in long_prompt.value.problem
