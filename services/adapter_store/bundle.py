@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +25,7 @@ from services.common.errors import InvalidArgument
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_EXTENDED_HEADER_BYTES = 64 * 1024  # PAX records and long names: a few paths' worth
 CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -114,51 +116,34 @@ def chat_template_of(name: str, path: Path) -> str:
 
 
 def _from_archive(name: str, path: Path, workdir: Path, max_bytes: int) -> AdapterFiles:
+    """Read the archive once, front to back, refusing at a member's header what is too big: a small
+    .tar.gz can declare gigabytes, and nothing is decompressed past the limit (or held in memory for
+    an oversized extended header) before the refusal."""
     try:
-        archive = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with archive` below
-    except (tarfile.TarError, OSError, EOFError):
+        archive = tarfile.open(path, mode="r|*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - closed below
+    except _HeaderTooLarge as exc:  # the first header is read on opening
+        raise InvalidArgument(name, str(exc)) from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
         raise InvalidArgument(name, "is not a readable tar archive") from None
     found: dict[str, Path] = {}
     total = 0
     with archive:
         try:
-            members = archive.getmembers()
-        except (tarfile.TarError, OSError, EOFError):
+            for member in archive:
+                total += member.size
+                _check_member(name, member, total, max_bytes)
+                base = PurePosixPath(member.name).name
+                if member.isdir() or base not in (CONFIG, WEIGHTS, *TEMPLATE_FILES):
+                    continue
+                if base in found:
+                    raise InvalidArgument(name, f"holds {base} twice")
+                if base == CONFIG and member.size > MAX_CONFIG_BYTES:
+                    raise InvalidArgument(CONFIG, f"is larger than {MAX_CONFIG_BYTES} bytes")
+                found[base] = _extract(archive, member, workdir / f"unpacked-{base}", name)
+        except _HeaderTooLarge as exc:
+            raise InvalidArgument(name, str(exc)) from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error):
             raise InvalidArgument(name, "is a corrupt or truncated tar archive") from None
-        for member in members:
-            if member.isdir():
-                continue
-            member_path = PurePosixPath(member.name)
-            if member_path.is_absolute() or ".." in member_path.parts:
-                raise InvalidArgument(name, f"member {member.name!r} points outside the archive")
-            if not member.isfile():
-                raise InvalidArgument(
-                    name, f"member {member.name!r} is a link or special file; only plain files"
-                )
-            if len(member_path.parts) > 2:
-                raise InvalidArgument(name, f"member {member.name!r} is nested too deep (at most one folder)")
-            base = member_path.name
-            refuse_pickle(base, f"{name}:{member.name}")
-            total += member.size
-            if total > max_bytes:
-                raise InvalidArgument(name, f"unpacks to more than the {max_bytes}-byte limit")
-            if base not in (CONFIG, WEIGHTS, *TEMPLATE_FILES):
-                continue
-            if base in found:
-                raise InvalidArgument(name, f"holds {base} twice")
-            if base == CONFIG and member.size > MAX_CONFIG_BYTES:
-                raise InvalidArgument(CONFIG, f"is larger than {MAX_CONFIG_BYTES} bytes")
-            source = archive.extractfile(member)
-            if source is None:
-                raise InvalidArgument(name, f"member {member.name!r} cannot be read")
-            target = workdir / f"unpacked-{base}"
-            try:
-                with source, open(target, "wb") as out:
-                    while block := source.read(1 << 20):
-                        out.write(block)
-            except (tarfile.TarError, OSError, EOFError):
-                raise InvalidArgument(name, f"member {member.name!r} is truncated") from None
-            found[base] = target
     missing = [n for n in (CONFIG, WEIGHTS) if n not in found]
     if missing:
         raise InvalidArgument(name, f"does not contain {' or '.join(missing)}")
@@ -167,3 +152,57 @@ def _from_archive(name: str, path: Path, workdir: Path, max_bytes: int) -> Adapt
         raise InvalidArgument(name, f"holds both {CHAT_TEMPLATE} and {TOKENIZER_CONFIG}: keep one")
     chat_template = chat_template_of(*templates[0]) if templates else ""
     return AdapterFiles(found[CONFIG].read_bytes(), found[WEIGHTS], chat_template)
+
+
+def _check_member(name: str, member: tarfile.TarInfo, total: int, max_bytes: int) -> None:
+    """A member's header, checked before a byte of its data is read."""
+    member_path = PurePosixPath(member.name)
+    if member_path.is_absolute() or ".." in member_path.parts:
+        raise InvalidArgument(name, f"member {member.name!r} points outside the archive")
+    if member.isdir():
+        return
+    if not member.isfile():
+        raise InvalidArgument(name, f"member {member.name!r} is a link or special file; only plain files")
+    if len(member_path.parts) > 2:
+        raise InvalidArgument(name, f"member {member.name!r} is nested too deep (at most one folder)")
+    refuse_pickle(member_path.name, f"{name}:{member.name}")
+    if total > max_bytes:
+        raise InvalidArgument(name, f"unpacks to more than the {max_bytes}-byte limit")
+
+
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path, name: str) -> Path:
+    source = archive.extractfile(member)
+    if source is None:
+        raise InvalidArgument(name, f"member {member.name!r} cannot be read")
+    try:
+        with source, open(target, "wb") as out:
+            while block := source.read(1 << 20):
+                out.write(block)
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        raise InvalidArgument(name, f"member {member.name!r} is truncated") from None
+    return target
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX extended header or a GNU long name into memory whole, whatever size its
+    header declares (a 1 MB .tar.gz can declare 1 GiB): refuse those over a small bound first.
+    (`_proc_member` is tarfile's dispatch of a header by type, unchanged since Python 3.0.)"""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        held_whole = (
+            tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK,
+            tarfile.XHDTYPE,
+            tarfile.XGLTYPE,
+            tarfile.SOLARIS_XHDTYPE,
+        )
+        if self.type in held_whole and self.size > MAX_EXTENDED_HEADER_BYTES:
+            raise _HeaderTooLarge(
+                f"declares an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER_BYTES})"
+            )
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member

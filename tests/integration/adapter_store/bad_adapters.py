@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import struct
@@ -143,6 +144,17 @@ def garbage_header(data: bytes) -> bytes:
     return data[:8] + b"{" * n + data[8 + n :]
 
 
+def declared_but_absent(kind: bytes, size: int, name: str = "adapter_model.safetensors") -> Files:
+    """A gzipped tar of kilobytes whose first header declares `size` bytes (of a member, or of a PAX
+    extended header) that are not there: a reader that trusts sizes only after reading the data
+    decompresses, or holds, all of it first."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    header = info.tobuf(tarfile.USTAR_FORMAT)
+    return {"adapter.tar.gz": gzip.compress(header + b"\0" * 1024)}
+
+
 def deeply_nested(depth: int = 100_000) -> bytes:
     """Valid JSON nesting deeper than Python's recursion limit: a parser must refuse it cleanly."""
     return b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
@@ -198,4 +210,14 @@ CASES: dict[str, BadCase] = {
         lambda f: good(f) | {"adapter_config.json": deeply_nested()}, "nested too deep"
     ),
     "header nested too deep": BadCase(lambda f: with_weights_bytes(f, nested_header), "nested too deep"),
+    "tar member of 6 GiB": BadCase(
+        lambda f: declared_but_absent(tarfile.REGTYPE, 6 << 30), "unpacks to more than the"
+    ),
+    "tar extended header of 1 GiB": BadCase(
+        lambda f: declared_but_absent(tarfile.XHDTYPE, 1 << 30, "././@PaxHeader"), "extended header of"
+    ),
+    "tar long name of 1 GiB": BadCase(
+        lambda f: declared_but_absent(tarfile.GNUTYPE_LONGNAME, 1 << 30, "././@LongLink"),
+        "extended header of",
+    ),
 }
