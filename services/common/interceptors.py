@@ -29,7 +29,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.log import request_id_var
 from services.common.request_checks import is_valid_id
 from services.common.trust.caller import ServiceAuthorizer, caller_role
@@ -172,6 +172,48 @@ class _Call:
             request_id_var.reset(self._token)
 
 
+class Undecodable:
+    """What a request deserializer made of bytes that are not the method's message: the call then
+    ends INVALID_ARGUMENT with the request id, rather than grpc's UNKNOWN or INTERNAL."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument("request", f"not a valid message of this method ({self.problem})")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:  # bytes passed through as they came
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or whatever a custom deserializer raises
+            return Undecodable(f"{type(exc).__name__}: {exc}"[:200])
+
+    return deserialize
+
+
+def _is_stream(request: Any) -> bool:
+    """A client-streaming call's requests (an async iterator), not one message."""
+    return hasattr(request, "__aiter__") and not hasattr(request, "SerializeToString")
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], Any]
 
@@ -191,7 +233,7 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
@@ -213,7 +255,9 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method, context, self.inflight, self.authorizer)
             try:
                 call.admit()
-                response = await behavior(request, context)
+                if _is_stream(request):
+                    request = _checked_stream(request)
+                response = await behavior(_decoded(request), context)
                 call.responses = 1
                 return response
             except BaseException as exc:
@@ -231,7 +275,9 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
             result = None
             try:
                 call.admit()
-                result = behavior(request, context)
+                if _is_stream(request):
+                    request = _checked_stream(request)
+                result = behavior(_decoded(request), context)
                 if inspect.isasyncgen(result):
                     async for response in result:
                         call.responses += 1

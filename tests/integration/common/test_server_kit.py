@@ -216,3 +216,31 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
             assert await health_status(channel) == "SERVING"
     finally:
         await srv.stop()
+
+
+async def test_bytes_that_are_not_the_message_are_invalid_argument(
+    server: tuple[GrpcServer, ScriptedInference],
+) -> None:
+    """Not UNKNOWN ("Unexpected DecodeError") nor INTERNAL: the caller sent a malformed request."""
+    srv, _ = server
+    garbage = b"\xff\xff\xff\xff\x0f"
+    async with open_channel(f"127.0.0.1:{srv.port}") as channel:
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/openlora.v1.Inference/ListModels"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in (caught.value.details() or "")
+        streaming: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/openlora.v1.Inference/Generate"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for _ in streaming(garbage, timeout=10):
+                pass
+        assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailers = dict(streamed.value.trailing_metadata() or ())
+        assert trailers.get("x-request-id")
+        # The server is unharmed: a well-formed call right after is served.
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        assert [c async for c in stub.Generate(generate("ok"), timeout=10)]
