@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,7 @@ from services.gateway.relay import NO_WORKER_RETRY_S, Relay
 from services.gateway.upstream import UpstreamError
 
 LIST_MODELS_TIMEOUT_S = 10.0
+KEY_RECHECK_S = 1.0
 
 
 class GatewayInference(inference_pb2_grpc.InferenceServicer):
@@ -70,7 +72,12 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
                 # of its own (retries happen before any chunk reached the client, so at most a
                 # chunk lost in flight is billed twice).
                 forwarded.request_id = request.request_id or current_request_id() or uuid.uuid4().hex
+                recheck_at = time.monotonic() + KEY_RECHECK_S
                 async for chunk in self.relay.generate(forwarded, context, lease):
+                    if time.monotonic() >= recheck_at:
+                        # A key revoked (or removed) mid-stream stops the stream within a second.
+                        recheck_at = time.monotonic() + KEY_RECHECK_S
+                        self.authenticate(context)
                     yield chunk
             finally:
                 lease.release()

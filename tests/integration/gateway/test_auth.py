@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from openlora.v1 import inference_pb2
 
 from tests.integration.gateway.conftest import PRIVATE_ADAPTER, StoreUnderTest
 from tests.integration.gateway.kit import (
@@ -22,6 +23,7 @@ from tests.integration.gateway.kit import (
     REVOKED_KEY,
     GatewayUnderTest,
     InProcessWorkers,
+    auth,
     gateway_settings,
     generate,
     generate_request,
@@ -126,5 +128,40 @@ async def test_a_key_revoked_in_the_file_stops_working_without_a_restart(
         revoked = await refused(gateway, GLOBEX_KEY)
         assert revoked.code() == grpc.StatusCode.PERMISSION_DENIED
         await generate(gateway.stub, generate_request(), key=ACME_KEY)  # other keys unaffected
+    finally:
+        await gateway.stop()
+
+
+async def test_a_key_revoked_mid_stream_ends_its_open_streams(
+    tmp_path: Path, fake_workers: InProcessWorkers, store: StoreUnderTest
+) -> None:
+    """A stream opened before its key was revoked stops within about a second of the revocation,
+    PERMISSION_DENIED, instead of running to its end."""
+    keys = write_keys(tmp_path / "keys.json")
+    for worker in fake_workers.workers:
+        worker.delay_s = 0.05  # 200 tokens: ten seconds if nothing stops it
+    gateway = await start(tmp_path, fake_workers, store, api_keys_reload_s=0.1)
+    try:
+        call = gateway.stub.Generate(
+            generate_request(max_new_tokens=200), metadata=auth(GLOBEX_KEY), timeout=30
+        )
+        first = await call.read()
+        assert first is not grpc.aio.EOF
+        document = json.loads(keys.read_text())
+        for entry in document["keys"]:
+            if entry["tenant"] == "globex":
+                entry["revoked"] = True
+        keys.write_text(json.dumps(document))
+        os.utime(keys, ns=(3, 3))
+        received = 1
+        with pytest.raises(grpc.aio.AioRpcError) as stopped:
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(chunk, inference_pb2.GenerateChunk)
+                received += len(chunk.token_ids)
+        assert stopped.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert received < 100, received
+        await wait_until(
+            lambda: sum(w.cancelled for w in fake_workers.workers) == 1, 5, "the worker's stream"
+        )
     finally:
         await gateway.stop()
