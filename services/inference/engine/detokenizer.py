@@ -90,11 +90,19 @@ class IncrementalDetokenizer:
         return released
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        """Length of the longest tail of the text that is a proper prefix of some stop string.
+
+        Only tails starting with the stop string's first character are tried, longest first, each
+        with one C-level `startswith`: trying every length with a fresh slice cost 16 stop strings of
+        256 characters about a millisecond per token, halving other streams' speed."""
+        text = self.text
         longest = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:n]):
-                    longest = n
+            start = len(text) - min(len(s) - 1, len(text))
+            j = text.find(s[0], start)
+            while j != -1 and len(text) - j > longest:
+                if s.startswith(text[j:]):
+                    longest = len(text) - j
                     break
+                j = text.find(s[0], j + 1)
         return longest

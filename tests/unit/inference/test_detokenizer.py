@@ -76,3 +76,25 @@ def test_nothing_is_added_after_a_stop(tokenizer: Any) -> None:
     for t in ids:
         detok.add(t)
     assert detok.stopped and detok.text == "Hello " and detok.add(ids[0]) == "" and detok.flush() == ""
+
+
+def reference_held_back(text: str, stops: tuple[str, ...]) -> int:
+    """The definition: the longest tail of `text` that is a proper prefix of a stop string."""
+    return max(
+        (n for s in stops for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])),
+        default=0,
+    )
+
+
+def test_the_held_back_tail_matches_its_definition_on_random_texts(tokenizer: Any) -> None:
+    """Repetitive alphabets, so tails and prefixes overlap in every way (the fast search tries only
+    tails starting with a stop string's first character)."""
+    rng = random.Random(11)
+    for _ in range(2_000):
+        alphabet = rng.choice(["ab", "abc", "aab "])
+        stops = tuple(
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 4))
+        )
+        detok = IncrementalDetokenizer(tokenizer, [1], stops)
+        detok.text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+        assert detok._held_back() == reference_held_back(detok.text, stops), (detok.text, stops)
