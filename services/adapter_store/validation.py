@@ -73,7 +73,7 @@ def parse_config(raw: bytes, max_rank: int) -> tuple[int, float, dict[str, Any]]
 def validate(
     config_raw: bytes, weights: Path, base: BaseModelSpec, *, max_rank: int, allowed_dtypes: Collection[str]
 ) -> ValidatedAdapter:
-    rank, alpha, _ = parse_config(config_raw, max_rank)
+    rank, alpha, declared = parse_config(config_raw, max_rank)
     header = read_header(weights)
     if not header.tensors:
         raise InvalidArgument(FIELD, "holds no tensors")
@@ -116,6 +116,7 @@ def validate(
             missing = ({"A", "B"} - found).pop()
             raise InvalidArgument(FIELD, f"{path} has no lora_{missing} weight to pair with")
     _check_finite(weights, header)
+    _check_declared_targets(declared.get("target_modules"), sorted(parts))
     targets = sorted({p.rsplit(".", 1)[-1] for p in parts})
     config = {
         "peft_type": "LORA",
@@ -132,6 +133,28 @@ def validate(
         "inference_mode": True,
     }
     return ValidatedAdapter(rank, alpha, targets, header, renames, config)
+
+
+def _check_declared_targets(declared: Any, paths: list[str]) -> None:
+    """The config's `target_modules` must cover every module the weights adapt, as PEFT reads it: a
+    list of module names, or a regular expression matched against the whole module path (or
+    `all-linear`). An adapter whose config and weights disagree is a broken export."""
+    field = f"{CONFIG}.target_modules"
+    if declared is None or declared == "all-linear":
+        return
+    if isinstance(declared, str):
+        try:
+            pattern = re.compile(declared)
+        except re.error as exc:
+            raise InvalidArgument(field, f"is not a valid regular expression: {exc}") from None
+        outside = [p for p in paths if pattern.fullmatch(p) is None]
+    elif isinstance(declared, list) and all(isinstance(m, str) for m in declared):
+        outside = [p for p in paths if p.rsplit(".", 1)[-1] not in declared]
+    else:
+        raise InvalidArgument(field, "must be a list of module names or a regular expression")
+    if outside:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+        raise InvalidArgument(field, f"does not cover modules the weights adapt: {shown}")
 
 
 def _check_finite(weights: Path, header: SafetensorsHeader) -> None:

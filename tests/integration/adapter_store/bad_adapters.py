@@ -206,6 +206,12 @@ CASES: dict[str, BadCase] = {
     "id with nul": BadCase(good, "not a valid adapter id", header_id="ok\x00id"),
     "id with spaces": BadCase(good, "not a valid adapter id", header_id="my adapter"),
     "id too deep": BadCase(good, "not a valid adapter id", header_id="a/b/c"),
+    "config targets fewer modules than the weights": BadCase(
+        lambda f: with_config(f, target_modules=["q_proj"]), "does not cover modules the weights adapt"
+    ),
+    "config target regex missing modules": BadCase(
+        lambda f: with_config(f, target_modules=r".*\.q_proj"), "does not cover modules the weights adapt"
+    ),
     "config nested too deep": BadCase(
         lambda f: good(f) | {"adapter_config.json": deeply_nested()}, "nested too deep"
     ),
