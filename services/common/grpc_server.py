@@ -59,8 +59,12 @@ def channel_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
 def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
     return [
         *channel_options(settings),
-        # Accept client keepalive pings as often as our own interval; stricter servers GOAWAY clients.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(settings.keepalive_timeout_s * 1000)),
+        # Accept peers' keepalive pings as often as every keepalive_timeout_s (they send one every
+        # keepalive_time_s). The option is grpc's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+        # whose name does not say "recv": under the name that does, grpc ignored it and kept its
+        # 5-minute default, so a stream quiet for two minutes (a client waiting, a long prefill) took
+        # three pings as abuse and was dropped with GOAWAY too_many_pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_timeout_s * 1000)),
         # A second process on the same port must fail loudly, not share the port.
         ("grpc.so_reuseport", 0),
     ]
