@@ -27,7 +27,7 @@ class StoreApp(App):
         self.settings: StoreSettings = settings
         # Raises ServiceError, OSError or ValueError now when the backend cannot be used (S3 down).
         self.service = service or AdapterStoreService(settings)
-        servicer = AdapterStoreServicer(self.service)
+        servicer = self.servicer = AdapterStoreServicer(self.service)
         self.serve(
             [
                 ServiceBinding(
@@ -38,6 +38,9 @@ class StoreApp(App):
                 )
             ]
         )
+
+    async def release(self) -> None:
+        self.servicer.ingest_pool.shutdown(wait=False, cancel_futures=True)  # drained by now
 
     def describe(self) -> str:
         s = self.settings

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from services.adapter_store.convert import (
 )
 from services.adapter_store.service import AdapterMeta, AdapterStoreService
 from services.adapter_store.staging import stage_upload
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted
 
 
 def _meta(header: Any) -> AdapterMeta:
@@ -35,13 +37,27 @@ def _meta(header: Any) -> AdapterMeta:
     )
 
 
+INGEST_RETRY_S = 5.0
+
+
 class AdapterStoreServicer(adapter_store_pb2_grpc.AdapterStoreServicer):
     def __init__(self, service: AdapterStoreService) -> None:
         self.service = service
+        limit = service.settings.max_concurrent_ingests
+        self.ingests = _IngestSlots(limit, service.settings.max_waiting_ingests)
+        # Uploads' unpacking and validation are CPU- and I/O-heavy: threads of their own, so that
+        # the default executor's few threads stay free for Get, List and Download.
+        self.ingest_pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="ingest")
+
+    async def _ingest_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.ingest_pool, functools.partial(fn, *args)
+        )
 
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadChunk], context: Any) -> pb.AdapterInfo:
         workdir = Path(tempfile.mkdtemp(prefix="openlora-upload-"))
         stager: FileSplitter | None = None
+        slot: _IngestSlot | None = None
         try:
             async for chunk in request_iterator:
                 kind = chunk.WhichOneof("payload")
@@ -53,6 +69,7 @@ class AdapterStoreServicer(adapter_store_pb2_grpc.AdapterStoreServicer):
                     header = chunk.header
                     declared = [DeclaredFile(f.name, f.size, f.sha256) for f in header.files]
                     stager = stage_upload(declared, workdir, self.service.settings.max_adapter_bytes)
+                    slot = await self.ingests.take()  # its turn before its bytes are accepted
                     await context.send_initial_metadata((UPLOAD_ACCEPTED,))  # now the bytes may come
                 elif kind == "data":
                     stager.write(chunk.data)
@@ -61,18 +78,24 @@ class AdapterStoreServicer(adapter_store_pb2_grpc.AdapterStoreServicer):
             if stager is None:
                 raise InvalidArgument("header", "the upload stream was empty")
             staged = stager.finish()
-            manifest = await asyncio.to_thread(self.service.ingest, _meta(header), staged, workdir)
+            manifest = await self._ingest_thread(self.service.ingest, _meta(header), staged, workdir)
             return info_to_proto(manifest)
         except FileMismatch as exc:
             raise InvalidArgument(exc.field, exc.message) from None
         finally:
+            if slot is not None:
+                slot.release()
             if stager is not None:
                 stager.abort()
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def Import(self, request: pb.ImportRequest, context: Any) -> pb.AdapterInfo:
         meta = _meta(request)
-        manifest = await asyncio.to_thread(self.service.import_adapter, request.source_uri, meta)
+        slot = await self.ingests.take()
+        try:
+            manifest = await self._ingest_thread(self.service.import_adapter, request.source_uri, meta)
+        finally:
+            slot.release()
         return info_to_proto(manifest)
 
     async def Get(self, request: pb.GetAdapterRequest, context: Any) -> pb.AdapterInfo:
@@ -117,3 +140,39 @@ class AdapterStoreServicer(adapter_store_pb2_grpc.AdapterStoreServicer):
     ) -> pb.ListBaseModelsResponse:
         specs = await asyncio.to_thread(self.service.base_models)
         return pb.ListBaseModelsResponse(base_models=[base_model_to_proto(s) for s in specs])
+
+
+class _IngestSlot:
+    __slots__ = ("_released", "_semaphore")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._semaphore.release()
+
+
+class _IngestSlots:
+    """At most `limit` uploads and imports run; up to `max_waiting` more wait for a turn (holding
+    only their header: the store accepts their bytes once it is theirs); past that, refused."""
+
+    def __init__(self, limit: int, max_waiting: int) -> None:
+        self._semaphore = asyncio.Semaphore(limit)
+        self.max_waiting = max_waiting
+        self.waiting = 0
+
+    async def take(self) -> _IngestSlot:
+        if self._semaphore.locked() and self.waiting >= self.max_waiting:
+            raise ResourceExhausted(
+                f"this store has {self.waiting} uploads or imports waiting already; retry shortly",
+                retry_after_s=INGEST_RETRY_S,
+            )
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        return _IngestSlot(self._semaphore)

@@ -55,6 +55,15 @@ class StoreSettings(ServiceSettings):
     max_adapter_bytes: int = Field(default=1024 * MiB, ge=1024)
     """Largest upload or import accepted (all files together)."""
 
+    max_concurrent_ingests: int = Field(default=2, ge=1)
+    """Uploads and imports taken at once; more wait their turn, before their bytes are accepted.
+    Their validation runs on threads of its own, so Get, List and Download keep answering however
+    heavy the uploads."""
+
+    max_waiting_ingests: int = Field(default=64, ge=0)
+    """Uploads and imports that may wait for their turn; one more is refused RESOURCE_EXHAUSTED
+    with a retry hint."""
+
     allowed_dtypes: tuple[Literal["F32", "F16", "BF16"], ...] = ("F32", "F16", "BF16")
     """Tensor dtypes accepted in adapter weights."""
 
