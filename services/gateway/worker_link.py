@@ -84,17 +84,21 @@ def _status(
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# Tokens of one stream the gateway holds for a client that does not read them (a full context's
+# worth); past that the worker is told to stop.
+MAX_UNREAD_TOKENS = 8192
 
 
 class _Inbox:
     """The events of one stream not yet taken, and how the link ended if it did."""
 
-    __slots__ = ("events", "failure", "waiter")
+    __slots__ = ("events", "failure", "unread_tokens", "waiter")
 
     def __init__(self) -> None:
         self.events: list[Any] = []
         self.failure: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.unread_tokens = 0
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -102,6 +106,7 @@ class _Inbox:
 
     def push(self, event: Any) -> None:
         self.events.append(event)
+        self.unread_tokens += event.completion_tokens
         self._wake()
 
     def fail(self, failure: BaseException) -> None:
@@ -118,6 +123,7 @@ class _Inbox:
             finally:
                 self.waiter = None
         events, self.events = self.events, []
+        self.unread_tokens = 0
         return events
 
 
@@ -181,6 +187,8 @@ class _RelayCall:
                     inbox = self.inboxes.get(event.stream_id)
                     if inbox is not None:  # else cancelled here, its events already on the way
                         inbox.push(event)
+                        if inbox.unread_tokens > MAX_UNREAD_TOKENS:
+                            self._reader_gone(event.stream_id, inbox)
             failure = _status(grpc.StatusCode.UNAVAILABLE, f"worker {self.address} closed the relay")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -204,6 +212,18 @@ class _RelayCall:
         for inbox in self.inboxes.values():
             inbox.fail(failure)
         self._on_end(self)
+
+    def _reader_gone(self, stream_id: int, inbox: _Inbox) -> None:
+        """The client stopped reading (its chunks pile up here, its HTTP/2 window full): stop the
+        worker's generation, which would otherwise go on into this gateway's memory, holding KV blocks."""
+        self.cancel(stream_id)
+        inbox.fail(
+            _status(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the stream was stopped: more than {MAX_UNREAD_TOKENS} of its tokens waited for the "
+                "client to read them",
+            )
+        )
 
     async def close(self) -> None:
         self.call.cancel()
