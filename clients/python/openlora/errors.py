@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 REQUEST_ID_KEY = "x-request-id"
@@ -41,12 +42,23 @@ class OpenLoRAError(Exception):
         return result
 
     def _read_details(self, raw: bytes) -> None:
-        status = status_pb2.Status.FromString(raw)
-        for detail in status.details:
-            bad_request = error_details_pb2.BadRequest()
-            retry_info = error_details_pb2.RetryInfo()
-            if detail.Unpack(bad_request):
-                for violation in bad_request.field_violations:
-                    self.field_violations[violation.field] = violation.description
-            elif detail.Unpack(retry_info):
-                self.retry_after_s = retry_info.retry_delay.ToTimedelta().total_seconds()
+        violations, retry_after_s = status_hints(status_pb2.Status.FromString(raw).details)
+        self.field_violations.update(violations)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+def status_hints(details: Iterable[any_pb2.Any]) -> tuple[dict[str, str], float | None]:
+    """What a status's details tell a client: field path → problem (google.rpc.BadRequest, in the
+    server's order) and the seconds to wait before retrying (google.rpc.RetryInfo), if given."""
+    violations: dict[str, str] = {}
+    retry_after_s: float | None = None
+    for detail in details:
+        bad_request = error_details_pb2.BadRequest()
+        retry_info = error_details_pb2.RetryInfo()
+        if detail.Unpack(bad_request):
+            for violation in bad_request.field_violations:
+                violations[violation.field] = violation.description
+        elif detail.Unpack(retry_info):
+            retry_after_s = retry_info.retry_delay.ToTimedelta().total_seconds()
+    return violations, retry_after_s

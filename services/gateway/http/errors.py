@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
+from openlora.errors import status_hints
 from starlette.responses import JSONResponse
 
 from services.common.errors import ServiceError
@@ -57,19 +57,9 @@ def http_param(field: str) -> str:
 
 def error_response(exc: ServiceError, request_id: str) -> JSONResponse:
     status, kind = _HTTP_STATUS.get(exc.code, (500, "server_error"))
-    param = field = None
-    retry_after: float | None = None
-    for detail in exc.details():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                field = bad.field_violations[0].field
-                param = http_param(field)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry_after = info.retry_delay.ToTimedelta().total_seconds()
+    violations, retry_after = status_hints(exc.details())
+    field = next(iter(violations), None)
+    param = http_param(field) if field is not None else None
     message = exc.message
     if param is not None and field is not None and message.startswith(f"{field}: "):
         message = f"{param}: {message[len(field) + 2 :]}"
