@@ -16,20 +16,11 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 @functools.cache
 def _byte_of_char() -> dict[str, int]:
-    """GPT-2's byte → printable character table, inverted (the table byte-level BPE stores tokens in)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+    """GPT-2's byte → printable character table (the one byte-level BPE stores tokens in), inverted."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table: dict[int, str] = bytes_to_unicode()  # type: ignore[no-untyped-call]
+    return {char: byte for byte, char in table.items()}
 
 
 class TokenBytes:
