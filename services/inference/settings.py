@@ -255,7 +255,8 @@ class WorkerSettings(ServiceSettings, StoreClientTLS):
     each flush sends one range per running request. Attribution's CPU is mostly per record and per
     batch: where a stream gains about a token a second (a small model on CPU) a range holds what one
     interval produced, so halving the interval nearly doubles attribution's CPU (and the worker's
-    fsyncs); a worker killed outright loses at most this much unspooled usage (`bench/RESULTS.md`)."""
+    fsyncs). A worker killed between flushes loses nothing: what it counted since the last one is in
+    its journal beside the spool, recovered at the next start (a power cut can lose one interval)."""
 
     usage_backoff_max_s: float = Field(default=5.0, gt=0)
     """Longest wait between reconnection attempts to attribution (doubling from 0.1 s)."""

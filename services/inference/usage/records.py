@@ -9,14 +9,22 @@ numbered from 0 within each kind and never renumbered: a resend after a lost ack
 `request_id` there is the worker's own id for the served request (`new_usage_id`), not the client's:
 clients may reuse their ids, and every token streamed must be billed, once, to whoever streamed it.
 The client's id travels beside it as a label.
+
+With a journal (`journal.py`), a request also tells it what changed in the turn it changed: a count
+(the common case, a flag check per chunk) or its shape (a prompt, a new range, a take, a spool
+append), and keeps the ranges it handed out until the spool confirms them.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from openlora.v1 import attribution_pb2, common_pb2
+
+if TYPE_CHECKING:
+    from services.inference.usage.journal import Range, UsageJournal
 
 Component = tuple[str, str, float]  # adapter id, version, share of each token
 
@@ -61,25 +69,41 @@ class RequestUsage:
         self._open_first = 0  # the range still growing: from this token to `completion_tokens`
         self._open_ts_ns = 0
         self._open_minute_end_ns = 0
+        self._prompt_unspooled_ts_ns = 0  # the prompt's record is not in the spool yet
+        self._taken: list[Range] = []  # ranges handed to the reporter, not in the spool yet
+        self.journal: UsageJournal | None = None
+        self.journal_slot = 0
+        self.journal_counted = False
 
     def prompt(self, count: int) -> None:
         """Count the whole prompt (once: when its prefill produced the first token)."""
         if self.prompt_tokens or not count:
             return
         self.prompt_tokens = count
-        self._prompt_ts_ns = time.time_ns()
+        self._prompt_ts_ns = self._prompt_unspooled_ts_ns = time.time_ns()
+        if self.journal is not None:
+            self.journal.reshaped(self)
 
     def completion(self, count: int) -> None:
         """Count the next `count` generated tokens."""
         if not count:
             return
         now_ns = time.time_ns()
+        reshaped = False
         if self._open_first < self.completion_tokens and now_ns >= self._open_minute_end_ns:
             self._close_open_range()  # the ledger counts per minute: a range stays inside one
         if self._open_first == self.completion_tokens:
             self._open_ts_ns = now_ns
             self._open_minute_end_ns = (now_ns // _MINUTE_NS + 1) * _MINUTE_NS
+            reshaped = True
         self.completion_tokens += count
+        journal = self.journal
+        if journal is not None:
+            if reshaped:
+                journal.reshaped(self)
+            elif not self.journal_counted:
+                self.journal_counted = True
+                journal.counted(self)
 
     def close(self) -> None:
         self.closed = True
@@ -100,8 +124,42 @@ class RequestUsage:
             self._close_open_range()
         for first, count, ts_ns in self._ranges:
             records.append(self._record(attribution_pb2.COMPLETION, first, count, ts_ns))
+        if self.journal is not None:
+            self._taken.extend(self._ranges)
+            self.journal.reshaped(self)
         self._ranges = []
         return records
+
+    # --- what the journal reads
+
+    def labels(self) -> attribution_pb2.TokenUsage:
+        """A record with this request's labels and no tokens."""
+        record = self._record(attribution_pb2.COMPLETION, 0, 0, 0)
+        record.traceparent = self.traceparent
+        return record
+
+    def shape(self) -> tuple[int, int, int, int, list[Range]]:
+        """(prompt tokens not in the spool, their stamp, the growing range's first token, its stamp,
+        the closed ranges not in the spool)."""
+        prompt = self.prompt_tokens if self._prompt_unspooled_ts_ns else 0
+        return (
+            prompt,
+            self._prompt_unspooled_ts_ns,
+            self._open_first,
+            self._open_ts_ns,
+            self._taken + self._ranges,
+        )
+
+    def mark_spooled(self, record: attribution_pb2.TokenUsage) -> None:
+        if record.kind == attribution_pb2.PROMPT:
+            self._prompt_unspooled_ts_ns = 0
+            return
+        end = record.token_index + record.token_count
+        self._taken = [r for r in self._taken if not record.token_index <= r[0] < end]
+
+    @property
+    def finished(self) -> bool:
+        return self.closed and not self.has_untaken and not self._taken and not self._prompt_unspooled_ts_ns
 
     def _close_open_range(self) -> None:
         self._ranges.append((self._open_first, self.completion_tokens - self._open_first, self._open_ts_ns))

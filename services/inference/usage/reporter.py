@@ -8,6 +8,11 @@ unacked batch (all of them again after a reconnect: attribution is idempotent on
 and drops batches from the spool as acks arrive. Attribution being down only grows the spool; a full
 spool is an alarm (log + `stats`), and its records wait in memory for room.
 
+Between flushes, what tracked requests counted is also written to the journal beside the spool
+(`journal.py`) before their chunks leave, and recovered into the spool at the next start: a worker
+killed between two flushes loses no token its clients received. A taken record keeps its range (it is
+never joined with another) so the journal and the spool agree on its key.
+
 A flush costs one hop to a thread (the append and its fsync): the sender takes fresh batches from
 the spool's memory, and an ack is bookkeeping. On a small host every thread hand-off and wake-up
 costs more CPU than the records themselves (`bench/RESULTS.md`).
@@ -35,6 +40,7 @@ from openlora.v1 import attribution_pb2, attribution_pb2_grpc
 from services.common.grpc_client import ClientTLS, open_channel
 from services.common.trust.credentials import ServiceIdentity
 from services.inference.usage.dead_letter import DeadLetter, DeadLetterFile
+from services.inference.usage.journal import UsageJournal, journal_files, recover
 from services.inference.usage.records import RequestUsage
 from services.inference.usage.spool import SpoolFull, UsageSpool
 
@@ -101,7 +107,9 @@ class UsageReporter:
         self.flush_interval_s = flush_interval_s
         self.backoff_s = backoff_s
         self.stats = ReporterStats()
-        self._buffer: collections.deque[attribution_pb2.TokenUsage] = collections.deque()
+        self._buffer: collections.deque[attribution_pb2.TokenUsage] = collections.deque()  # from record()
+        self._taken: collections.deque[attribution_pb2.TokenUsage] = collections.deque()  # from tracked
+        self.journal: UsageJournal | None = None  # from start() on
         self._tracked: dict[int, RequestUsage] = {}  # by id(): requests whose tokens are counted
         self._spooled = asyncio.Event()
         self._acked = asyncio.Event()
@@ -121,22 +129,49 @@ class UsageReporter:
     def track(self, usage: RequestUsage) -> None:
         """Report what `usage` counts, at every flush, until it is closed and its rest taken."""
         self._tracked[id(usage)] = usage
+        if self.journal is not None:
+            usage.journal = self.journal
+            self.journal.begin(usage)
 
     def _take_tracked(self) -> None:
         tracked = self._tracked
         for key, usage in list(tracked.items()):
             if usage.has_untaken:
-                self._buffer.extend(usage.take())
+                self._taken.extend(usage.take())
             if usage.closed:
                 del tracked[key]
+                if self.journal is not None and usage.finished:
+                    self.journal.end(usage)  # nothing was left to spool
 
     async def start(self) -> None:
+        """Recover what an earlier run journaled into the spool, then start journaling, flushing and
+        sending."""
+        recovered = await asyncio.to_thread(self._recover_journal)
+        if recovered:
+            log.info("usage journal: %d record(s) of an earlier run recovered into the spool", recovered)
+        self.journal = await asyncio.to_thread(UsageJournal, self.spool.directory)
         self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._send_loop())]
+
+    def _recover_journal(self) -> int:
+        files = journal_files(self.spool.directory)
+        if not files:
+            return 0
+        records = recover(self.spool.directory)
+        for start in range(0, len(records), self.max_batch_records):
+            # A full disk raises here and the worker does not start: the journal is all that holds
+            # those tokens, and an operator must make room.
+            self.spool.append(self.worker_id, records[start : start + self.max_batch_records])
+        self.spool.seal()
+        for path in files:
+            path.unlink()
+        return len(records)
 
     async def close(self, drain_timeout_s: float = 5.0) -> None:
         """Spool what is buffered, give the sender a moment to get it acked, then stop."""
         self._stopping = True
         await self._flush()
+        if self.journal is not None:
+            self.journal.close(everything_spooled=not (self._taken or self._buffer))
         deadline = time.monotonic() + drain_timeout_s
         while self.spool.backlog_batches and self.stats.connected:
             self._acked.clear()
@@ -166,25 +201,35 @@ class UsageReporter:
 
     async def _flush(self) -> None:
         self._take_tracked()
-        while self._buffer:
-            count = min(len(self._buffer), self.max_batch_records)
-            records = join_ranges([self._buffer.popleft() for _ in range(count)])
+        limit = self.max_batch_records
+        while self._taken or self._buffer:
+            recorded = join_ranges([self._buffer.popleft() for _ in range(min(len(self._buffer), limit))])
+            room = min(len(self._taken), limit - len(recorded))
+            taken = [self._taken.popleft() for _ in range(room)]
             try:
-                await asyncio.to_thread(self.spool.append, self.worker_id, records)
+                await asyncio.to_thread(self.spool.append, self.worker_id, recorded + taken)
             except SpoolFull as exc:
-                self._buffer.extendleft(reversed(records))  # keep them, oldest first, for the next try
+                # Keep them, oldest first, for the next try.
+                self._taken.extendleft(reversed(taken))
+                self._buffer.extendleft(reversed(recorded))
                 self.stats.spool_full_alarms += 1
                 # Once per episode: retried every flush interval, it would flood the log.
                 if not self._spool_full:
-                    log.error("usage spool full; %d records wait in memory: %s", len(self._buffer), exc)
+                    log.error("usage spool full; %d records wait in memory: %s", self._waiting, exc)
                 self._spool_full = True
                 break
             if self._spool_full:
-                log.warning("usage spool has room again; %d records wait in memory", len(self._buffer))
+                log.warning("usage spool has room again; %d records wait in memory", self._waiting)
                 self._spool_full = False
+            if self.journal is not None:
+                self.journal.spooled(taken)
             self.stats.batches_spooled += 1
             self._spooled.set()
-        self.stats.records_buffered = len(self._buffer)
+        self.stats.records_buffered = self._waiting
+
+    @property
+    def _waiting(self) -> int:
+        return len(self._taken) + len(self._buffer)
 
     # --- spool -> attribution
 

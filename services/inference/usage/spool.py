@@ -389,6 +389,12 @@ class UsageSpool:
         with self._lock:
             self._drop_segments(self._acked)
 
+    def seal(self) -> None:
+        """Start the next append in a new segment, so the open one goes once acked, as an earlier run's
+        would (the batch recovered from a crashed run's journal belongs to that run)."""
+        with self._lock:
+            self._open = None
+
     def close(self) -> None:
         """Stop writing the open segment, so that it goes too once acked (a clean stop leaves only
         what attribution has not acked yet)."""

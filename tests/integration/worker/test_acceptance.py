@@ -3,9 +3,9 @@ SeaweedFS, attribution on PostgreSQL.
 
 - 32 concurrent streams over 20 adapters equal the engine's own output, and the ledger holds exactly
   each request's prompt and completion tokens;
-- attribution killed for 30 s under load, then restarted: the ledger ends equal to the tokens
-  streamed, nothing lost, nothing doubled;
-- the worker SIGKILLed with usage still in its spool, then restarted: the same;
+- the worker SIGKILLed with usage still in its spool, and its last tokens in its journal only (no
+  flush since), then restarted: the ledger ends equal to the tokens streamed (attribution down for
+  60 s under load through the gateway is `tests/e2e/test_faults.py`);
 - the worker's engine process SIGKILLed under streaming load: every stream ends UNAVAILABLE at once,
   a new engine serves, and the ledger holds, to the token, what each client received before the error.
 """
@@ -28,7 +28,6 @@ from openlora.v1 import adapter_store_pb2_grpc, attribution_pb2, inference_pb2_g
 from services.common.grpc_client import health_status, open_channel
 from services.common.trust.roles import GATEWAY
 from services.inference.adapter_cache import AdapterCache, CacheConfig, LoadedAdapter
-from services.inference.settings import WorkerSettings
 from tests.integration.inference.cache_kit import BASE, small_adapter
 from tests.integration.worker.kit import (
     Streamed,
@@ -53,7 +52,6 @@ pytestmark = pytest.mark.slow
 
 NUM_ADAPTERS = 20
 PROMPT, COMPLETION = attribution_pb2.PROMPT, attribution_pb2.COMPLETION
-OUTAGE_S = 30.0
 ENGINE_MODULE = "services.inference.engine_process.core"  # what a worker's engine child runs
 LONG = 3000  # tokens: far more than a stream produces before its engine is killed
 
@@ -207,43 +205,6 @@ async def test_32_streams_over_20_adapters_equal_the_engine_and_fill_the_ledger_
     await wait_until(lambda: ledger_counts(cluster.database_url) == want, timeout=60, what="an exact ledger")
 
 
-async def _load(
-    stub: inference_pb2_grpc.InferenceAsyncStub,
-    adapter_ids: list[str],
-    stop: asyncio.Event,
-    done: dict[str, Streamed],
-) -> None:
-    """Waves of 16 concurrent streams until `stop` is set."""
-    wave = 0
-    while not stop.is_set():
-        batch = plans(f"load{wave}", 16, adapter_ids, seed=wave)
-        for plan, streamed in zip(batch, await asyncio.gather(*(run(stub, p) for p in batch)), strict=True):
-            done[plan.request_id] = streamed
-        wave += 1
-
-
-async def test_attribution_down_30s_under_load_loses_and_doubles_nothing(cluster: Cluster) -> None:
-    done: dict[str, Streamed] = {}
-    stop = asyncio.Event()
-    async with open_channel(f"127.0.0.1:{cluster.worker.port}", **as_role(GATEWAY, "worker")) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        load = asyncio.create_task(_load(stub, cluster.adapter_ids, stop, done))
-        try:
-            await asyncio.sleep(3)
-            cluster.attribution.kill()
-            before_outage = len(done)
-            await asyncio.sleep(OUTAGE_S)
-            during_outage = len(done) - before_outage
-            await cluster.restart_attribution().wait_ready()
-            await asyncio.sleep(2)
-        finally:
-            stop.set()
-            await load
-    assert during_outage >= 16, "generation stalled while attribution was down"
-    want = expected_ledger(done)
-    await wait_until(lambda: ledger_counts(cluster.database_url) == want, timeout=90, what="an exact ledger")
-
-
 async def test_a_worker_killed_with_a_full_spool_replays_it_after_restart(cluster: Cluster) -> None:
     cluster.attribution.kill()  # usage can only pile up in the spool now
     batch = plans("crash", 24, cluster.adapter_ids, seed=7)
@@ -251,12 +212,10 @@ async def test_a_worker_killed_with_a_full_spool_replays_it_after_restart(cluste
         stub = inference_pb2_grpc.InferenceStub(channel)
         streamed = await asyncio.gather(*(run(stub, p) for p in batch))
     spool = cluster.tmp_path / "spool"
-    await wait_until(lambda: any(spool.glob("seg-*")), timeout=10, what="a spooled batch")
-    # The last streamed tokens are counted but spooled only at the next flush: a kill before it
-    # loses them by design (at most one interval's usage), which is not what this test is about.
-    await asyncio.sleep(WorkerSettings.model_fields["usage_flush_interval_s"].default + 1.5)
+    # Killed right away: the last streamed tokens are not in a flushed batch yet, only in the journal,
+    # which the restart recovers into the spool.
     cluster.worker.kill()
-    assert any(spool.glob("seg-*"))
+    assert list(spool.glob("journal-*.bin"))
     await cluster.restart_attribution().wait_ready()
     await cluster.restart_worker().wait_ready()
     want = expected_ledger({p.request_id: s for p, s in zip(batch, streamed, strict=True)})
