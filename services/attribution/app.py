@@ -36,9 +36,11 @@ class AttributionApp(App):
             store = self.upstream(settings.store_address, audience="store")
             source = StoreProvenanceSource(store, settings.store_timeout_s)
         self.service = AttributionService(self.engine, settings, source)
-        self.serve([binding(AttributionServicer(self.service, self.tracer))])
-        # WatchRewards feeds never end by themselves: end them as soon as the drain starts.
+        servicer = AttributionServicer(self.service, self.tracer)
+        self.serve([binding(servicer)])
+        # WatchRewards feeds and usage streams never end by themselves: end them as the drain starts.
         self.server.on_drain(self.service.feed.close)
+        self.server.on_drain(servicer.end_usage_streams)
         log.info(
             "attribution ledger on %s (%s)",
             self.engine.url.render_as_string(hide_password=True),

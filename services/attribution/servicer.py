@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,13 +25,32 @@ from services.attribution.domain import (
 )
 from services.attribution.queries import TimeRange, UsageCount
 from services.attribution.service import AttributionService
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpc_server import ServiceBinding
 
 log = logging.getLogger("openlora.attribution")
 _PROPAGATOR = TraceContextTextMapPropagator()
 # A price above this would overflow 64-bit pico sums within a few tokens; certainly a mistake.
 MAX_PRICE = Decimal(1000)
+
+
+async def _until(batches: AsyncIterator[Any], draining: asyncio.Event) -> AsyncIterator[Any]:
+    """`batches` until `draining` is set (then UNAVAILABLE: the sender reconnects and resends)."""
+    reading = aiter(batches)
+    ended = asyncio.ensure_future(draining.wait())
+    try:
+        while True:
+            batch = asyncio.ensure_future(anext(reading, None))
+            await asyncio.wait((batch, ended), return_when=asyncio.FIRST_COMPLETED)
+            if not batch.done():
+                batch.cancel()
+                raise Unavailable("attribution is shutting down; resend unacked batches", retry_after_s=0.5)
+            item = batch.result()
+            if item is None:
+                return
+            yield item
+    finally:
+        ended.cancel()
 
 
 class _StreamAcks:
@@ -56,6 +76,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
     def __init__(self, service: AttributionService, tracer: trace.Tracer | None = None) -> None:
         self.service = service
         self.tracer = tracer or trace.get_tracer("openlora.attribution")
+        self._draining = asyncio.Event()
         settings = service.settings
         self._mixes = validation.CheckedMixes()
         self._limits = {
@@ -135,11 +156,16 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServicer):
             refused=refused,
         )
 
+    def end_usage_streams(self) -> None:
+        """End every usage stream after the batch it is on (the server is draining): they never end by
+        themselves, and each sender resends what was not acked, to whichever replica it reaches."""
+        self._draining.set()
+
     async def StreamUsage(
         self, request_iterator: AsyncIterator[attribution_pb2.UsageBatch], context: Any
     ) -> AsyncIterator[attribution_pb2.RecordAck]:
         acks = _StreamAcks()
-        async for message in request_iterator:
+        async for message in _until(request_iterator, self._draining):
             result, refused = await self._ingest(message)
             yield attribution_pb2.RecordAck(
                 acked_sequence=acks.add(message.sequence, result),

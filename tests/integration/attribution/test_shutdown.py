@@ -34,3 +34,39 @@ async def test_stop_ends_watch_streams_promptly(ledger_url: str) -> None:
             assert time.monotonic() - started < 5
     finally:
         await built.close()
+
+
+async def test_stop_ends_usage_streams_after_their_batch_and_keeps_what_was_acked(ledger_url: str) -> None:
+    """A worker's usage stream stays open for its life: a draining attribution ends it (the worker
+    resends what was not acked), instead of being SIGKILLed at the end of its grace period."""
+    built = build(attribution_settings(ledger_url, grace_period_s=30.0))
+    try:
+        await built.start()
+        async with open_channel(f"127.0.0.1:{built.server.port}", **trusted("attribution")) as channel:
+            usage = attribution_pb2_grpc.AttributionStub(channel).StreamUsage()
+            await usage.write(attribution_pb2.UsageBatch(sequence=1, worker_id="w", records=[record("r", 5)]))
+            ack = await usage.read()
+            assert isinstance(ack, attribution_pb2.RecordAck)
+            assert (ack.acked_sequence, ack.inserted_records) == (1, 1)
+            started = time.monotonic()
+            stopping = built.server.stop()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await usage.read()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "resend" in (caught.value.details() or "")
+            await asyncio.wait_for(stopping, timeout=5)
+            assert time.monotonic() - started < 5
+    finally:
+        await built.close()
+
+
+def record(request_id: str, count: int) -> attribution_pb2.TokenUsage:
+    made = attribution_pb2.TokenUsage(
+        request_id=request_id,
+        token_index=0,
+        token_count=count,
+        kind=attribution_pb2.COMPLETION,
+        tenant="acme",
+    )
+    made.ts.GetCurrentTime()
+    return made
