@@ -15,6 +15,8 @@ from services.common.settings import ServiceSettings
 from services.common.telemetry import client_interceptors
 from services.common.trust.credentials import CallerIdentity, token_interceptors
 
+DEFAULT_RECONNECT_S = (1.0, 5.0)
+
 
 def channel_credentials(
     ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None
@@ -74,16 +76,16 @@ def open_channel(
     `credentials`) is given. With an `identity`, every call carries its service token for `audience`,
     the component called (`worker`, `store`, `attribution`); `client_streams=False` leaves the
     token off client-streaming calls whose caller sends it as metadata itself (the relay).
-    `reconnect_s` (first, longest) bounds the reconnect backoff, which grpc would grow to 120 s."""
+    `reconnect_s` (first, longest) bounds the reconnect backoff, 1 to 5 s by default: grpc would grow
+    it to 120 s, so a store restarted after a minute's outage went unnoticed for up to two more."""
     # Defaults without reading the environment: a client is configured by the service that owns it.
     options = channel_options(settings or ServiceSettings.model_construct())
-    if reconnect_s is not None:
-        first_ms, longest_ms = int(reconnect_s[0] * 1000), int(reconnect_s[1] * 1000)
-        options += [
-            ("grpc.initial_reconnect_backoff_ms", first_ms),
-            ("grpc.min_reconnect_backoff_ms", first_ms),
-            ("grpc.max_reconnect_backoff_ms", longest_ms),
-        ]
+    first_ms, longest_ms = (int(s * 1000) for s in reconnect_s or DEFAULT_RECONNECT_S)
+    options += [
+        ("grpc.initial_reconnect_backoff_ms", first_ms),
+        ("grpc.min_reconnect_backoff_ms", first_ms),
+        ("grpc.max_reconnect_backoff_ms", longest_ms),
+    ]
     if tls is not None:
         credentials = tls.credentials()
         options += tls.options()
