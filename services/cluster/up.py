@@ -111,6 +111,17 @@ def prepare_model(model: str, data_dir: Path, say: Callable[[str], None]) -> tup
     return folder, folder.name
 
 
+async def start_together(supervisor: Supervisor, specs: list[ChildSpec]) -> None:
+    """Start children side by side (workers spend their start-up loading and warming a model, each
+    on its own); the first failure cancels the others' waits and is raised as it is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for spec in specs:
+                group.create_task(supervisor.start(spec))
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
 def write_api_key(path: Path, tenant: str) -> str:
     """A fresh key for `tenant`, stored hashed in the gateway's key file (owner-only)."""
     from services.gateway.keys import hash_key, new_key
@@ -181,6 +192,7 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                 tls=operator_tls,
             )
         )
+        worker_specs = []
         for i, port in enumerate(worker_ports):
             say(f"starting worker-{i} on 127.0.0.1:{port} ({base_model}; loading and warming up)")
             home = data / f"worker-{i}"
@@ -212,9 +224,10 @@ async def start_cluster(config: ClusterConfig, say: Callable[[str], None], out: 
                 "--cache-dir",
                 str(home / "cache"),
             ]
-            await supervisor.start(
+            worker_specs.append(
                 ChildSpec(f"worker-{i}", argv, port, env, ready_timeout_s=600, tls=operator_tls)
             )
+        await start_together(supervisor, worker_specs)
         key_file = data / "api-keys.json"
         api_key = write_api_key(key_file, config.tenant)
         workers = [f"127.0.0.1:{p}" for p in worker_ports]
