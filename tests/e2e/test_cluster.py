@@ -9,20 +9,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from openlora import AsyncClient, Client, MixComponent
-from openlora.files import adapter_files
-from openlora.transfer import upload
-from openlora.v1 import adapter_store_pb2 as store_pb
 from openlora.v1 import (
-    adapter_store_pb2_grpc,
     attribution_pb2,
     attribution_pb2_grpc,
     inference_pb2,
@@ -30,10 +25,8 @@ from openlora.v1 import (
 )
 
 from services.attribution.models import UsageEvent
-from services.cluster.synthetic_adapters import write_adapter
 from services.cluster.up import Cluster, ClusterConfig
-from services.common.trust.setup import operator_identity
-from tests.e2e.cluster_kit import running_cluster
+from tests.e2e.cluster_kit import eventually, operator, running_cluster, steady, upload_adapter
 from tests.kit.otlp_receiver import OtlpReceiver
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint
@@ -92,55 +85,6 @@ def cluster(
         for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3)):
             asyncio.run(upload_adapter(running, name, seed, tmp_path_factory.mktemp(name)))
         yield running
-
-
-async def upload_adapter(
-    cluster: Cluster, name: str, seed: int, folder: Path, chat_template: str | None = None
-) -> None:
-    """Through the gateway's store API, as the tenant: trainer 70%, data contributor 30% (with the
-    adapter's own chat template when given)."""
-    import json
-
-    config = json.loads((cluster.model_dir / "config.json").read_text())
-    path = write_adapter(folder, config, rank=4, targets=["q_proj", "v_proj"], seed=seed, std=0.1)
-    if chat_template is not None:
-        (path / "chat_template.jinja").write_text(chat_template)
-    header = store_pb.UploadHeader(
-        id=f"{TENANT}/{name}",
-        visibility=store_pb.PRIVATE,
-        base_model=cluster.base_model,
-        provenance=store_pb.Provenance(
-            trainer=f"{name}-trainer",
-            datasets=[f"{name}-data"],
-            contributors=[
-                store_pb.Contributor(id=f"{name}-trainer", role=store_pb.TRAINER, share=0.7),
-                store_pb.Contributor(id=f"{name}-data", role=store_pb.DATA, share=0.3),
-            ],
-        ),
-    )
-    async with grpc.aio.insecure_channel(cluster.gateway) as channel:
-        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
-        auth = (("authorization", f"Bearer {cluster.api_key}"),)
-        info = await upload(stub, header, adapter_files(path), timeout=60, metadata=auth)
-    assert info.owner == TENANT
-
-
-def eventually(probe: Callable[[], T | None], timeout_s: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.25)
-
-
-def operator(cluster: Cluster, audience: str) -> tuple[tuple[str, str]]:
-    """Metadata of a call an operator makes to `audience`, signed with the cluster's own secret."""
-    identity = operator_identity(cluster.secret_file)
-    assert identity is not None
-    return (identity.metadata(audience),)
 
 
 def ledger_tokens(cluster: Cluster) -> int:
@@ -307,22 +251,6 @@ def usage_by_request(cluster: Cluster, request_ids: list[str]) -> dict[str, tupl
             )
             totals[request_id] = (int(report.totals.prompt_tokens), int(report.totals.completion_tokens))
     return totals
-
-
-def steady(
-    probe: Callable[[], T], ready: Callable[[T], bool], quiet_s: float = 2.0, timeout_s: float = 60.0
-) -> T:
-    """`probe`'s value once `ready` holds for it and it has not changed for `quiet_s`."""
-    deadline = time.monotonic() + timeout_s
-    last, since = probe(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        value = probe()
-        if value != last or not ready(value):
-            last, since = value, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return value
-    raise AssertionError(f"not settled within {timeout_s:g}s; last: {last}")
 
 
 def ledger_ranges(url: str, request_ids: list[str]) -> dict[str, dict[int, list[tuple[int, int]]]]:

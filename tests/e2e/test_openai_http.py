@@ -20,8 +20,7 @@ from openlora import Client, MixComponent
 from transformers import AutoTokenizer
 
 from services.cluster.up import Cluster, ClusterConfig
-from tests.e2e.cluster_kit import running_cluster
-from tests.e2e.test_cluster import upload_adapter
+from tests.e2e.cluster_kit import running_cluster, upload_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TENANT = "e2e"
