@@ -18,7 +18,7 @@ from services.attribution.domain import TokenRecord
 
 # Rows per multi-row INSERT … RETURNING on SQLite, whose executemany cannot return rows: 9 columns a
 # row stays far below its 32,766 bound variables.
-_SQLITE_ROWS_PER_INSERT = 500
+_SQLITE_ROWS_PER_INSERT = 512
 
 EVENT_COLUMNS = (
     "request_id, token_index, kind, tenant, worker_id, ts_us, adapters, client_request_id, token_count"
@@ -126,6 +126,18 @@ def execute_many(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]
         cursor.close()
 
 
+def insert_sizes(count: int) -> list[int]:
+    """`count` rows as INSERTs of power-of-two sizes, largest first. Each size is one SQL text, so a
+    connection's statement cache holds at most ten prepared INSERTs: with a text per row count, it
+    held up to 128 of up to 500 rows each (megabytes a connection) and the process grew for minutes."""
+    sizes = []
+    while count:
+        size = min(_SQLITE_ROWS_PER_INSERT, 1 << (count.bit_length() - 1))
+        sizes.append(size)
+        count -= size
+    return sizes
+
+
 def insert_events_sqlite(
     conn: Connection,
     sql: LedgerSql,
@@ -137,9 +149,11 @@ def insert_events_sqlite(
     new: set[tuple[str, int, int]] = set()
     cursor = cursor_of(conn)
     try:
-        for start in range(0, len(rows), _SQLITE_ROWS_PER_INSERT):
-            part = rows[start : start + _SQLITE_ROWS_PER_INSERT]
-            cursor.execute(sql.insert_events(len(part)), [value for row in part for value in row])
+        start = 0
+        for size in insert_sizes(len(rows)):
+            part = rows[start : start + size]
+            start += size
+            cursor.execute(sql.insert_events(size), [value for row in part for value in row])
             new.update((row[0], row[1], row[2]) for row in cursor.fetchall())
     finally:
         cursor.close()
