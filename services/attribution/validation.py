@@ -33,6 +33,8 @@ from services.common.request_checks import (
 
 __all__ = ["check_id", "provenance", "usage_batch"]
 
+# The ledger stores sequences as signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT).
+_MAX_SEQUENCE = 2**63 - 1
 _KINDS = {attribution_pb2.PROMPT: TokenKind.PROMPT, attribution_pb2.COMPLETION: TokenKind.COMPLETION}
 _ROLES = {adapter_store_pb2.TRAINER: Role.TRAINER, adapter_store_pb2.DATA: Role.DATA}
 
@@ -50,8 +52,8 @@ def usage_batch(
     the rest of a worker's usage (the sender dead-letters the refused ones). A malformed batch as a
     whole (sequence, worker id, size) is refused outright. `mixes` keeps the mixes checked so far
     across batches (a running request sends its mix again in every flush)."""
-    if message.sequence < 1:
-        raise InvalidArgument("sequence", "must be at least 1")
+    if not 1 <= message.sequence <= _MAX_SEQUENCE:
+        raise InvalidArgument("sequence", f"must be from 1 to {_MAX_SEQUENCE}, got {message.sequence}")
     worker_id = check_id("worker_id", message.worker_id)
     if len(message.records) > max_records:
         raise InvalidArgument("records", f"{len(message.records)} records; at most {max_records} per batch")

@@ -11,6 +11,19 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+# Status messages travel in trailing metadata, which grpc caps at 16 KiB (percent-encoded, so a
+# non-ASCII character can take 12 bytes): a message that echoes a huge field value would replace the
+# whole status with RESOURCE_EXHAUSTED "metadata size exceeds hard limit". Both halves are clipped.
+_MAX_MESSAGE_CHARS = 500
+_MAX_FIELD_CHARS = 120
+
+
+def clip(text: str, limit: int = _MAX_MESSAGE_CHARS) -> str:
+    """`text`, cut to `limit` characters with a mark saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 24]}… ({len(text) - limit + 24} more)"
+
 
 class ServiceError(Exception):
     """An error meant for the client: its message is sent as the status details."""
@@ -18,6 +31,7 @@ class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = clip(message)
         super().__init__(message)
         self.message = message
 
@@ -37,6 +51,8 @@ class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
+        field = clip(field, _MAX_FIELD_CHARS)
+        problem = clip(problem, _MAX_MESSAGE_CHARS - len(field) - 2)
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem

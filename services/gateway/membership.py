@@ -89,7 +89,7 @@ class WorkerEndpoint:
         self.address = address
         self.channel = channel
         self.stub = inference_pb2_grpc.InferenceStub(channel)
-        self.link = WorkerLink(channel, address, relay_metadata)
+        self.link = WorkerLink(channel, address, relay_metadata, max_message_bytes=settings.max_message_bytes)
         # Generate for a worker without the relay, its chunks left serialized for the client.
         self.generate_call: grpc.aio.UnaryStreamMultiCallable[Any, bytes] = channel.unary_stream(
             GENERATE_METHOD,

@@ -127,6 +127,23 @@ class _Inbox:
         return events
 
 
+_RELAY_UP_OVERHEAD = 64 * 1024
+
+
+def _packed(starts: list[Any], cancels: list[int], max_bytes: int) -> list[Any]:
+    """The starts and cancels as few RelayUp messages as fit `max_bytes` each (one start always fits)."""
+    ups = [relay_pb2.RelayUp(cancels=cancels)]
+    size = ups[0].ByteSize()
+    for start in starts:
+        grows = start.ByteSize() + 16  # the start's tag and length
+        if ups[-1].starts and size + grows > max_bytes:
+            ups.append(relay_pb2.RelayUp())
+            size = 0
+        ups[-1].starts.append(start)
+        size += grows
+    return ups
+
+
 class _RelayCall:
     """One relay call and the streams started on it."""
 
@@ -136,8 +153,11 @@ class _RelayCall:
         address: str,
         on_end: Any,
         metadata: tuple[tuple[str, str], ...],
+        max_message_bytes: int,
     ) -> None:
         self.address = address
+        # RelayUp's own fields, a start's stream id and the message's tag and length: well under this.
+        self.max_up_bytes = max_message_bytes - _RELAY_UP_OVERHEAD
         # The stubs' types know the synchronous API only: this is an aio stream-stream call.
         self.call: Any = cast(Any, stub.Relay)(metadata=metadata)
         self.inboxes: dict[int, _Inbox] = {}
@@ -152,6 +172,17 @@ class _RelayCall:
 
     def start(self, stream_id: int, start: Any) -> _Inbox:
         inbox = self.inboxes[stream_id] = _Inbox()
+        size = start.ByteSize()
+        if size > self.max_up_bytes:
+            # Sent, it would break the relay call, and with it every stream on it: refused alone.
+            inbox.fail(
+                _status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request is {size} bytes; a request to a worker may be at most {self.max_up_bytes}",
+                    request_id=start.request.request_id or "-",
+                )
+            )
+            return inbox
         self.starts.append(start)
         self._pending.set()
         return inbox
@@ -175,9 +206,10 @@ class _RelayCall:
             while True:
                 await self._pending.wait()
                 self._pending.clear()
-                up = relay_pb2.RelayUp(starts=self.starts, cancels=self.cancels)
+                starts, cancels = self.starts, self.cancels
                 self.starts, self.cancels = [], []
-                await self.call.write(up)
+                for up in _packed(starts, cancels, self.max_up_bytes):
+                    await self.call.write(up)
 
     async def _read(self) -> None:
         failure: BaseException
@@ -240,8 +272,12 @@ class WorkerLink:
         channel: grpc.aio.Channel,
         address: str,
         metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple,
+        *,
+        max_message_bytes: int = 64 * 2**20,
     ) -> None:
+        """`max_message_bytes` is the worker's receive limit (the services share theirs)."""
         self.metadata = metadata  # the gateway's credential, for each relay call it opens
+        self.max_message_bytes = max_message_bytes
         self.address = address
         self.supported = True  # until the worker answers UNIMPLEMENTED
         self.calls_opened = 0
@@ -262,7 +298,9 @@ class WorkerLink:
         """The stream's chunks; raises what its own Generate call would (an `AioRpcError`), or
         `RelayUnsupported` before any chunk when the worker has no relay."""
         if self._call is None:
-            self._call = _RelayCall(self._stub, self.address, self._ended, self.metadata())
+            self._call = _RelayCall(
+                self._stub, self.address, self._ended, self.metadata(), self.max_message_bytes
+            )
             self.calls_opened += 1
         call = self._call
         stream_id = next(self._ids)
