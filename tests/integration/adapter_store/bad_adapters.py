@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import pickle
 import struct
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +171,55 @@ def truncated(data: bytes) -> bytes:
     return data[:-100]
 
 
+# What a payload below would create if anything unpickled it or unpacked it where it points.
+SENTINEL = Path(tempfile.gettempdir()) / "openlora-bad-adapter-payload-ran"
+
+
+class _WritesSentinel:
+    """Unpickled, this opens SENTINEL for writing (creating it): pickle runs what __reduce__ names."""
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(SENTINEL), "w"))
+
+
+def pickle_payload() -> bytes:
+    return pickle.dumps({"base_model.model.lm_head.weight": _WritesSentinel()})
+
+
+def pickle_files(folder: Path, name: str = "adapter_model.bin") -> Files:
+    return {"adapter_config.json": good(folder)["adapter_config.json"], name: pickle_payload()}
+
+
+def pickle_in_tar(folder: Path) -> Files:
+    files = pickle_files(folder)
+    infos = []
+    for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        infos.append(info)
+    return tar_of(infos, files)
+
+
+def tar_member_at(path: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> Callable[[Path], Files]:
+    """A tar of the good adapter plus one member named `path` (a file, or a link to `link`)."""
+
+    def build(folder: Path) -> Files:
+        files = good(folder)
+        infos = []
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            infos.append(info)
+        extra = tarfile.TarInfo(path)
+        extra.type, extra.linkname = kind, link
+        payload = b"written by a tar member" if kind == tarfile.REGTYPE else None
+        if payload is not None:
+            extra.size = len(payload)
+        return tar_of([extra, *infos], {**files, **({path: payload} if payload else {})})
+
+    return build
+
+
 CASES: dict[str, BadCase] = {
     "pickle weights": BadCase(
         lambda f: {
@@ -177,6 +228,17 @@ CASES: dict[str, BadCase] = {
         },
         "pickle",
     ),
+    "pickle that writes a file when loaded": BadCase(pickle_files, "pickle"),
+    "pickle .pt that writes a file when loaded": BadCase(
+        lambda f: pickle_files(f, "adapter_model.pt"), "pickle"
+    ),
+    "pickle inside a tar": BadCase(pickle_in_tar, "pickle"),
+    "tar member at an absolute path": BadCase(tar_member_at(str(SENTINEL)), "outside the archive"),
+    "tar member climbing out": BadCase(tar_member_at(f"../../../..{SENTINEL}"), "outside the archive"),
+    "tar hard link out": BadCase(
+        tar_member_at("adapter_model.bin", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"
+    ),
+    "tar device file": BadCase(tar_member_at("dev-null", tarfile.CHRTYPE), "link or special file"),
     "config not json": BadCase(lambda f: good(f) | {"adapter_config.json": b"{not json"}, "not valid JSON"),
     "config without r": BadCase(lambda f: with_config(f, r=None), "adapter_config.json.r"),
     "config without alpha": BadCase(lambda f: with_config(f, lora_alpha=None), "lora_alpha"),

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from openlora.v1 import adapter_store_pb2 as pb
 
-from tests.integration.adapter_store.bad_adapters import CASES, good
+from tests.integration.adapter_store.bad_adapters import CASES, SENTINEL, good
 from tests.integration.adapter_store.conftest import BASE, StoreUnderTest
 from tests.integration.adapter_store.test_round_trip import header
 
@@ -38,12 +38,14 @@ async def test_bad_adapter_is_refused_and_leaves_nothing(
     store: StoreUnderTest, peft_adapter: Path, case: str
 ) -> None:
     bad = CASES[case]
+    SENTINEL.unlink(missing_ok=True)
     error = await send(
         store, header(bad.header_id, base_model=bad.base_model or BASE), bad.files(peft_adapter)
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert bad.expect in (error.details() or ""), error.details()
     assert store.adapter_keys() == []
+    assert not SENTINEL.exists(), "a payload of the upload ran or was unpacked where it pointed"
 
 
 async def test_sha256_mismatch_is_refused(store: StoreUnderTest, peft_adapter: Path) -> None:
