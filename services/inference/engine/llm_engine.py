@@ -310,7 +310,14 @@ class LLMEngine:
         if seq is None:
             return None
         self._forget(seq)
+        self._release_idle_pins()
         return StepOutput(request_id, [], [], FinishReason.CANCELLED)
+
+    def _release_idle_pins(self) -> None:
+        """With nothing left running, drop the pins of the last requests now: no step may come to do it,
+        and until one does, `/metrics` shows their slots pinned."""
+        if self.residency is not None and not self.scheduler.running:
+            self.residency.sync(())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -361,6 +368,7 @@ class LLMEngine:
         updated = self.scheduler.postprocess(
             scheduled, sampled.token_ids, sampled.logprobs, sampled.top_logprobs
         )
+        self._release_idle_pins()
         if self._matchers:
             self._advance_constraints(updated)
         outputs = []

@@ -160,3 +160,27 @@ def test_slots_in_the_model_dtype_hold_half_the_bytes_and_lose_nothing_of_bf16_a
         }
     assert outputs["model"] == outputs["float32"]
     assert slot_bytes["model"] * 2 == slot_bytes["float32"]
+
+
+def test_no_slot_stays_pinned_once_nothing_runs(
+    tiny_llama_dir: Path, adapters: dict[str, tuple[Path, int, int]]
+) -> None:
+    # Found by the soak: the last requests' pins waited for a step that never came (the engine steps
+    # only while it has work), so /metrics showed a pinned slot on an idle worker.
+    engine = LLMEngine.from_pretrained(
+        tiny_llama_dir, EngineConfig(kv_cache_bytes=1 << 22, lora_slots=2, lora_max_rank=16)
+    )
+    for name in ("a0", "a1"):
+        folder, rank, alpha = adapters[name]
+        engine.add_adapter(name, Adapter(folder, rank, alpha))
+    table = engine.residency.pool.table  # type: ignore[union-attr]
+    sampling = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    engine.add_request("done", [9, 8, 7], sampling, adapter_key="a0")
+    while engine.has_unfinished():
+        engine.step()
+    assert not table.is_pinned("a0")
+    engine.add_request("cut", [9, 8, 7], sampling, adapter_key="a1")
+    engine.step()
+    assert table.is_pinned("a1")
+    engine.abort("cut")
+    assert not table.is_pinned("a1")
