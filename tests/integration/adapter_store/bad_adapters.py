@@ -190,14 +190,18 @@ def pickle_files(folder: Path, name: str = "adapter_model.bin") -> Files:
     return {"adapter_config.json": good(folder)["adapter_config.json"], name: pickle_payload()}
 
 
-def pickle_in_tar(folder: Path) -> Files:
-    files = pickle_files(folder)
+def regular_members(files: Files) -> list[tarfile.TarInfo]:
     infos = []
     for name, data in files.items():
         info = tarfile.TarInfo(name)
         info.size = len(data)
         infos.append(info)
-    return tar_of(infos, files)
+    return infos
+
+
+def pickle_in_tar(folder: Path) -> Files:
+    files = pickle_files(folder)
+    return tar_of(regular_members(files), files)
 
 
 def tar_member_at(path: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> Callable[[Path], Files]:
@@ -205,11 +209,7 @@ def tar_member_at(path: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> C
 
     def build(folder: Path) -> Files:
         files = good(folder)
-        infos = []
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            infos.append(info)
+        infos = regular_members(files)
         extra = tarfile.TarInfo(path)
         extra.type, extra.linkname = kind, link
         payload = b"written by a tar member" if kind == tarfile.REGTYPE else None
