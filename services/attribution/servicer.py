@@ -271,9 +271,16 @@ def _price(field: str, text: str) -> int:
     return picos
 
 
+# google.protobuf.Timestamp's own range ends with 9999; past it the microseconds overflow the ledger's
+# 64-bit integers (a query for year 146 billion was INTERNAL).
+_MAX_TIMESTAMP_S = 253_402_300_799
+# google.protobuf.Duration's own range: 10,000 years.
+_MAX_DURATION_S = 315_576_000_000
+
+
 def _micros_of(field: str, ts: timestamp_pb2.Timestamp) -> int:
-    if ts.seconds < 0 or not 0 <= ts.nanos < 1_000_000_000:
-        raise InvalidArgument(field, "must be a valid time after 1970")
+    if not 0 <= ts.seconds <= _MAX_TIMESTAMP_S or not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument(field, "must be a valid time from 1970 to 9999")
     return ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
@@ -289,6 +296,8 @@ def _time_range(request: attribution_pb2.UsageQuery | attribution_pb2.RewardsQue
 
 
 def _bucket_us(duration: duration_pb2.Duration) -> int:
+    if duration.seconds > _MAX_DURATION_S:
+        raise InvalidArgument("bucket", f"must be at most {_MAX_DURATION_S} seconds (10,000 years)")
     micros = duration.seconds * 1_000_000 + duration.nanos // 1000
     if micros <= 0 or micros % US_PER_MINUTE:
         raise InvalidArgument(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -222,3 +223,34 @@ def test_a_prompt_at_and_over_the_message_limit(
     assert all(stack.serving().values())
     ok = stack.call(Target(component, "/openlora.v1.Inference/Generate"), [_generate(tenant=request.tenant)])
     assert ok.code == Code.OK, ok
+
+
+def test_what_the_fuzzer_found_stays_fixed(stack: FuzzStack) -> None:
+    """Each was INTERNAL (or, for the long value, RESOURCE_EXHAUSTED from the client's metadata limit)."""
+    far = timestamp_pb2.Timestamp(seconds=2**62 - 1)
+    cases: list[tuple[Target, Message, str]] = [
+        (
+            Target("attribution", "/openlora.v1.Attribution/GetUsage"),
+            attribution_pb2.UsageQuery(start=far),
+            "start",
+        ),
+        (
+            Target("attribution", "/openlora.v1.Attribution/GetRewards"),
+            attribution_pb2.RewardsQuery(bucket=duration_pb2.Duration(seconds=2**62)),
+            "bucket",
+        ),
+        (
+            Target("attribution", "/openlora.v1.Attribution/RecordUsage"),
+            attribution_pb2.UsageBatch(sequence=2**64 - 1, worker_id="w"),
+            "sequence",
+        ),
+        (
+            Target("attribution", "/openlora.v1.Attribution/SetPrice"),
+            attribution_pb2.SetPriceRequest(adapter_id=GOOD_ADAPTER, prompt_price="9" * 70_000),
+            "prompt_price",
+        ),
+    ]
+    for target, request, field in cases:
+        outcome = stack.call(target, [request])
+        assert outcome.code == Code.INVALID_ARGUMENT, (target.id, outcome)
+        assert outcome.details.startswith(field) and len(outcome.details) <= 500, outcome.details[:600]
