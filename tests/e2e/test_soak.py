@@ -1,8 +1,8 @@
 """R5 soak: 256 concurrent streams for two and a half minutes through the gateway (real processes,
 tiny model), with eight adapters on four device slots (so adapters swap in and out all along),
-two-adapter mixes and client cancellations. Asserts no error, every finished stream complete, the resident memory of every
-process flat after warm-up (< 5% growth), and the worker back to zero running requests, KV blocks and
-pinned slots at the end.
+two-adapter mixes and client cancellations. Asserts no error, every finished stream complete, the
+resident memory of every process flat after warm-up (< 5% growth), and the worker back to zero
+running requests, KV blocks and pinned slots at the end.
 """
 
 from __future__ import annotations
