@@ -130,12 +130,13 @@ class _Inbox:
 _RELAY_UP_OVERHEAD = 64 * 1024
 
 
-def _packed(starts: list[Any], cancels: list[int], max_bytes: int) -> list[Any]:
-    """The starts and cancels as few RelayUp messages as fit `max_bytes` each (one start always fits)."""
+def _packed(starts: list[tuple[Any, int]], cancels: list[int], max_bytes: int) -> list[Any]:
+    """The starts (each with its size) and cancels as few RelayUp messages as fit `max_bytes` each
+    (one start always fits)."""
     ups = [relay_pb2.RelayUp(cancels=cancels)]
     size = ups[0].ByteSize()
-    for start in starts:
-        grows = start.ByteSize() + 16  # the start's tag and length
+    for start, start_size in starts:
+        grows = start_size + 16  # the start's tag and length
         if ups[-1].starts and size + grows > max_bytes:
             ups.append(relay_pb2.RelayUp())
             size = 0
@@ -161,7 +162,7 @@ class _RelayCall:
         # The stubs' types know the synchronous API only: this is an aio stream-stream call.
         self.call: Any = cast(Any, stub.Relay)(metadata=metadata)
         self.inboxes: dict[int, _Inbox] = {}
-        self.starts: list[Any] = []
+        self.starts: list[tuple[Any, int]] = []  # with its serialized size, measured once
         self.cancels: list[int] = []
         self.ended = False
         self._pending = asyncio.Event()
@@ -183,7 +184,7 @@ class _RelayCall:
                 )
             )
             return inbox
-        self.starts.append(start)
+        self.starts.append((start, size))
         self._pending.set()
         return inbox
 

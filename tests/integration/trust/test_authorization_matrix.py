@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import message_factory
 
 from services.adapter_store.app import build as build_store
 from services.adapter_store.settings import StoreSettings
@@ -30,6 +30,7 @@ from services.common.grpc_client import channel_credentials
 from services.common.trust.roles import AUTHORIZATION, Role
 from services.common.trust.tokens import TOKEN_METADATA_KEY
 from tests.integration.attribution.wire import attribution_settings
+from tests.integration.trust.fuzz_stack import method_descriptor
 from tests.integration.worker.kit import WorkerUnderTest, worker_settings
 from tests.kit.certs import CertFiles, make_certs
 from tests.kit.service_auth import identity
@@ -75,14 +76,9 @@ def expected(component: str, method: str, caller: str, mode: str) -> Code:
     return Code.PERMISSION_DENIED
 
 
-def _method(full_name: str) -> Any:
-    service, _, name = full_name.strip("/").rpartition("/")
-    return descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
-
-
 async def call(channel: grpc.aio.Channel, full_name: str, metadata: tuple[tuple[str, str], ...]) -> Code:
     """The status of `full_name` called with an empty request (streams: no messages)."""
-    method = _method(full_name)
+    method = method_descriptor(full_name)
     request = message_factory.GetMessageClass(method.input_type)()
     serialize: dict[str, Any] = {"request_serializer": lambda m: m.SerializeToString()}
     timeout = ENDLESS_TIMEOUT_S if full_name in ENDLESS else CALL_TIMEOUT_S

@@ -8,10 +8,12 @@ from openlora.v1 import inference_pb2, relay_pb2
 from services.gateway.worker_link import _packed
 
 
-def start(stream_id: int, text_bytes: int) -> relay_pb2.RelayStart:
-    return relay_pb2.RelayStart(
+def start(stream_id: int, text_bytes: int) -> tuple[relay_pb2.RelayStart, int]:
+    """A start and its serialized size, as the relay call keeps them."""
+    message = relay_pb2.RelayStart(
         stream_id=stream_id, request=inference_pb2.GenerateRequest(text="x" * text_bytes)
     )
+    return message, message.ByteSize()
 
 
 def test_starts_are_split_under_the_limit_in_order_with_the_cancels_first() -> None:
