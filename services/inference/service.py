@@ -3,7 +3,8 @@
 No gRPC here: the servicer converts messages. A request's life: resolve its adapter (load, check,
 pin, hand off), hand it to the engine process, turn what it streams into chunks with text (stop
 strings are found here, where the tokenizer is: the engine only sees token ids), and record usage
-for every token that reached the stream (prompt tokens once the prefill produced the first token).
+for every token that reached the stream (prompt tokens once the prefill produced the first token;
+a request cancelled before that is billed the prefill the engine had done when its abort arrived).
 A chunk carries every token the engine produced since the last one was sent. A client that hangs
 up or runs out of deadline cancels the handler; the engine frees the request's KV blocks before its
 next step.
@@ -15,9 +16,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -30,7 +31,12 @@ from services.inference.chunks import Chunk, ChunkSink, QueueSink, SharedSink
 from services.inference.engine.detokenizer import IncrementalDetokenizer
 from services.inference.engine.llm_engine import EngineStats
 from services.inference.engine.sequence import FinishReason
-from services.inference.engine_process.client import EngineClient, EngineOutput, EngineUnavailable
+from services.inference.engine_process.client import (
+    EngineClient,
+    EngineOutput,
+    EngineStream,
+    EngineUnavailable,
+)
 from services.inference.prompts import Prompter
 from services.inference.token_bytes import TokenBytes
 from services.inference.usage.records import RequestUsage, new_usage_id
@@ -177,10 +183,10 @@ class WorkerService:
             finally:
                 for pusher in pushers:
                     pusher.stream.close()
-                    if pusher.done.done():
-                        pusher.done.exception()  # retrieved: gather re-raised the first one only
-                    else:
+                    if not pusher.done.done():
                         pusher.done.cancel()
+                    elif not pusher.done.cancelled():  # a cancelled gather cancelled them all
+                        pusher.done.exception()  # retrieved: gather re-raised the first one only
                 finishes = [p.finish for p in pushers if p.finish is not None]
                 if len(finishes) == len(samples):
                     outcome[0] = finishes[-1].value
@@ -248,28 +254,25 @@ class WorkerService:
             span.end()
 
     async def _pull(self, request: ParsedRequest, chunks: _ChunkMaker) -> AsyncGenerator[Chunk]:
-        outputs = cast(
-            AsyncGenerator[EngineOutput],  # declared an iterator; it is an async generator
-            self.engine.generate(
-                chunks.engine_id,
-                chunks.prompt_token_ids,
-                chunks.engine_sampling,
-                adapter=chunks.adapter,
-            ),
-        )
-        # aclosing: a stream that ends early (a stop string, a hang-up) aborts its engine request now.
-        async with contextlib.aclosing(outputs):
+        stream = chunks.open(self.engine)
+        # A stream that ends early (a stop string, a hang-up) aborts its engine request on close.
+        try:
             while True:
+                stream.waiting = True
+                await stream.news.wait()
+                stream.waiting = False
                 try:
-                    out = await anext(outputs)
-                except StopAsyncIteration:
-                    return
+                    out = stream.take()
                 except EngineUnavailable as exc:
                     raise _unavailable(exc) from None
+                if not out.token_ids and not out.finished:
+                    continue
                 chunk = chunks.make(out)
                 yield chunk
                 if chunk.finish_reason is not None:
-                    return  # a stop string ended it before the engine knew: aclosing aborts the rest
+                    return  # a stop string may end it before the engine knew: close aborts the rest
+        finally:
+            stream.close()
 
 
 def _unavailable(exc: EngineUnavailable) -> Unavailable:
@@ -330,6 +333,29 @@ class _ChunkMaker:
         self.arrived = arrived
         self.last = arrived
 
+    def open(self, engine: EngineClient, on_news: Callable[[], None] | None = None) -> EngineStream:
+        """Start this sample's engine request; the request's usage stays open until the engine holds
+        nothing more of it, so a prefill cancelled before its first token is billed too."""
+        try:
+            stream = engine.open(
+                self.engine_id,
+                self.prompt_token_ids,
+                self.engine_sampling,
+                adapter=self.adapter,
+                on_news=on_news,
+                after=self.after,
+                on_end=self._engine_done,
+            )
+        except EngineUnavailable as exc:
+            raise _unavailable(exc) from None
+        self.usage.hold()
+        return stream
+
+    def _engine_done(self, prompt_tokens_taken: int) -> None:
+        if prompt_tokens_taken and not self.usage.prompt_tokens:
+            self.metrics.prompt_tokens.inc(prompt_tokens_taken)  # cancelled before its first token
+        self.usage.engine_done(prompt_tokens_taken)
+
     def make(self, out: EngineOutput) -> Chunk:
         token_ids, logprobs, finish = out.token_ids, out.logprobs, out.finish_reason
         top = out.top_logprobs
@@ -380,17 +406,7 @@ class _Pusher:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finish: FinishReason | None = None
         self.held = False  # news came while the sink was busy: take it once it is writable
-        try:
-            self.stream = service.engine.open(
-                chunks.engine_id,
-                chunks.prompt_token_ids,
-                chunks.engine_sampling,
-                adapter=chunks.adapter,
-                on_news=self._news,
-                after=chunks.after,
-            )
-        except EngineUnavailable as exc:
-            raise _unavailable(exc) from None
+        self.stream = chunks.open(service.engine, on_news=self._news)
         self.stream.waiting = True
 
     def _news(self) -> None:

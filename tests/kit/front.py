@@ -20,6 +20,7 @@ from services.inference.engine_process.protocol import EngineInfo
 from services.inference.relay_server import _Link
 from services.inference.service import ModelDescription, WorkerService
 from services.inference.servicer import InferenceServicer
+from services.inference.usage.reporter import UsageReporter
 from services.inference.validation import Limits
 from services.inference.worker_metrics import WorkerMetrics
 
@@ -45,7 +46,7 @@ class SentToEngine:
 
 
 class Front:
-    def __init__(self, tokenizer: Any, **client_settings: Any) -> None:
+    def __init__(self, tokenizer: Any, reporter: UsageReporter | None = None, **client_settings: Any) -> None:
         self.engine = EngineClient(lambda *_: None, env={}, **client_settings)  # type: ignore[arg-type]
         self.sent = SentToEngine()
         self.engine._process = self.sent  # type: ignore[assignment]
@@ -55,7 +56,7 @@ class Front:
             engine=self.engine,
             tokenizer=tokenizer,
             resolver=AdapterResolver(None, None, tracer),
-            reporter=None,
+            reporter=reporter,
             metrics=WorkerMetrics(CollectorRegistry(), lambda: None, lambda: None),
             limits=Limits(8192, 256, 4096, tokenizer.vocab_size),
             model=ModelDescription("kit", "float32", "none", 8192, "torch", "segment"),
@@ -90,6 +91,10 @@ class Front:
             for rid, ids in tokens.items()
         ]
         self.engine._on_step(outputs, None, None)
+
+    def answer_aborts(self, taken: dict[str, int]) -> None:
+        """The engine's answer to aborts: how many prompt tokens each request had taken in."""
+        self.engine._on_message([protocol.ABORTED, [[rid, n] for rid, n in taken.items()]])
 
     async def drained(self) -> None:
         """Let every task the last steps woke (aborts, stream ends) run to its next wait."""

@@ -101,6 +101,7 @@ class BlockManager:
         self._num_keyed[seq.seq_id] = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
+        seq.took_prompt_tokens()
         self.prefix_hits += len(hits)
         self._grow(seq, num_tokens)
         return True

@@ -108,6 +108,9 @@ class StepOutput:
     into a stop string, and cut right before one."""
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     """The alternatives at each token's position, when the request asked for them."""
+    prompt_tokens_taken: int = 0
+    """On a cancellation: how many prompt tokens the engine had taken in (computed or found cached),
+    the prefill a request cancelled before its first token is billed for."""
 
     @property
     def finished(self) -> bool:
@@ -311,7 +314,9 @@ class LLMEngine:
             return None
         self._forget(seq)
         self._release_idle_pins()
-        return StepOutput(request_id, [], [], FinishReason.CANCELLED)
+        return StepOutput(
+            request_id, [], [], FinishReason.CANCELLED, prompt_tokens_taken=seq.num_prompt_tokens_taken
+        )
 
     def _release_idle_pins(self) -> None:
         """With nothing left running, drop the pins of the last requests now: no step may come to do it,

@@ -202,6 +202,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # cancelled while the step ran
             seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
+            if chunk.start < seq.num_prompt_tokens:  # a prefill chunk (decodes start past the prompt)
+                seq.took_prompt_tokens()
             self.block_manager.cache_full_blocks(seq)
         updated: list[Sequence] = []
         for j, chunk in enumerate(sampling_chunks):

@@ -117,6 +117,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     """Tokens of the last admission served from the prefix cache (for metrics and tests)."""
+    num_prompt_tokens_taken: int = 0
+    """The most prompt tokens this sequence ever had K/V for, computed or found cached (a preemption
+    does not lower it): what a request cancelled before its first token reached the client is billed
+    for its prompt."""
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     after: Sequence | None = None
@@ -162,6 +166,12 @@ class Sequence:
     def max_total_tokens(self) -> int:
         """The most tokens this sequence can ever hold: the KV it may need at its longest."""
         return self.num_prompt_tokens + self.sampling.max_new_tokens
+
+    def took_prompt_tokens(self) -> None:
+        """Raise `num_prompt_tokens_taken` to what `num_computed_tokens` now covers of the prompt."""
+        taken = min(self.num_computed_tokens, self.num_prompt_tokens)
+        if taken > self.num_prompt_tokens_taken:
+            self.num_prompt_tokens_taken = taken
 
     def append_token(
         self, token_id: int, logprob: float | None = None, top: TopLogprobs | None = None

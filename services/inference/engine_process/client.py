@@ -11,6 +11,10 @@ first token stays what the engine makes it. A consumer that does not keep up let
 buffer grow to `max_buffered_tokens`; past that, its request is aborted and the stream fails with
 RESOURCE_EXHAUSTED, so one slow client costs neither the step loop's time nor unbounded memory.
 
+A consumer may also ask to hear when the engine holds nothing more of its request (`on_end`), with
+how many prompt tokens the engine took in: a request cancelled before its first token reached the
+client still cost its prefill, and the engine's answer to the abort says how much of it was done.
+
 If the engine process exits, every stream fails at once (`EngineUnavailable`), `on_down` tells the
 worker (health NOT_SERVING) and a fresh engine is started with backoff; `on_up` reports it ready.
 Crashing more than `max_restarts` times within `restart_window_s` is fatal (`on_fatal`): a worker
@@ -72,11 +76,14 @@ class EngineStream:
         "_client",
         "_generation",
         "_notify",
+        "_on_end",
         "due",
         "error",
         "finish",
         "logprobs",
         "news",
+        "prompt_tokens",
+        "prompt_tokens_taken",
         "request_id",
         "timer",
         "tokens",
@@ -85,11 +92,20 @@ class EngineStream:
     )
 
     def __init__(
-        self, client: EngineClient, request_id: str, on_news: Callable[[], None] | None = None
+        self,
+        client: EngineClient,
+        request_id: str,
+        on_news: Callable[[], None] | None = None,
+        *,
+        prompt_tokens: int = 0,
+        on_end: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
         self._generation = client._generation
         self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens_taken = 0  # of an aborted request, as far as the front saw: its tokens came
+        self._on_end = on_end
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top_logprobs: list[TopLogprobs] = []
@@ -114,6 +130,12 @@ class EngineStream:
         if out.token_ids or out.finish_reason is not None:
             self.due = asyncio.get_running_loop().time() + self._client.stream_interval_s
         return out
+
+    def end(self, prompt_tokens_taken: int) -> None:
+        """The engine holds nothing more of this request: tell the consumer, once."""
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(prompt_tokens_taken)
 
     def close(self) -> None:
         """The consumer is done: a request still running is aborted in the engine."""
@@ -175,6 +197,7 @@ class EngineClient:
         self._generation = 0
         self._ready: asyncio.Future[EngineInfo] | None = None
         self._streams: dict[str, EngineStream] = {}
+        self._aborting: dict[str, EngineStream] = {}  # aborts sent, the engine's answers not in yet
         self._adds: list[list[Any]] = []
         self._aborts: list[str] = []
         self._flush_scheduled = False
@@ -259,15 +282,21 @@ class EngineClient:
         adapter: AdapterHandle | None = None,
         on_news: Callable[[], None] | None = None,
         after: str | None = None,
+        on_end: Callable[[int], None] | None = None,
     ) -> EngineStream:
         """Start a request; its output gathers in the returned stream (see `EngineStream`), which
         the caller must `close`. A refusal comes as the stream's error. `after` names a request with
-        the same prompt whose cached prefill this one reuses (another sample of it)."""
+        the same prompt whose cached prefill this one reuses (another sample of it).
+
+        `on_end(prompt_tokens_taken)` is called once, after `close`, when the engine holds nothing
+        more of the request: at once for one that finished (its whole prompt) or was refused or
+        lost with its engine (0), and for one still running when the engine answers its abort (the
+        prompt tokens it had computed or found cached)."""
         if not self.alive:
             raise EngineUnavailable(self._why_not_alive())
-        if request_id in self._streams:
+        if request_id in self._streams or request_id in self._aborting:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
-        stream = EngineStream(self, request_id, on_news)
+        stream = EngineStream(self, request_id, on_news, prompt_tokens=len(prompt_token_ids), on_end=on_end)
         self._streams[request_id] = stream
         self._queue(add=NewRequest(request_id, prompt_token_ids, sampling, adapter, after).encode())
         return stream
@@ -298,11 +327,19 @@ class EngineClient:
     def _closed(self, stream: EngineStream) -> None:
         # A stream that ended, was refused, failed or was cancelled left `_streams` when it did:
         # only one still running there is aborted.
-        if self._streams.get(stream.request_id) is not stream:
-            return
-        del self._streams[stream.request_id]
-        if stream._generation == self._generation and self.alive:
-            self._queue(abort=stream.request_id)
+        request_id = stream.request_id
+        if self._streams.get(request_id) is stream:
+            del self._streams[request_id]
+            if stream._generation == self._generation and self.alive:
+                self._abort(stream)
+                return
+        if self._aborting.get(request_id) is stream:
+            return  # the engine's answer ends it
+        stream.end(stream.prompt_tokens if stream.finish is not None else 0)
+
+    def _abort(self, stream: EngineStream) -> None:
+        self._aborting[stream.request_id] = stream
+        self._queue(abort=stream.request_id)
 
     def _why_not_alive(self) -> str:
         if self._stopping:
@@ -333,6 +370,12 @@ class EngineClient:
         kind = message[0]
         if kind == protocol.STEP:
             self._on_step(message[1], message[2], message[3])
+        elif kind == protocol.ABORTED:
+            aborting = self._aborting
+            for request_id, taken in message[1]:
+                stream = aborting.pop(request_id, None)
+                if stream is not None:
+                    stream.end(max(taken, stream.prompt_tokens_taken))
         elif kind == protocol.REFUSED:
             _, request_id, field, problem = message
             stream = self._streams.pop(request_id, None)
@@ -357,7 +400,11 @@ class EngineClient:
         for request_id, token_ids, logprobs, finish, *top in outputs:
             stream = streams.get(request_id)
             if stream is None:
-                continue  # its consumer left; the abort is on its way
+                # Its consumer left and the abort is on its way, which may find the request over:
+                # tokens mean the engine took in the whole prompt.
+                if token_ids and (leaving := self._aborting.get(request_id)) is not None:
+                    leaving.prompt_tokens_taken = leaving.prompt_tokens
+                continue
             stream.tokens += token_ids
             if logprobs:
                 stream.logprobs += logprobs
@@ -371,7 +418,8 @@ class EngineClient:
                 stream.wake()  # held back by the stream interval, not by the reader: send them now
             elif len(stream.tokens) > limit:
                 del streams[request_id]
-                self._queue(abort=request_id)
+                stream.prompt_tokens_taken = stream.prompt_tokens
+                self._abort(stream)
                 stream.error = ResourceExhausted(
                     f"the client read too slowly: {len(stream.tokens)} generated tokens were waiting to be "
                     f"sent (the limit is {limit}), so the request was cancelled"
@@ -389,6 +437,9 @@ class EngineClient:
         for stream in streams.values():
             stream.error = EngineUnavailable(str(error))  # one object per consumer: tracebacks stay apart
             stream.wake()
+        aborting, self._aborting = self._aborting, {}
+        for stream in aborting.values():
+            stream.end(stream.prompt_tokens_taken)  # no answer will come: what the front saw
         self._adds.clear()
         self._aborts.clear()
 

@@ -131,9 +131,14 @@ class EngineCore:
         _, adds, aborts = message
         for fields in adds:
             self._add(NewRequest.decode(fields))
+        if not aborts:
+            return
+        taken = []
         for request_id in aborts:
-            self.engine.abort(request_id)
-        if aborts and not self.engine.has_unfinished():
+            out = self.engine.abort(request_id)
+            taken.append([request_id, out.prompt_tokens_taken if out is not None else 0])
+        self.outbox.send(protocol.pack([protocol.ABORTED, taken]))
+        if not self.engine.has_unfinished():
             self._send_step([])  # the front sees the freed KV blocks without waiting for a step
 
     def _add(self, request: NewRequest) -> None:
@@ -162,7 +167,9 @@ class EngineCore:
             protocol.encode_output(o.request_id, o.token_ids, o.logprobs, o.finish_reason, o.top_logprobs)
             for o in outputs
         ]
-        if encoded or not self.engine.has_unfinished():
+        # A prefill chunk that produced no token is still reported: ListModels and /metrics then show
+        # a long prompt's request running and its KV blocks taken while its prefill goes on.
+        if encoded or self.engine.last_step_tokens or not self.engine.has_unfinished():
             self._send_step(encoded)
 
     def _send_step(self, outputs: list[list[Any]]) -> None:

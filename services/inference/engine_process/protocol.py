@@ -2,8 +2,10 @@
 
 Front → engine, one message per event-loop turn: `[COMMANDS, adds, aborts]` or `[SHUTDOWN]`.
 Engine → front: `[READY, info]` once, then one `[STEP, outputs, stats, slots]` per engine step (and
-when it goes idle), `[REFUSED, request_id, field, message]` for a request it could not take, and
-`[FAILED, reason]` right before it exits on an error.
+when it goes idle), `[REFUSED, request_id, field, message]` for a request it could not take,
+`[ABORTED, [[request_id, prompt_tokens_taken], ...]]` answering each command's aborts (how much of
+each prompt it had taken in: the front bills that prefill to a request cancelled before its first
+token), and `[FAILED, reason]` right before it exits on an error.
 
 Lists rather than maps keep each step's message small and cheap to pack: a step of 64 decodes is
 64 short lists of ids. Nothing here is pickled, so neither side runs code the other sent.
@@ -26,6 +28,7 @@ READY = 2
 STEP = 3
 REFUSED = 4
 FAILED = 5
+ABORTED = 6
 
 _FINISH_CODES = {None: 0, FinishReason.STOP: 1, FinishReason.LENGTH: 2, FinishReason.CANCELLED: 3}
 _FINISH_OF_CODE = {code: reason for reason, code in _FINISH_CODES.items()}

@@ -63,7 +63,10 @@ class RequestUsage:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.closed = False
-        """The request ended: nothing more is counted, and the reporter forgets it once it took the rest."""
+        """The request ended and the engine holds nothing more of it: the reporter forgets it once it
+        took the rest."""
+        self._close_asked = False
+        self._engine_requests = 0  # started and not yet reported done by the engine
         self._prompt_ts_ns = 0  # the prompt counted, its record not taken yet
         self._ranges: list[tuple[int, int, int]] = []  # (first token, count, ts ns) not taken yet
         self._open_first = 0  # the range still growing: from this token to `completion_tokens`
@@ -76,7 +79,8 @@ class RequestUsage:
         self.journal_counted = False
 
     def prompt(self, count: int) -> None:
-        """Count the whole prompt (once: when its prefill produced the first token)."""
+        """Count the prompt, once: whole when its prefill produced the first token, or the part the
+        engine took in before a cancellation."""
         if self.prompt_tokens or not count:
             return
         self.prompt_tokens = count
@@ -105,8 +109,24 @@ class RequestUsage:
                 self.journal_counted = True
                 journal.counted(self)
 
+    def hold(self) -> None:
+        """An engine request of this one started: it stays open until `engine_done`."""
+        self._engine_requests += 1
+
+    def engine_done(self, prompt_tokens_taken: int) -> None:
+        """The engine holds nothing more of one of its requests, which had taken in this many prompt
+        tokens: counted as the prompt when no token reached the client first (a cancelled prefill
+        cost the same compute as one that produced a token)."""
+        self.prompt(prompt_tokens_taken)
+        self._engine_requests -= 1
+        if self._close_asked and not self._engine_requests:
+            self.closed = True
+
     def close(self) -> None:
-        self.closed = True
+        """The request ended: closed now, or once the engine reports the last of its requests done."""
+        self._close_asked = True
+        if not self._engine_requests:
+            self.closed = True
 
     @property
     def has_untaken(self) -> bool:

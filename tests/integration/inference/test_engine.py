@@ -55,6 +55,35 @@ def test_cancel_mid_stream_frees_blocks_and_spares_the_others(engine: LLMEngine,
     assert all_blocks_free(engine)
 
 
+def test_a_cancel_reports_the_prompt_tokens_taken_in(tiny_llama_dir: Path) -> None:
+    """What a request cancelled before its first token is billed: the prefill chunks computed, the
+    prefix found cached, the whole prompt once it generated, and nothing while it only waited."""
+    engine = LLMEngine.from_pretrained(
+        tiny_llama_dir,
+        EngineConfig(block_size=4, kv_cache_bytes=1 << 21, max_num_batched_tokens=8, max_num_seqs=1),
+    )
+    prompt = list(range(3, 40))  # 37 tokens: five chunks of 8
+    engine.add_request("chunked", prompt, SamplingParams(max_new_tokens=4))
+    engine.add_request("queued", [5, 6, 7], SamplingParams(max_new_tokens=4))  # behind max_num_seqs=1
+    engine.step()
+    engine.step()
+    chunked, queued = engine.abort("chunked"), engine.abort("queued")
+    assert chunked is not None and chunked.prompt_tokens_taken == 16
+    assert queued is not None and queued.prompt_tokens_taken == 0
+
+    engine.add_request("again", prompt, SamplingParams(max_new_tokens=4))
+    engine.step()  # the first's four blocks of 4 are cached: 16 found, 8 more computed
+    again = engine.abort("again")
+    assert again is not None and again.prompt_tokens_taken == 24
+
+    engine.add_request("whole", prompt, SamplingParams(max_new_tokens=40))
+    while not engine.step():
+        pass
+    whole = engine.abort("whole")
+    assert whole is not None and whole.prompt_tokens_taken == len(prompt)
+    assert all_blocks_free(engine)
+
+
 @pytest.mark.parametrize(
     ("request_id", "prompt", "params", "field"),
     [

@@ -25,7 +25,12 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.inference.engine.kv_cache import KVCacheSpec
 from services.inference.engine.llm_engine import EngineConfig, LLMEngine
 from services.inference.engine.sequence import FinishReason, SamplingParams
-from services.inference.engine_process.client import EngineClient, EngineOutput, EngineUnavailable
+from services.inference.engine_process.client import (
+    EngineClient,
+    EngineOutput,
+    EngineStream,
+    EngineUnavailable,
+)
 from services.inference.engine_process.core import EngineSpec
 from services.inference.engine_process.handoff import HandoffWriter
 from tests.integration.inference.hf_reference import hf_greedy
@@ -190,6 +195,49 @@ async def test_hundreds_of_cancels_leave_the_engine_clean(client: EngineClient) 
     await wait_idle(client)
     assert client.alive
     assert len(tokens(await collect(client, "after", [3, 4, 5], 4))) == 4
+
+
+async def test_every_stream_hears_once_how_much_prompt_the_engine_took_in(client: EngineClient) -> None:
+    """`on_end` is what bills a request cancelled before its first token: once per stream, after the
+    engine let go of it, with the prompt tokens it had taken in."""
+    ended: dict[str, list[int]] = {}
+    rng = random.Random(11)
+
+    def open_stream(request_id: str, prompt: list[int], n: int = 4) -> EngineStream:
+        sampling = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        return client.open(
+            request_id, prompt, sampling, on_end=lambda taken: ended.setdefault(request_id, []).append(taken)
+        )
+
+    def fresh_prompt(length: int) -> list[int]:  # no prefix cache hits from other tests
+        return [rng.randrange(3, 200) for _ in range(length)]
+
+    finished = open_stream("finished", fresh_prompt(5), n=2)
+    while not finished.take().finished:
+        await finished.news.wait()
+    finished.close()
+    refused = open_stream("refused", [10**6])
+    await refused.news.wait()
+    with pytest.raises(InvalidArgument):
+        refused.take()
+    refused.close()
+    open_stream("never-ran", fresh_prompt(200)).close()  # the add and its abort leave together
+    after_tokens = open_stream("after-tokens", fresh_prompt(7), n=100)
+    while not after_tokens.take().token_ids:
+        await after_tokens.news.wait()
+    after_tokens.close()
+    mid_prefill = [open_stream(f"mid-{i}", fresh_prompt(200)) for i in range(8)]
+    for i, stream in enumerate(mid_prefill):
+        await asyncio.sleep(0.002 * i)
+        stream.close()
+    await wait_idle(client)
+
+    assert ended.pop("finished") == [5] and ended.pop("refused") == [0]
+    assert ended.pop("never-ran") == [0] and ended.pop("after-tokens") == [7]
+    # How far each prefill got depends on timing (the exact counts are the engine's own test).
+    assert sorted(ended) == [f"mid-{i}" for i in range(8)]
+    assert all(len(taken) == 1 and 0 <= taken[0] <= 200 for taken in ended.values()), ended
+    assert not client._aborting
 
 
 async def test_an_invalid_request_raises_before_any_output(client: EngineClient) -> None:

@@ -64,6 +64,7 @@ async def cluster(tmp_path: Path, tiny_llama_dir: Path) -> AsyncIterator[Cluster
         store_address=f"127.0.0.1:{store.server.port}",
         attribution_address=f"127.0.0.1:{attribution.server.port}",
         lora_slots=2,  # fewer than the adapters: requests also wait for slots
+        max_num_batched_tokens=8,  # a long prompt's prefill takes many steps: time to cancel within it
     )
     worker = await WorkerUnderTest.start(settings)
     yield Cluster(store, attribution, ledger_url, worker, adapters)
@@ -186,6 +187,35 @@ async def test_cancelling_a_stream_frees_its_kv_blocks(cluster: Cluster) -> None
     metrics = cluster.worker.metrics()
     assert metrics["openlora_kv_blocks_used"] == 0 and metrics["openlora_running_requests"] == 0
     assert metrics["openlora_time_to_first_token_seconds_count"] >= 1
+
+
+async def test_a_stream_cancelled_during_its_prefill_is_billed_the_prefill_done(cluster: Cluster) -> None:
+    """The client hangs up before its first token; the prompt tokens the engine had computed by then
+    are billed (and nothing generated), once the engine answered the abort."""
+    stub = cluster.worker.stub
+    prompt = [3 + i % 200 for i in range(3000)]  # 375 steps of 8 prompt tokens
+    call = stub.Generate(request(prompt, max_new_tokens=8, request_id="cut-short"))
+
+    async def prefilling() -> bool:
+        stats = (await stub.ListModels(inference_pb2.ListModelsRequest())).stats
+        return stats.running_requests == 1 and stats.kv_blocks_used > 0
+
+    for _ in range(2000):
+        if await prefilling():
+            break
+        await asyncio.sleep(0.002)
+    call.cancel()
+    await wait_until(
+        lambda: ("cut-short", PROMPT) in ledger_counts(cluster.ledger_url), what="the prefill's usage"
+    )
+    billed = ledger_counts(cluster.ledger_url)
+    prompt_billed = billed[("cut-short", PROMPT)]
+    if ("cut-short", COMPLETION) in billed:  # a loaded machine let the first token out before the cancel
+        assert prompt_billed == len(prompt)
+    else:
+        assert 0 < prompt_billed <= len(prompt)
+    assert len(served_requests(cluster.ledger_url)["cut-short"]) == 1
+    await wait_until(lambda: cluster.worker.metrics()["openlora_kv_blocks_used"] == 0, what="free blocks")
 
 
 async def test_an_expired_deadline_ends_the_stream_and_frees_its_blocks(cluster: Cluster) -> None:

@@ -107,13 +107,19 @@ def test_an_abort_frees_the_request_and_reports_it(tiny_llama_dir: Path, sockets
     _, thread, errors = start(engine, sockets)
     sockets.send([protocol.COMMANDS, [add("long", [3, 4, 5], 1000)], []])
     assert sockets.receive()[0] == protocol.STEP
-    sockets.send([protocol.COMMANDS, [], ["long"]])
-    while True:  # steps already under way may still arrive; then the idle report
+    sockets.send([protocol.COMMANDS, [], ["long", "unknown"]])
+    answers = []
+    while True:  # steps already under way may still arrive; then the answer and the idle report
         message = sockets.receive()
+        if message[0] == protocol.ABORTED:
+            answers.append(message[1])
+            continue
         stats = protocol.decode_stats(message[2])
         if not message[1] and stats.num_running == 0:
             break
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    # The whole prompt was taken in (it produced tokens); an id the engine does not know took none.
+    assert answers == [[["long", 3], ["unknown", 0]]]
     sockets.send([protocol.SHUTDOWN])
     thread.join(10)
     assert not errors
