@@ -182,16 +182,19 @@ class _Link:
     async def batches(self) -> AsyncIterator[Any]:
         """One RelayDown per write, until the gateway stopped sending and every stream ended."""
         while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
             if self.events:
                 events, senders = self._take()
                 yield relay_pb2.RelayDown(events=events)
                 for sender in senders:
                     if sender is not None:
                         sender._written()
-            elif not self.reading and not self.streams:
+                continue
+            # Checked before every wait: the last stream may end, and the gateway stop sending, while
+            # the last write is under way, and then nothing would wake this loop again.
+            if not self.reading and not self.streams:
                 return
+            self.wakeup.clear()
+            await self.wakeup.wait()
 
     def _take(self) -> tuple[list[Any], list[StreamSink | None]]:
         """The events of the next write (under `MAX_BATCH_BYTES`) and whose chunks they are."""
@@ -203,8 +206,6 @@ class _Link:
             count += 1
         taken, self.events = self.events[:count], self.events[count:]
         senders, self.senders = self.senders[:count], self.senders[count:]
-        if self.events:
-            self.wakeup.set()  # the rest goes in the next write
         return taken, senders
 
     def _push(self, event: Any, sender: StreamSink | None = None) -> None:

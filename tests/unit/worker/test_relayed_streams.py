@@ -4,17 +4,20 @@ back goes in that stream's next chunk, bounded."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from openlora.v1 import inference_pb2
+from openlora.v1 import inference_pb2, relay_pb2
 from transformers import AutoTokenizer
 
 from services.cluster.tiny_models import build_tokenizer
+from services.common.interceptors import InflightCalls
 from services.inference import servicer as servicer_module
 from services.inference.engine_process.client import EngineUnavailable
+from services.inference.relay_server import _Link
 from tests.kit.front import Front, chunk_of
 
 
@@ -137,3 +140,22 @@ async def test_a_stream_whose_chunk_cannot_be_made_fails_alone(
     await front.drained()
     assert ends(front.write()) == {1: grpc.StatusCode.INTERNAL.value[0]}
     assert front.sent.aborted == [ids[1]]  # its engine request is freed
+
+
+async def test_the_relay_ends_when_its_last_stream_and_the_gateway_end_during_a_write() -> None:
+    """Found by the fuzzer: both happened while a write was under way, nothing set the wake-up event
+    again, and the relay call stayed open until its deadline."""
+
+    async def serve(request: Any, context: Any, sink: Any) -> None:
+        return None
+
+    link = _Link(serve, InflightCalls(), None)
+    link._push(relay_pb2.RelayEvent(stream_id=1))
+    batches = link.batches()
+    first = await anext(batches)  # the write is under way: the generator waits at its yield
+    link._push(relay_pb2.RelayEvent(stream_id=2))  # the last stream's end event
+    link.reading = False  # and the gateway half-closed, whose wake-up came before this write
+    second = await asyncio.wait_for(anext(batches), 2)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(batches), 2)
+    assert [e.stream_id for e in (*first.events, *second.events)] == [1, 2]
