@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from services.cluster.tiny_models import FAMILIES, Family, build_tiny_model
+from tests.kit import work_timeout
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint, SeaweedFS
 from tests.kit.service_auth import install as install_service_secret
@@ -25,6 +26,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     with contextlib.suppress(KernelUnavailable):  # their own tests fail and say why; engines fall back
         library()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """Each test's time limit counts uncontended time: a busy neighbour does not fail it."""
+    return work_timeout.start(item, settings)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

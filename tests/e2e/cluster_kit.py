@@ -23,6 +23,7 @@ from openlora.v1 import adapter_store_pb2_grpc
 from services.cluster.synthetic_adapters import write_adapter
 from services.cluster.up import Cluster, ClusterConfig, start_cluster
 from services.common.trust.setup import operator_identity
+from tests.kit.work_clock import WorkDeadline
 
 T = TypeVar("T")
 
@@ -93,13 +94,14 @@ async def upload_adapter(
 
 
 def eventually(probe: Callable[[], T | None], timeout_s: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout_s
+    """`probe`'s first value that is not None, within `timeout_s` of work (see `work_clock.py`)."""
+    deadline = WorkDeadline(timeout_s)
     while True:
         value = probe()
         if value is not None:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+        if deadline.expired():
+            raise AssertionError(f"condition not met within {deadline.describe()}")
         time.sleep(0.25)
 
 
@@ -113,14 +115,15 @@ def operator(cluster: Cluster, audience: str) -> tuple[tuple[str, str]]:
 def steady(
     probe: Callable[[], T], ready: Callable[[T], bool], quiet_s: float = 2.0, timeout_s: float = 60.0
 ) -> T:
-    """`probe`'s value once `ready` holds for it and it has not changed for `quiet_s`."""
-    deadline = time.monotonic() + timeout_s
+    """`probe`'s value once `ready` holds for it and it has not changed for `quiet_s`, within
+    `timeout_s` of work (see `work_clock.py`)."""
+    deadline = WorkDeadline(timeout_s)
     last, since = probe(), time.monotonic()
-    while time.monotonic() < deadline:
+    while not deadline.expired():
         time.sleep(0.25)
         value = probe()
         if value != last or not ready(value):
             last, since = value, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
             return value
-    raise AssertionError(f"not settled within {timeout_s:g}s; last: {last}")
+    raise AssertionError(f"not settled within {deadline.describe()}; last: {last}")

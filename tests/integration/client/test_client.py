@@ -29,6 +29,7 @@ from services.common.grpc_server import GrpcServer
 from services.common.settings import ServiceSettings
 from tests.kit.certs import make_certs
 from tests.kit.scripted_inference import ScriptedInference, binding
+from tests.kit.waits import within
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.01)
 
@@ -136,7 +137,7 @@ async def test_leaving_a_stream_early_cancels_the_call(server: tuple[FlakyInfere
     async with AsyncClient(target) as client:
         async for _ in client.stream("hello", max_new_tokens=100):
             break
-        await asyncio.wait_for(servicer.cancelled.wait(), timeout=5)
+        await within(servicer.cancelled.wait(), timeout=5)
 
 
 async def test_the_blocking_client_behaves_the_same(server: tuple[FlakyInference, str]) -> None:
@@ -201,7 +202,7 @@ async def test_tls_without_a_ca_file_trusts_the_system_roots(tmp_path: Path) -> 
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", script, env=env, stdout=PIPE, stderr=PIPE
         )
-        out, err = await asyncio.wait_for(process.communicate(), 60)
+        out, err = await within(process.communicate(), 60)
     finally:
         await kit.stop()
     assert process.returncode == 0, err.decode()

@@ -17,6 +17,7 @@ from services.common.grpc_server import GrpcServer
 from services.common.settings import ServiceSettings
 from tests.kit.certs import make_certs
 from tests.kit.scripted_inference import SECRET, ScriptedInference, binding
+from tests.kit.waits import within
 
 
 def settings(**overrides: object) -> ServiceSettings:
@@ -135,7 +136,7 @@ async def test_client_cancel_reaches_the_handler() -> None:
             call = inference_pb2_grpc.InferenceStub(channel).Generate(generate("long", tokens=1000))
             await call.read()
             call.cancel()
-            await asyncio.wait_for(servicer.cancelled.wait(), timeout=5)
+            await within(servicer.cancelled.wait(), timeout=5)
         for _ in range(50):  # the interceptor's bookkeeping runs as the handler unwinds
             if srv.inflight.count == 0:
                 break

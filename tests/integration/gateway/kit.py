@@ -29,6 +29,7 @@ from services.gateway.app import GatewayApp
 from services.gateway.keys import hash_key
 from services.gateway.settings import GatewaySettings
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
+from tests.kit.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 ACME_KEY = "olk_acme-test-key-0123456789abcdefghijklmnopqrstuv"
@@ -258,11 +259,3 @@ async def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float 
         except OSError:
             await asyncio.sleep(0.1)
     raise AssertionError(f"nothing listening on {port} within {timeout:g}s")
-
-
-async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g}s")
-        await asyncio.sleep(0.05)

@@ -28,9 +28,9 @@ from tests.integration.gateway.kit import (
     generate,
     generate_request,
     retry_delay_s,
-    wait_until,
     write_keys,
 )
+from tests.kit.waits import wait_until
 
 
 async def start(

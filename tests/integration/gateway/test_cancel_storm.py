@@ -29,12 +29,12 @@ from tests.integration.gateway.kit import (
     gateway_settings,
     generate,
     generate_request,
-    wait_until,
 )
 from tests.integration.worker import kit as worker_kit
 from tests.integration.worker.processes import ServiceProcess, worker_process
 from tests.kit.ports import free_port
 from tests.kit.service_auth import as_role
+from tests.kit.waits import wait_until, within
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ async def test_a_hundred_immediate_cancels_leave_both_workers_serving(
                 pass
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(cancelled(i) for i in range(100))), 120)
+        await within(asyncio.gather(*(cancelled(i) for i in range(100))), 120)
         for worker in workers:
             # Every cancelled request aborted, none left in the engine; a dead step thread never gets here.
             await wait_until(lambda w=worker: w.requests_held() == 0, 60, f"{worker.address} idle")

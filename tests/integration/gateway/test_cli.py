@@ -18,10 +18,10 @@ from tests.integration.gateway.kit import (
     generate,
     generate_request,
     spawn,
-    wait_until,
     write_keys,
 )
 from tests.kit.ports import free_ports
+from tests.kit.waits import wait_until
 
 OPENLORA = str(Path(sys.executable).parent / "openlora")
 

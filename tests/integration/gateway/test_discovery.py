@@ -20,9 +20,9 @@ from tests.integration.gateway.kit import (
     gateway_settings,
     generate,
     generate_request,
-    wait_until,
 )
 from tests.kit.ports import free_port
+from tests.kit.waits import wait_until
 
 
 async def test_a_dns_name_is_resolved_and_followed(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from tests.integration.gateway.kit import (
     gateway_settings,
     generate,
     generate_request,
-    wait_until,
 )
 from tests.kit.ports import free_ports
+from tests.kit.waits import wait_until, within
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ async def test_a_killed_worker_fails_over_and_comes_back_after_restart(
         assert set(streaming_chunks) == {victim.name}
 
         # No chunk had reached the client: retried on the adapter's next worker, where it waits again.
-        retried = await asyncio.wait_for(pending, 60)
+        retried = await within(pending, 60)
         assert retried.served_by and victim.name not in retried.served_by
         assert gateway.counter("openlora_gateway_retries_total") >= 1
         assert gateway.counter("openlora_gateway_broken_streams_total") == 1

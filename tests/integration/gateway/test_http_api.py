@@ -22,9 +22,9 @@ from tests.integration.gateway.kit import (
     GatewayUnderTest,
     InProcessWorkers,
     gateway_settings,
-    wait_until,
     write_keys,
 )
+from tests.kit.waits import wait_until
 
 
 @pytest.fixture

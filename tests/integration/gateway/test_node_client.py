@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.gateway.kit import ACME_KEY, GatewayUnderTest, InProcessWorkers, gateway_settings
+from tests.kit.waits import within
 
 CLIENT_DIR = Path(__file__).parent / "node_client"
 NPM_TIMEOUT_S = 180
@@ -27,7 +28,7 @@ async def run(*argv: str, cwd: Path, timeout: float) -> tuple[int, str]:
         *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+        output, _ = await within(process.communicate(), timeout)
     except TimeoutError:
         process.kill()
         await process.wait()

@@ -41,11 +41,11 @@ from tests.integration.gateway.kit import (
     gateway_settings,
     generate,
     generate_request,
-    wait_until,
 )
 from tests.integration.worker.processes import ServiceProcess, worker_process
 from tests.kit.ports import free_port, free_ports
 from tests.kit.service_auth import trusted
+from tests.kit.waits import wait_until, within
 
 pytestmark = pytest.mark.slow
 
@@ -226,7 +226,7 @@ async def test_affinity_spill_failover_and_return_with_real_workers(tmp_path: Pa
             await stream
         assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "req-streaming" in (broken.value.details() or "")
-        retried = await asyncio.wait_for(asyncio.gather(*pending), 60)
+        retried = await within(asyncio.gather(*pending), 60)
         assert all(r.tokens == 4 for r in retried)  # retried elsewhere, nothing lost
         assert gateway.counter("openlora_gateway_retries_total") >= 3
 

@@ -28,8 +28,8 @@ from tests.integration.gateway.kit import (
     generate_request,
     retry_delay_s,
     trailer,
-    wait_until,
 )
+from tests.kit.waits import wait_until
 
 
 async def start(

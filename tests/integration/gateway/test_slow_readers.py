@@ -19,8 +19,8 @@ from tests.integration.gateway.kit import (
     auth,
     gateway_settings,
     generate_request,
-    wait_until,
 )
+from tests.kit.waits import wait_until
 
 
 async def test_a_client_that_stops_reading_stops_the_workers_generation(tmp_path: Path) -> None:

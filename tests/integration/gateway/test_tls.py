@@ -12,8 +12,9 @@ from openlora.v1 import inference_pb2_grpc
 from services.common.grpc_client import channel_credentials, open_channel
 from services.gateway.app import GatewayApp
 from tests.integration.gateway.fake_worker import FakeWorker, fake_worker_server
-from tests.integration.gateway.kit import gateway_settings, generate, generate_request, wait_until
+from tests.integration.gateway.kit import gateway_settings, generate, generate_request
 from tests.kit.certs import make_certs
+from tests.kit.waits import wait_until
 
 
 async def test_tls_to_clients_and_mutual_tls_to_workers(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from services.inference.adapter_cache import AdapterCache, AdapterKey, CacheConfig, LoadedAdapter
 from tests.integration.inference.cache_kit import Store, open_cache, small_adapter, start_store
 from tests.kit.adapters import make_peft_adapter
+from tests.kit.waits import within
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ async def test_prefetch_from_the_engine_thread_makes_the_adapter_resident(
     engine_thread = threading.Thread(target=enqueue_five_requests)
     engine_thread.start()
     engine_thread.join()
-    await asyncio.wait_for(arrived.wait(), timeout=10)
+    await within(arrived.wait(), timeout=10)
     assert cache.resident(key) is not None and landed == [cache.resident(key)]
     assert store.servicer.calls["Download"] == 1
     cache.prefetch(key)  # resident already: nothing to do

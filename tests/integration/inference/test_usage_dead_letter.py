@@ -18,9 +18,10 @@ from services.inference.usage.records import RequestUsage, new_usage_id
 from services.inference.usage.reporter import UsageReporter
 from services.inference.usage.spool import UsageSpool
 from tests.integration.attribution.wire import attribution_settings, request_tokens
-from tests.integration.inference.test_usage_reporter import ledger_count, wait_for
+from tests.integration.inference.test_usage_reporter import ledger_count
 from tests.kit.ports import free_port
 from tests.kit.service_auth import identity
+from tests.kit.waits import wait_until
 
 WORKER_IDENTITY = identity(WORKER)  # what a worker presents to attribution
 
@@ -65,7 +66,7 @@ async def test_a_poisoned_record_is_dead_lettered_and_the_next_1000_requests_are
             usage.close()
             reporter.track(usage)
         try:
-            await wait_for(lambda: ledger_count(url) == 5000 and spool.backlog_batches == 0, timeout=60)
+            await wait_until(lambda: ledger_count(url) == 5000 and spool.backlog_batches == 0, timeout=60)
         finally:
             await reporter.close()
     assert served_requests(url) == 1000
@@ -91,7 +92,7 @@ async def test_a_batch_refused_whole_is_dead_lettered_and_the_acks_move_past_it(
             for i in range(5):
                 reporter.record(request_tokens(f"small-{i}", prompt=10, completion=10))
                 await asyncio.sleep(0.1)
-            await wait_for(lambda: ledger_count(url) == 100 and spool.backlog_batches == 0, timeout=30)
+            await wait_until(lambda: ledger_count(url) == 100 and spool.backlog_batches == 0, timeout=30)
         finally:
             await reporter.close()
     letters = reporter.dead_letters.read()
@@ -115,7 +116,7 @@ async def test_the_sender_survives_an_unexpected_error(tmp_path: Path) -> None:
         reporter.record(request_tokens("r", prompt=2, completion=2))
         await reporter.start()
         try:
-            await wait_for(lambda: ledger_count(url) == 4 and spool.backlog_batches == 0, timeout=30)
+            await wait_until(lambda: ledger_count(url) == 4 and spool.backlog_batches == 0, timeout=30)
         finally:
             await reporter.close()
     assert reporter.stats.send_errors == 1

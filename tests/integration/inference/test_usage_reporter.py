@@ -17,6 +17,7 @@ from services.inference.usage.spool import UsageSpool
 from tests.integration.attribution.wire import attribution_settings, request_tokens
 from tests.kit.ports import free_port
 from tests.kit.service_auth import identity
+from tests.kit.waits import wait_until
 
 WORKER_IDENTITY = identity(WORKER)  # what a worker presents to attribution
 
@@ -35,14 +36,6 @@ def ledger_count(url: str) -> int:
             return int(tokens.scalar_one())
     finally:
         engine.dispose()
-
-
-async def wait_for(predicate: object, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def tear_last_write(spool_dir: Path) -> None:
@@ -75,7 +68,7 @@ async def test_records_reach_the_ledger_once_and_leave_the_spool(
     await reporter.start()
     for i in range(20):
         reporter.record(request_tokens(f"req-{i}", prompt=30, completion=20))
-    await wait_for(lambda: ledger_count(ledger_url) == 1000 and spool.backlog_batches == 0)
+    await wait_until(lambda: ledger_count(ledger_url) == 1000 and spool.backlog_batches == 0)
     await reporter.close()
     assert ledger_count(ledger_url) == 1000
     assert not list((tmp_path / "spool").glob("seg-*"))  # every segment acked and deleted
@@ -114,7 +107,7 @@ async def test_a_tracked_request_is_billed_one_range_per_flush_then_forgotten(
     usage.completion(1)
     usage.close()
     await reporter._flush()
-    await wait_for(lambda: ledger_count(ledger_url) == 12)
+    await wait_until(lambda: ledger_count(ledger_url) == 12)
     assert ledger_ranges(ledger_url) == [(usage.request_id, 0, 6), (usage.request_id, 6, 1)]
     assert not reporter._tracked
     await reporter.close()
@@ -131,12 +124,12 @@ async def test_attribution_down_then_back_loses_and_doubles_nothing(ledger_url: 
     await reporter.start()
     for i in range(10):  # attribution is not running: everything goes to the spool
         reporter.record(request_tokens(f"down-{i}", prompt=10, completion=10))
-    await wait_for(lambda: spool.backlog_batches > 0)
+    await wait_until(lambda: spool.backlog_batches > 0)
     server = await start_attribution(ledger_url, port)
     try:
         for i in range(10):
             reporter.record(request_tokens(f"up-{i}", prompt=5, completion=5))
-        await wait_for(lambda: ledger_count(ledger_url) == 300 and spool.backlog_batches == 0)
+        await wait_until(lambda: ledger_count(ledger_url) == 300 and spool.backlog_batches == 0)
         await reporter.close()
     finally:
         await server.close()
@@ -159,7 +152,7 @@ async def test_a_restarted_worker_replays_its_spool(ledger_url: str, tmp_path: P
         second = UsageReporter(spool, f"127.0.0.1:{port}", "worker-c", identity=WORKER_IDENTITY)
         await second.start()
         second.record(request_tokens("after-restart", prompt=1, completion=1))
-        await wait_for(lambda: ledger_count(ledger_url) == 102 and spool.backlog_batches == 0)
+        await wait_until(lambda: ledger_count(ledger_url) == 102 and spool.backlog_batches == 0)
         await second.close()
     finally:
         await server.close()
@@ -179,7 +172,7 @@ async def test_a_full_spool_is_an_alarm_not_a_crash(tmp_path: Path) -> None:
     await reporter.start()
     for i in range(10):
         reporter.record(request_tokens(f"r{i}", prompt=10, completion=10))
-    await wait_for(lambda: reporter.stats.spool_full_alarms > 0)
+    await wait_until(lambda: reporter.stats.spool_full_alarms > 0)
     assert reporter.stats.records_buffered > 0  # kept in memory, waiting for room
     assert spool.backlog_bytes <= 600
     await reporter.close(drain_timeout_s=0.1)

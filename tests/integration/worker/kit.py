@@ -7,7 +7,6 @@ same requests on an engine of the test's own, the ground truth every stream must
 
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.request
 from collections.abc import Sequence
@@ -208,11 +207,3 @@ def served_requests(url: str) -> dict[str, set[str]]:
     for client_id, usage_id in rows:
         served.setdefault(str(client_id), set()).add(str(usage_id))
     return served
-
-
-async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:g}s")
-        await asyncio.sleep(0.05)

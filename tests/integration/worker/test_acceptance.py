@@ -36,7 +36,6 @@ from tests.integration.worker.kit import (
     reference_outputs,
     request,
     served_requests,
-    wait_until,
 )
 from tests.integration.worker.processes import (
     ServiceProcess,
@@ -47,6 +46,7 @@ from tests.integration.worker.processes import (
 from tests.kit.postgres import create_database, drop_database
 from tests.kit.seaweedfs import S3Endpoint
 from tests.kit.service_auth import as_role, trusted
+from tests.kit.waits import wait_until, within
 
 pytestmark = pytest.mark.slow
 
@@ -282,7 +282,7 @@ async def test_a_killed_engine_ends_every_stream_unavailable_and_bills_exactly_w
         [engine_pid] = engine_pids(cluster.worker)
         psutil.Process(engine_pid).kill()
         killed = loop.time()
-        ends = await asyncio.wait_for(asyncio.gather(*streams), 30)
+        ends = await within(asyncio.gather(*streams), 30)
         for plan, (code, ended) in zip(batch, ends, strict=True):
             assert code == grpc.StatusCode.UNAVAILABLE, (plan.request_id, code)
             assert ended - killed < 5.0, (plan.request_id, ended - killed)

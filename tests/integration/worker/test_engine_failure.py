@@ -16,8 +16,9 @@ from openlora.v1 import inference_pb2, inference_pb2_grpc
 from services.common.grpc_client import health_status, open_channel
 from services.common.trust.roles import GATEWAY
 from services.inference.app import WorkerApp
-from tests.integration.worker.kit import collect, request, wait_until, worker_settings
+from tests.integration.worker.kit import collect, request, worker_settings
 from tests.kit.service_auth import as_role
+from tests.kit.waits import wait_until, within
 
 
 async def _stream_until_first_chunk(
@@ -71,7 +72,7 @@ async def test_an_engine_that_keeps_dying_makes_the_worker_exit(tmp_path: Path, 
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     running = asyncio.create_task(worker.run(ready.set_result))
     try:
-        port = await asyncio.wait_for(asyncio.shield(ready), 120)
+        port = await within(asyncio.shield(ready), 120)
         async with open_channel(f"127.0.0.1:{port}", **as_role(GATEWAY, "worker")) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             chunks: list[inference_pb2.GenerateChunk] = []
@@ -82,7 +83,7 @@ async def test_an_engine_that_keeps_dying_makes_the_worker_exit(tmp_path: Path, 
                 await in_flight
             assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(RuntimeError, match="keeps failing"):
-            await asyncio.wait_for(running, 30)
+            await within(running, 30)
     finally:
         if not running.done():
             worker.server.stop()

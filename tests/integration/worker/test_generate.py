@@ -29,11 +29,11 @@ from tests.integration.worker.kit import (
     reference_outputs,
     request,
     served_requests,
-    wait_until,
     worker_settings,
 )
 from tests.kit.cpu import cpu_lora_op
 from tests.kit.service_auth import as_role, trusted
+from tests.kit.waits import wait_until
 
 PROMPT, COMPLETION = attribution_pb2.PROMPT, attribution_pb2.COMPLETION
 

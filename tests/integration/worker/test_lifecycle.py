@@ -18,6 +18,7 @@ from services.inference.engine.llm_engine import LLMEngine
 from tests.integration.worker.kit import WorkerUnderTest, collect, request, worker_settings
 from tests.kit.ports import free_port
 from tests.kit.service_auth import as_role
+from tests.kit.waits import within
 
 
 async def test_health_is_not_serving_until_the_model_is_loaded(
@@ -85,7 +86,7 @@ async def test_attribution_down_neither_slows_nor_stops_generation_and_a_full_sp
         streams = [
             collect(worker.stub, request([1 + i, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=100)) for i in range(10)
         ]
-        done = await asyncio.wait_for(asyncio.gather(*streams), timeout=60)
+        done = await within(asyncio.gather(*streams), timeout=60)
         assert all(len(s.token_ids) == 100 for s in done)
         await asyncio.sleep(0.2)  # a few flushes
         metrics = worker.metrics()

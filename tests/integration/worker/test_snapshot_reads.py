@@ -14,7 +14,8 @@ import pytest
 from openlora.v1 import inference_pb2
 
 from tests.integration.inference.cache_kit import small_adapter, start_store
-from tests.integration.worker.kit import WorkerUnderTest, collect, request, wait_until, worker_settings
+from tests.integration.worker.kit import WorkerUnderTest, collect, request, worker_settings
+from tests.kit.waits import wait_until
 
 SWAPS = 10_000
 ADAPTERS = 12

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.integration.worker.kit import WorkerUnderTest, request, wait_until, worker_settings
+from tests.integration.worker.kit import WorkerUnderTest, request, worker_settings
+from tests.kit.waits import wait_until
 
 STALLED = 20
 RSS_BOUND = 64 * 2**20
