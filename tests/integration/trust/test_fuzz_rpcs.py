@@ -38,10 +38,11 @@ from tests.integration.trust.fuzz_stack import (
 )
 from tests.kit.proto_strategies import SENTINEL, messages, mutations
 
-pytestmark = pytest.mark.slow
-
 Code = grpc.StatusCode
 EXAMPLES = int(os.environ.get("OPENLORA_FUZZ_EXAMPLES", "60"))
+# Up to a second of work per case (a WatchRewards case waits 0.3 s for events): the slow run's
+# thousands of cases per RPC get the time they need.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(300, EXAMPLES))]
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
