@@ -33,9 +33,13 @@ TENANT = "soak"
 ADAPTERS = [f"{TENANT}/s{i}" for i in range(8)]
 STREAMS = 256
 SOAK_S = 150.0
-# Warm-up fills what is bounded but filled by use: the engine's oneDNN primitives (one per matmul
-# shape a step meets, up to 1,024) and allocator arenas. In process, bf16 on AMX, they took the engine
-# from 866 to 922 MiB over 80 s and then held; the whole cluster's engine settled within ~75 s.
+# Warm-up fills what is bounded but filled by use: allocator arenas, and the engine's oneDNN primitives
+# (compiled kernels, one per matmul shape a step meets). oneDNN keeps up to 1,024 of them: in
+# process, bf16 on AMX, they took the engine from 866 to 922 MiB over 80 s, but a machine with a busy
+# neighbour steps slower, meets the shapes later, and was still filling the cache after 90 s (+5.2%
+# in the last minute). Here the cache holds 64 (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`), full within the
+# warm-up at any speed; a leak of ours still grows with every request.
+ONEDNN_CACHE = 64
 WARMUP_S = 75.0
 WINDOW_S = 15.0  # RSS is compared as medians of the samples in a window after warm-up and at the end
 MAX_GROWTH = 0.05
@@ -63,6 +67,7 @@ def soak_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clu
     env = {
         "OPENLORA_GATEWAY_MAX_CONCURRENT_STREAMS": str(STREAMS * 2),
         "OPENLORA_WORKER_LORA_SLOTS": "4",  # fewer slots than adapters: swaps all along
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_CACHE),
     }
     with running_cluster(config, env) as (cluster, logs):
         for i, name in enumerate(ADAPTERS):
