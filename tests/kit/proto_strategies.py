@@ -133,6 +133,9 @@ class _Builder:
         self.strings = strings
         self.max_depth = max_depth
         self.present = st.integers(0, field_odds - 1).map(lambda n: n == 0)
+        # One strategy per message type and depth, made once: making a composite strategy inspects its
+        # function's source, and doing that for every nested message drawn took most of a slow run.
+        self._messages: dict[tuple[str, int], SearchStrategy[Message]] = {}
 
     def value(self, field: FieldDescriptor, depth: int) -> SearchStrategy[Any]:
         if field.type == _F.TYPE_MESSAGE:
@@ -145,6 +148,12 @@ class _Builder:
         return _SCALARS[field.type]
 
     def message(self, descriptor: Descriptor, depth: int) -> SearchStrategy[Message]:
+        key = (descriptor.full_name, depth)
+        if key not in self._messages:
+            self._messages[key] = self._make_message(descriptor, depth)
+        return self._messages[key]
+
+    def _make_message(self, descriptor: Descriptor, depth: int) -> SearchStrategy[Message]:
         cls = message_factory.GetMessageClass(descriptor)
         value, max_depth, present = self.value, self.max_depth, self.present
 
