@@ -257,20 +257,13 @@ class WorkerService:
         stream = chunks.open(self.engine)
         # A stream that ends early (a stop string, a hang-up) aborts its engine request on close.
         try:
-            while True:
-                stream.waiting = True
-                await stream.news.wait()
-                stream.waiting = False
-                try:
-                    out = stream.take()
-                except EngineUnavailable as exc:
-                    raise _unavailable(exc) from None
-                if not out.token_ids and not out.finished:
-                    continue
+            async for out in stream.outputs():
                 chunk = chunks.make(out)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return  # a stop string may end it before the engine knew: close aborts the rest
+        except EngineUnavailable as exc:
+            raise _unavailable(exc) from None
         finally:
             stream.close()
 

@@ -131,6 +131,18 @@ class EngineStream:
             self.due = asyncio.get_running_loop().time() + self._client.stream_interval_s
         return out
 
+    async def outputs(self) -> AsyncIterator[EngineOutput]:
+        """What the consumer takes, as it comes, until the request finishes (raises its error)."""
+        while True:
+            self.waiting = True
+            await self.news.wait()
+            self.waiting = False
+            out = self.take()
+            if out.token_ids or out.finished:
+                yield out
+            if out.finished:
+                return
+
     def end(self, prompt_tokens_taken: int) -> None:
         """The engine holds nothing more of this request: tell the consumer, once."""
         on_end, self._on_end = self._on_end, None
@@ -312,15 +324,8 @@ class EngineClient:
         """Stream a request's tokens, coalesced; refused requests raise before any output."""
         stream = self.open(request_id, prompt_token_ids, sampling, adapter=adapter)
         try:
-            while True:
-                stream.waiting = True
-                await stream.news.wait()
-                stream.waiting = False
-                out = stream.take()
-                if out.token_ids or out.finished:
-                    yield out
-                if out.finished:
-                    return
+            async for out in stream.outputs():
+                yield out
         finally:
             stream.close()
 
